@@ -1,0 +1,76 @@
+"""Image-encoder speed: ours vs the official implementation, same random weights, one process.
+
+    python bench/encoder.py                      # vit_b at 1024, float32 and bf16 autocast
+    python bench/encoder.py --model_type vit_t --repeats 5
+
+The official encoder is MobileSAM's copy of Meta's modeling code (package mobilesam-mirror,
+imported as mobile_sam). Prints a Markdown table: ms per image, speed-up over the official
+float32 encoder, and max relative error (max |ours - official_fp32| / max |official_fp32|).
+"""
+
+import argparse
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segment_anything import sam_model_registry  # noqa: E402
+from segment_anything.utils.random_weights import randomize_  # noqa: E402
+
+
+def official_encoder(model_type: str) -> torch.nn.Module:
+    warnings.filterwarnings("ignore")  # mobile_sam re-registers timm models on import
+    import mobile_sam
+
+    return mobile_sam.sam_model_registry[model_type]().image_encoder.eval()
+
+
+def time_encoder(encoder, x, bf16: bool, repeats: int):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = encoder(x)  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            encoder(x)
+    return (time.perf_counter() - start) / repeats * 1000, out.float()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "vit_t"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--skip_official_bf16", action="store_true", help="skip the slowest row")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    ours = sam_model_registry[args.model_type]().image_encoder.eval()
+    randomize_(ours, seed=0)
+    official = official_encoder(args.model_type)
+    official.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(1))
+
+    rows = [("official", official, False), ("ours", ours, False), ("ours", ours, True)]
+    if not args.skip_official_bf16:
+        rows.insert(1, ("official", official, True))
+    results = {}
+    for name, enc, bf16 in rows:
+        results[(name, bf16)] = time_encoder(enc, x, bf16, args.repeats)
+    base_ms, base_out = results[("official", False)]
+
+    print(f"command: python bench/{Path(__file__).name} " + " ".join(sys.argv[1:]))
+    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
+    print(f"model: {args.model_type} image encoder, 1 image 1024x1024, mean of {args.repeats} runs after 1 warm-up\n")
+    print("| encoder | precision | ms / image | speed-up vs official fp32 | max rel. error vs official fp32 |")
+    print("|---|---|---:|---:|---:|")
+    for (name, bf16), (ms, out) in results.items():
+        err = ((out - base_out).abs().max() / base_out.abs().max()).item()
+        print(f"| {name} | {'bf16 autocast' if bf16 else 'float32'} | {ms:,.0f} | {base_ms / ms:.2f}x | {err:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

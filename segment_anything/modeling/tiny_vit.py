@@ -11,7 +11,8 @@ inside and hand back permuted views, so the layout changes cost no copies.
 """
 
 import contextlib
-from typing import Iterator, List, Optional, Sequence
+from functools import partial
+from typing import ContextManager, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -139,7 +140,12 @@ class Attention(nn.Module):
         # Gathered on every call rather than cached, so it can never go stale after loading
         # weights. A 4-D mask takes the fused CPU kernel; a 3-D one was ~2x slower.
         bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0).to(q.dtype)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if x.is_cpu and (q.requires_grad or bias.requires_grad):
+            # With autograd, SDPA on CPU falls back to this same unfused math, only slower.
+            attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + bias
+            x = attn.softmax(dim=-1) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -189,7 +195,7 @@ class TinyViTBlock(nn.Module):
 
 @contextlib.contextmanager
 def _bn_stats_kept(module: nn.Module) -> Iterator[None]:
-    """Undo BatchNorm running-statistics updates made inside the block (checkpoint recompute)."""
+    """Undo the updates of the module's BatchNorm running statistics made inside the context."""
     buffers = [b for m in module.modules() if isinstance(m, nn.BatchNorm2d) for b in m.buffers()]
     saved = [b.clone() for b in buffers]
     try:
@@ -198,6 +204,12 @@ def _bn_stats_kept(module: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for b, s in zip(buffers, saved):
                 b.copy_(s)
+
+
+def _checkpoint_contexts(block: nn.Module) -> Tuple[ContextManager, ContextManager]:
+    """(forward, recompute) contexts for checkpoint: recomputing a block in the backward pass
+    must not move its BatchNorm statistics a second time."""
+    return contextlib.nullcontext(), _bn_stats_kept(block)
 
 
 class Stage(nn.Module):
@@ -215,8 +227,7 @@ class Stage(nn.Module):
         recompute = self.use_checkpoint and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
             if recompute:
-                # Without _bn_stats_kept the recomputation would update BN statistics twice.
-                contexts = lambda blk=blk: (contextlib.nullcontext(), contextlib.nullcontext())  # noqa: E731
+                contexts = partial(_checkpoint_contexts, blk)
                 x = checkpoint(blk, x, use_reentrant=False, context_fn=contexts)
             else:
                 x = blk(x)
@@ -264,19 +275,19 @@ class TinyViT(nn.Module):
         super().__init__()
         self.img_size = img_size
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        stage_rates = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
         self.layers = nn.ModuleList()
-        for i, depth in enumerate(depths):
-            dim, stage_rates = embed_dims[i], rates[sum(depths[:i]) : sum(depths[: i + 1])]
+        for i, rates in enumerate(stage_rates):
+            dim = embed_dims[i]
             if i == 0:
-                blocks = [MBConv(dim, mbconv_expand_ratio, r) for r in stage_rates]
+                blocks = [MBConv(dim, mbconv_expand_ratio, r) for r in rates.tolist()]
             else:
-                blocks = [
-                    TinyViTBlock(dim, num_heads[i], window_sizes[i], mlp_ratio, drop_rate, r, local_conv_size)
-                    for r in stage_rates
-                ]
+                args = (dim, num_heads[i], window_sizes[i], mlp_ratio, drop_rate)
+                blocks = [TinyViTBlock(*args, r, local_conv_size) for r in rates.tolist()]
             downsample = None
             if i + 1 < len(depths):
+                # The original keys this stride on the channel count (320, 448 or 576); by
+                # position it agrees for every released model and works for any widths.
                 stride = 1 if i + 2 == len(depths) else 2
                 downsample = PatchMerging(dim, embed_dims[i + 1], stride)
             self.layers.append(Stage(blocks, downsample, use_checkpoint))

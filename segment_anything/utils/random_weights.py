@@ -6,7 +6,10 @@ from torch import nn
 
 @torch.no_grad()
 def randomize_(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
-    """Give every parameter and float buffer of ``model`` seeded values, in place.
+    """Give every float tensor of ``model``'s state dict seeded values, in place.
+
+    Non-persistent buffers (the pixel mean and std, TinyViT's index tables) are constants,
+    not weights, and keep their values.
 
     Parameters that the official initialisation leaves at zero or one (relative-position
     tables, position embeddings, biases, norms) would make an implementation difference
@@ -15,7 +18,7 @@ def randomize_(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
     Gaussian projection keeps its N(0, 1) distribution.
     """
     gen = torch.Generator().manual_seed(seed)
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+    for name, tensor in model.state_dict(keep_vars=True).items():
         if not tensor.is_floating_point():
             continue
         noise = torch.randn(tensor.shape, generator=gen)

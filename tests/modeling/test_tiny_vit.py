@@ -1,6 +1,5 @@
 """TinyViT (vit_t image encoder) against MobileSAM's original on shared random weights."""
 
-import copy
 import warnings
 
 import pytest
@@ -176,10 +175,7 @@ def small_model(**overrides) -> TinyViT:
 
 
 def test_checkpointing_keeps_gradients_and_bn_statistics():
-    plain = small_model()
-    ckpt = copy.deepcopy(plain)
-    for layer in ckpt.layers:
-        layer.use_checkpoint = True
+    plain, ckpt = small_model(), small_model(use_checkpoint=True)
     calls = []
     ckpt.layers[2].blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
 
@@ -189,18 +185,21 @@ def test_checkpointing_keeps_gradients_and_bn_statistics():
         model(x).square().mean().backward()
     assert len(calls) == 2  # the block really was recomputed
 
-    ckpt_params = dict(ckpt.named_parameters())
+    ckpt_grads = {k: p.grad for k, p in ckpt.named_parameters()}
     for name, p in plain.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(ckpt_params[name].grad, p.grad, msg=name)
+        if p.grad is None:
+            assert ckpt_grads[name] is None, name
+        else:
+            torch.testing.assert_close(ckpt_grads[name], p.grad, msg=name)
     ckpt_buffers = dict(ckpt.named_buffers())
     for name, b in plain.named_buffers():
         torch.testing.assert_close(ckpt_buffers[name], b, msg=name)
 
 
 def test_every_parameter_but_the_classifier_gets_a_gradient():
-    model = small_model()
-    model(torch.randn(2, 3, 96, 160)).square().mean().backward()
+    model = small_model(drop_rate=0.0, drop_path_rate=0.0)  # a dropped branch gets no gradient
+    x = torch.randn(2, 3, 96, 160, generator=torch.Generator().manual_seed(12))
+    model(x).square().mean().backward()
     for name, p in model.named_parameters():
         unused = name.startswith(("head.", "norm_head."))
         if unused:

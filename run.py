@@ -1,0 +1,68 @@
+"""Fine-tune SAM's mask decoder on your images and masks, on one process or many.
+
+    torchrun --nproc_per_node 8 run.py --batch_size 8 --model_type vit_h --checkpoint sam_vit_h_4b8939.pth --train_dir data/train
+    python run.py --batch_size 8 --dist True ...        # spawns one worker per visible GPU itself
+    python run.py --world_size 2 --checkpoint none ...  # no GPU: 2 CPU processes on gloo
+
+Flags: python run.py --help. The run folder gets best.pth (only the trained parameters, loadable
+into stock SAM), last.pth (resume state), metrics.jsonl, args.json and train.log.
+"""
+
+import os
+import sys
+from typing import Optional
+
+import torch
+import torch.multiprocessing as mp
+
+from segment_anything.utils.config import TrainConfig
+from segment_anything.utils.data import DataError
+from segment_anything.utils.distributed import destroy_distributed, init_distributed, launched_by_torchrun, pick_device
+from segment_anything.utils.engine import RunData, fit, prepare_data, resolve_output_dir
+from segment_anything.utils.log import setup_logging
+
+
+def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_method: Optional[str],
+           data: Optional[RunData]) -> None:
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    setup_logging(rank)
+    if device_type != "cuda" and world_size > 1:
+        # CPU processes share the cores; more threads than cores makes every rank crawl.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    info = init_distributed(device_type, rank, local_rank, world_size, init_method)
+    try:
+        fit(cfg, info, data)
+    finally:
+        destroy_distributed()
+
+
+def main(argv=None) -> None:
+    cfg = TrainConfig.from_args(argv)
+    device_type = pick_device(cfg.device)
+    if launched_by_torchrun():
+        worker(int(os.environ["RANK"]), cfg, device_type, int(os.environ["WORLD_SIZE"]), None, None)
+        return
+    if cfg.dist:
+        default = torch.cuda.device_count() if device_type == "cuda" else 1
+        world_size = cfg.world_size or default
+    else:
+        world_size = 1
+    # Check data and output folder here, before any process starts: a bad file is one clear error.
+    try:
+        data = prepare_data(cfg)
+        resolve_output_dir(cfg)
+    except (DataError, FileExistsError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    if world_size == 1:
+        worker(0, cfg, device_type, 1, None, data)
+        return
+    if cfg.output_dir is None and not cfg.resume:
+        # Every worker must write to the same folder: fix the timestamped name once, here.
+        cfg.output_dir = str(resolve_output_dir(cfg))
+    init_method = f"tcp://127.0.0.1:{cfg.port}"
+    mp.spawn(worker, args=(cfg, device_type, world_size, init_method, data), nprocs=world_size, join=True)
+
+
+if __name__ == "__main__":
+    main()

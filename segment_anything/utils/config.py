@@ -1,0 +1,138 @@
+"""The training configuration: one dataclass, turned into command-line flags and saved with every run."""
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "vit_t")
+OFFICIAL_FILES = {
+    "vit_h": "sam_vit_h_4b8939.pth",
+    "vit_l": "sam_vit_l_0b3195.pth",
+    "vit_b": "sam_vit_b_01ec64.pth",
+    "vit_t": "mobile_sam.pt",
+}
+TRUE_WORDS = ("yes", "true", "t", "y", "1")
+FALSE_WORDS = ("no", "false", "f", "n", "0")
+
+
+def str2bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected one of {TRUE_WORDS + FALSE_WORDS}, got {value!r}")
+
+
+def _flag(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # Distribution
+    batch_size: int = _flag(1, "images per process per step")
+    dist: bool = _flag(True, "use torch.distributed (one process per GPU, or --world_size CPU processes)")
+    port: int = _flag(1234, "TCP port on 127.0.0.1 for the process group when run.py spawns its own workers")
+    world_size: Optional[int] = _flag(None, "processes to spawn without torchrun (default: visible GPUs, else 1)")
+    device: str = _flag("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu", choices=["auto", "cuda", "mps", "cpu"])
+    num_workers: Optional[int] = _flag(None, "data-loader workers per process (default: 4 on CUDA, 0 on CPU/MPS)")
+    # Model
+    model_type: str = _flag("vit_t", "SAM variant", choices=list(MODEL_TYPES))
+    checkpoint: Optional[str] = _flag(
+        None, "official SAM weights; 'none' = random initialisation (demos, tests); default: the official file name in the current folder"
+    )
+    image_size: int = _flag(1024, "encoder input side in pixels (multiple of 16); official weights are adapted to it")
+    # Data
+    train_dir: str = _flag("", "folder with image/ + mask/ or images/ + labels/")
+    val_dir: Optional[str] = _flag(None, "validation folder (default: a seeded 80/20 split of train_dir)")
+    val_fraction: float = _flag(0.2, "share of train_dir used for validation when --val_dir is absent")
+    mask_threshold: int = _flag(127, "JPEG masks: pixel > threshold is foreground")
+    # Optimisation
+    epoch: int = _flag(10, "training epochs")
+    lr: float = _flag(2e-4, "AdamW peak learning rate (cosine schedule stepped per iteration)")
+    weight_decay: float = _flag(0.01, "AdamW weight decay")
+    iou_loss_weight: float = _flag(1.0, "weight of the MSE between predicted and real IoU (0 = off)")
+    amp: str = _flag("auto", "mixed precision: auto (bf16/fp16 on CUDA, off elsewhere), bf16, fp16 or off", choices=["auto", "bf16", "fp16", "off"])
+    patience: int = _flag(0, "stop after this many epochs without a better validation IoU (0 = never)")
+    seed: int = _flag(21, "random seed (data split, shuffling)")
+    # Output
+    output_dir: Optional[str] = _flag(None, "run folder (default: runs/<timestamp>); an existing run is never overwritten")
+    resume: Optional[str] = _flag(None, "continue from a last.pth (or a run folder holding one)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        errors: List[str] = []
+        if self.batch_size < 1:
+            errors.append(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.model_type not in MODEL_TYPES:
+            errors.append(f"--model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.image_size < 16 or self.image_size % 16:
+            errors.append(f"--image_size must be a positive multiple of 16, got {self.image_size}")
+        if self.epoch < 1:
+            errors.append(f"--epoch must be >= 1, got {self.epoch}")
+        if not self.lr > 0:
+            errors.append(f"--lr must be > 0, got {self.lr}")
+        if not 0 < self.val_fraction < 1:
+            errors.append(f"--val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 <= self.mask_threshold < 255:
+            errors.append(f"--mask_threshold must be in [0, 254], got {self.mask_threshold}")
+        if self.world_size is not None and self.world_size < 1:
+            errors.append(f"--world_size must be >= 1, got {self.world_size}")
+        if not 0 < self.port < 65536:
+            errors.append(f"--port must be a TCP port, got {self.port}")
+        if self.patience < 0:
+            errors.append(f"--patience must be >= 0, got {self.patience}")
+        if errors:
+            raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+
+    @property
+    def random_init(self) -> bool:
+        return self.checkpoint is not None and self.checkpoint.lower() == "none"
+
+    def checkpoint_path(self) -> Optional[str]:
+        """The weights to start from, or None for random initialisation."""
+        if self.random_init:
+            return None
+        return self.checkpoint or OFFICIAL_FILES[self.model_type]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(
+            description="Fine-tune SAM's mask decoder with box prompts, on one or many processes.",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        for f in fields(cls):
+            kw: Dict[str, Any] = {"default": f.default, "help": f.metadata["help"]}
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+            if f.type in (bool, "bool"):
+                kw.update(type=str2bool, metavar="BOOL")
+            elif f.type in (int, "int", Optional[int], "Optional[int]"):
+                kw["type"] = int
+            elif f.type in (float, "float"):
+                kw["type"] = float
+            parser.add_argument(f"--{f.name}", **kw)
+        return parser
+
+    @classmethod
+    def from_args(cls, argv: Optional[List[str]] = None) -> "TrainConfig":
+        parser = cls.parser()
+        args = parser.parse_args(argv)
+        try:
+            return cls(**vars(args))
+        except ValueError as err:
+            parser.error(str(err))
+            raise  # unreachable: parser.error exits

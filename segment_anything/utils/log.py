@@ -1,0 +1,32 @@
+"""Rank-aware logging: rank 0 talks at INFO, other ranks only warn, every line names its rank."""
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+LOGGER_NAME = "sam_finetune"
+
+
+def setup_logging(rank: int, log_file: Optional[Path] = None) -> logging.Logger:
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
+    stream.setFormatter(fmt)
+    logger.addHandler(stream)
+    if log_file is not None and rank == 0:
+        add_log_file(logger, log_file)
+    return logger
+
+
+def add_log_file(logger: logging.Logger, log_file: Path) -> None:
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logger.handlers[0].formatter)
+    logger.addHandler(handler)
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)

@@ -1,0 +1,234 @@
+"""Save and load the fine-tuned part of a SAM model ("partial weights").
+
+A fine-tune of the mask decoder changes ~4 M of SAM's 10-640 M parameters (vit_t to vit_h), so only the trained
+tensors are stored; they are loaded on top of an official checkpoint. File layout::
+
+    {"format": "sam-partial-v1", "model": {state-dict key: tensor}, **metadata}
+
+with keys exactly as in the official state dict (``mask_decoder.transformer.layers.0.norm1.weight``)
+and metadata of plain Python values (model_type, image_size, epoch, metrics, args), so the file
+loads with ``torch.load(..., weights_only=True)``.
+
+This module depends only on torch and the standard library: load_model_ex.py loads it by file path
+next to Meta's stock ``segment_anything``, which has no such module.
+"""
+
+import io
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Union
+
+import torch
+from torch import nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+FORMAT = "sam-partial-v1"
+# Prefixes that wrappers add to every key: DDP / DataParallel ("module.") and torch.compile ("_orig_mod.").
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_SHOWN = 10  # keys listed per kind in an error message
+
+PathLike = Union[str, Path]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside any DDP / DataParallel / torch.compile wrappers, nested in any order."""
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            # torch.compile's OptimizedModule; duck-typed so torch._dynamo is never imported here.
+            model = model._orig_mod
+        else:
+            return model
+
+
+def strip_prefixes(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """Keys without leading wrapper prefixes (``module.``, ``_orig_mod.``, repeated in any order).
+
+    The only place where key names are rewritten. A key that does not start with a prefix is kept
+    as is: slicing ``key[7:]`` unconditionally would turn ``mask_decoder.x`` into ``coder.x``.
+    """
+    out: Dict[str, Any] = {}
+    for key, value in state_dict.items():
+        name = key
+        while name.startswith(WRAPPER_PREFIXES):
+            name = name[len(next(p for p in WRAPPER_PREFIXES if name.startswith(p))):]
+        if name in out:
+            # Both "module.x" and "x": silently keeping one would load the wrong tensor.
+            raise ValueError(f"state dict holds {key!r} and another key that also means {name!r}")
+        out[name] = value
+    return out
+
+
+def trainable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """State-dict entries of the parameters with requires_grad=True, detached CPU copies.
+
+    Keys are those of the unwrapped model, so a file saved from a DDP or compiled model has the
+    same keys as one saved from the plain model.
+    """
+    entries = unwrap_model(model).state_dict(keep_vars=True)  # keep_vars: Parameters, to see requires_grad
+    return {
+        key: value.detach().to("cpu", copy=True)
+        for key, value in entries.items()
+        if isinstance(value, nn.Parameter) and value.requires_grad
+    }
+
+
+def _select(model: nn.Module, keys: Iterable[str]) -> Dict[str, torch.Tensor]:
+    """State-dict entries (parameters and buffers) under the given key prefixes, CPU copies."""
+    prefixes = [keys] if isinstance(keys, str) else list(keys)
+    entries = unwrap_model(model).state_dict()
+    out: Dict[str, torch.Tensor] = {}
+    for prefix in prefixes:
+        base = prefix.rstrip(".")
+        # A whole name component must match: "mask_decoder" must not select "mask_decoder_x.w".
+        found = {k: v for k, v in entries.items() if k == base or k.startswith(base + ".")}
+        if not found:
+            raise ValueError(f"no state-dict key of the model starts with {prefix!r}")
+        out.update({k: v.detach().to("cpu", copy=True) for k, v in found.items()})
+    return out
+
+
+def _check_weights_only(metadata: Dict[str, Any]) -> None:
+    """Fail before writing if the metadata would make the file unloadable with weights_only=True.
+
+    Round-trips through torch's own restricted unpickler, so the accepted types are exactly
+    torch's (a pathlib.Path or argparse.Namespace in the args is the usual offender).
+    """
+    buffer = io.BytesIO()
+    torch.save(metadata, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, whose wording varies between versions
+        raise TypeError(
+            "metadata must hold only plain Python values (str, int, float, bool, None, list, tuple, dict) "
+            f"so the file loads with torch.load(..., weights_only=True); convert e.g. paths with str(): {err}"
+        ) from err
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    os.replace is atomic within a file system, so readers see the old file or the new one,
+    never a half-written one, and a crash while writing leaves the previous file intact.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:  # plain open, not mkstemp: the file gets the usual umask permissions
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable; not possible on every OS / file system
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def save_partial_weight(
+    model: nn.Module,
+    path: PathLike,
+    metadata: Optional[Dict[str, Any]] = None,
+    keys: Optional[Iterable[str]] = None,
+) -> Path:
+    """Write the trainable parameters of ``model`` (or the entries under ``keys`` prefixes) to ``path``.
+
+    model: plain or wrapped (DDP, DataParallel, torch.compile); keys never carry wrapper prefixes.
+    metadata: plain Python values stored beside the weights (model_type, image_size, epoch, ...).
+    keys: state-dict key prefixes such as ["mask_decoder"]; overrides the requires_grad selection
+      and may include buffers.
+    The write is atomic; parent folders are created. Returns the path.
+    """
+    metadata = dict(metadata or {})
+    reserved = {"format", "model"} & metadata.keys()
+    if reserved:
+        raise ValueError(f"metadata keys {sorted(reserved)} are reserved by the file format")
+    _check_weights_only(metadata)
+    weights = trainable_state_dict(model) if keys is None else _select(model, keys)
+    if not weights:
+        # Almost always a freezing bug; an empty file would load "successfully" and change nothing.
+        raise ValueError("nothing to save: the model has no parameter with requires_grad=True")
+    path = Path(path)
+    atomic_save({"format": FORMAT, "model": weights, **metadata}, path)
+    return path
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _split(obj: Any, path: Path):
+    """(state dict, metadata) from our format or a flat state dict."""
+    if isinstance(obj, dict) and _is_state_dict(obj.get("model")):
+        if obj.get("format", FORMAT) != FORMAT:
+            raise ValueError(f"{path}: unsupported format {obj['format']!r} (this code reads {FORMAT!r})")
+        return obj["model"], {k: v for k, v in obj.items() if k != "model"}
+    if _is_state_dict(obj):
+        return obj, {}
+    raise ValueError(f"{path} holds neither partial SAM weights nor a state dict (got {type(obj).__name__})")
+
+
+def _listing(title: str, lines: list) -> str:
+    more = f"\n    ... and {len(lines) - _SHOWN} more" if len(lines) > _SHOWN else ""
+    return f"\n  {title} ({len(lines)}):\n    " + "\n    ".join(lines[:_SHOWN]) + more
+
+
+def load_partial_weight(
+    model: nn.Module,
+    path: PathLike,
+    strict: bool = True,
+    expected_model_type: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Copy the tensors of a partial-weight file into ``model`` in place; return the file's metadata.
+
+    model: any nn.Module with the official key layout (ours or Meta's Sam), plain or wrapped.
+    path: a file from save_partial_weight, or a flat state dict (keys may carry ``module.`` /
+      ``_orig_mod.``).
+    strict: every key of the file must exist in the model with the same shape, else ValueError.
+      With strict=False such keys are skipped, but a file of which nothing fits still raises.
+    expected_model_type: if given and the file records another model_type, ValueError: a decoder
+      tuned on vit_h embeddings has vit_b's shapes but is wrong for vit_b.
+    Returns every entry of the file except "model" ({} for a flat state dict).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"partial weight file not found: {path}")
+    weights, metadata = _split(torch.load(path, map_location="cpu", weights_only=True), path)
+    file_type = metadata.get("model_type")
+    if expected_model_type is not None and file_type is not None and file_type != expected_model_type:
+        raise ValueError(f"{path} was fine-tuned for model_type {file_type!r}, but the model is {expected_model_type!r}")
+
+    targets = unwrap_model(model).state_dict(keep_vars=True)
+    weights = strip_prefixes(weights)
+    unknown = [k for k in weights if k not in targets]
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(targets[k].shape)}"
+        for k, v in weights.items()
+        if k in targets and v.shape != targets[k].shape
+    ]
+    fits = {k: v for k, v in weights.items() if k in targets and v.shape == targets[k].shape}
+    if unknown or mismatched:
+        made_for = f" (file says model_type {file_type!r})" if file_type else ""
+        message = (
+            f"{path} does not fit this model; it was probably made for another model type{made_for}."
+            + (_listing("shape mismatches", mismatched) if mismatched else "")
+            + (_listing("unknown keys (not in this model)", unknown) if unknown else "")
+        )
+        if strict or not fits:
+            raise ValueError(message)
+        warnings.warn(message + "\n  These entries were skipped (strict=False).", stacklevel=2)
+    with torch.no_grad():
+        for key, value in fits.items():
+            targets[key].copy_(value)  # in place: keeps the model's dtype, device and optimizer references
+    return metadata

@@ -1,0 +1,210 @@
+"""The training and validation step: what SamPredictor does, batched, with gradients for the decoder.
+
+A batch is a list of dataset items (see utils.data.MaskDataset): images resized so the longest
+side is the encoder size, each with N >= 1 ground-truth masks at the original size and one box
+prompt per mask. The step normalises and pads the images (Sam.preprocess), embeds them, encodes
+the boxes mapped into the resized frame, decodes every prompt of every image in one decoder
+call, brings the masks back to each image's original size (Sam.postprocess_masks) and scores
+them there.
+"""
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..modeling import Sam
+from .distributed import all_reduce_sum, get_world_size
+from .losses import mask_dice, sam_loss
+from .transforms import ResizeLongestSide
+
+DEFAULT_TRAINED = ("mask_decoder",)
+
+
+def freeze(sam: Sam, trained: Sequence[str] = DEFAULT_TRAINED) -> List[str]:
+    """Make only the named top-level parts trainable; returns their names."""
+    names = [name for name, _ in sam.named_children()]
+    unknown = set(trained) - set(names)
+    if unknown:
+        raise ValueError(f"unknown model parts {sorted(unknown)}; choose from {names}")
+    for name, module in sam.named_children():
+        module.requires_grad_(name in trained)
+    return list(trained)
+
+
+def set_train_mode(sam: Sam) -> None:
+    """Train mode for trained parts only: frozen parts stay in eval mode, so TinyViT's
+    BatchNorm statistics and any dropout of a frozen encoder do not change."""
+    for module in sam.children():
+        module.train(any(p.requires_grad for p in module.parameters()))
+
+
+def _grad_if_trained(module: nn.Module):
+    return nullcontext() if any(p.requires_grad for p in module.parameters()) else torch.no_grad()
+
+
+class SamTrainStep(nn.Module):
+    """The module that DistributedDataParallel wraps: its forward is the differentiable part
+    of a training step, so calling the DDP wrapper runs DDP's forward and gradient hooks."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.sam = sam
+
+    def forward(
+        self, images: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            images: (B, 3, S, S) normalised, padded encoder inputs.
+            boxes: (P, 4) xyxy box prompts in the resized frame.
+            image_index: (P,) which image each prompt belongs to.
+        Returns:
+            low-resolution mask logits (P, 1, 4g, 4g) and IoU predictions (P, 1).
+        """
+        sam = self.sam
+        with _grad_if_trained(sam.image_encoder):
+            embeddings = sam.image_encoder(images)
+        with _grad_if_trained(sam.prompt_encoder):
+            sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+        return sam.mask_decoder(
+            image_embeddings=embeddings[image_index],
+            image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, S, S)
+    boxes: torch.Tensor  # (P, 4) resized frame
+    image_index: torch.Tensor  # (P,)
+    masks: List[torch.Tensor]  # per image (N_i, H_i, W_i) in {0, 1}
+    input_sizes: List[Tuple[int, int]]
+    original_sizes: List[Tuple[int, int]]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.masks)
+
+
+def prepare_batch(items: List[dict], sam: Sam, device: torch.device) -> Batch:
+    """Dataset items -> tensors on device, boxes mapped into the resized frame."""
+    transform = ResizeLongestSide(sam.image_encoder.img_size)
+    images = torch.stack([sam.preprocess(it["image"].to(device, non_blocking=True).float()) for it in items])
+    boxes = torch.cat([transform.apply_boxes_torch(it["boxes"], it["original_size"]) for it in items])
+    counts = [len(it["boxes"]) for it in items]
+    image_index = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts))
+    return Batch(
+        images=images,
+        boxes=boxes.to(device),
+        image_index=image_index.to(device),
+        masks=[it["masks"].to(device, non_blocking=True) for it in items],
+        input_sizes=[tuple(it["input_size"]) for it in items],
+        original_sizes=[tuple(it["original_size"]) for it in items],
+    )
+
+
+def score(sam: Sam, batch: Batch, low_res: torch.Tensor, iou_pred: torch.Tensor, iou_loss_weight: float) -> Dict[str, torch.Tensor]:
+    """Per-prompt loss terms and metrics at each image's original size; dict of (P,) tensors."""
+    terms: Dict[str, List[torch.Tensor]] = {}
+    start = 0
+    for i, masks in enumerate(batch.masks):
+        n = masks.shape[0]
+        logits = sam.postprocess_masks(low_res[start : start + n].float(), batch.input_sizes[i], batch.original_sizes[i])
+        out = sam_loss(logits[:, 0], masks, iou_pred[start : start + n, 0], iou_loss_weight)
+        out["dice"] = mask_dice(logits[:, 0].detach() > sam.mask_threshold, masks)
+        for key, value in out.items():
+            terms.setdefault(key, []).append(value)
+        start += n
+    return {key: torch.cat(values) for key, values in terms.items()}
+
+
+@dataclass
+class Meter:
+    """Global sums for an epoch; reduced across ranks once, then divided (no mean of means)."""
+
+    sums: Dict[str, float] = field(default_factory=dict)
+
+    def add(self, terms: Dict[str, torch.Tensor], images: int) -> None:
+        for key in ("total", "real_iou", "dice"):
+            self.sums[key] = self.sums.get(key, 0.0) + terms[key].detach().float().sum().item()
+        self.sums["prompts"] = self.sums.get("prompts", 0.0) + terms["total"].numel()
+        self.sums["images"] = self.sums.get("images", 0.0) + images
+
+    def reduce(self, device: torch.device) -> Dict[str, float]:
+        keys = ["total", "real_iou", "dice", "prompts", "images"]
+        values = torch.tensor([self.sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=device)
+        total = dict(zip(keys, all_reduce_sum(values).tolist()))
+        n = max(total["prompts"], 1.0)
+        return {"loss": total["total"] / n, "iou": total["real_iou"] / n, "dice": total["dice"] / n,
+                "prompts": int(total["prompts"]), "images": int(total["images"])}
+
+
+def step_loss(terms: Dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The loss to back-propagate: sum over this rank's prompts divided by the mean prompt
+    count per rank. DDP averages gradients over ranks, so the result is the gradient of the
+    mean over all prompts of the global batch, whatever the per-rank counts."""
+    count = torch.tensor([float(terms["total"].numel())], device=device)
+    global_count = all_reduce_sum(count).item()
+    return terms["total"].sum() * get_world_size() / global_count
+
+
+def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    sam: Sam,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype],
+    iou_loss_weight: float,
+    progress=None,
+) -> Dict[str, float]:
+    """One pass over this rank's shard. model is the DDP wrapper (or the bare SamTrainStep)."""
+    set_train_mode(sam)
+    meter = Meter()
+    for items in loader:
+        batch = prepare_batch(items, sam, device)
+        with autocast_context(device, amp_dtype):
+            low_res, iou_pred = model(batch.images, batch.boxes, batch.image_index)
+        terms = score(sam, batch, low_res, iou_pred, iou_loss_weight)
+        loss = step_loss(terms, device)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        meter.add(terms, batch.num_images)
+        if progress is not None:
+            progress.update(batch.num_images * get_world_size())  # rank 0's bar counts all ranks
+            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    return meter.reduce(device)
+
+
+@torch.no_grad()
+def evaluate(
+    sam: Sam, loader: Iterable, device: torch.device, amp_dtype: Optional[torch.dtype], iou_loss_weight: float
+) -> Dict[str, float]:
+    """Validation on this rank's shard with the bare model (no DDP forward, so no collective
+    inside the loop and no deadlock when shards differ in length), then one global reduction."""
+    sam.eval()
+    step = SamTrainStep(sam)
+    meter = Meter()
+    for items in loader:
+        batch = prepare_batch(items, sam, device)
+        with autocast_context(device, amp_dtype):
+            low_res, iou_pred = step(batch.images, batch.boxes, batch.image_index)
+        meter.add(score(sam, batch, low_res, iou_pred, iou_loss_weight), batch.num_images)
+    return meter.reduce(device)

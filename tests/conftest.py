@@ -1,0 +1,43 @@
+"""Shared test helpers: repository paths, the in-process oracle, seeded random models."""
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+META_SAM_DIR = REPO / ".oracle" / "segment-anything-1.0"
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max |ref|."""
+    ours, ref = ours.detach().float(), ref.detach().float()
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    if ref.numel() == 0:
+        return 0.0
+    return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.fixture(scope="session")
+def mobile_sam():
+    """The in-process oracle: Meta's modeling code plus TinyViT (package mobilesam-mirror)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it re-registers timm models on import
+        import mobile_sam
+    return mobile_sam
+
+
+def require_shared_data(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent (the real datasets live in ../shared/data beside the repository)")
+    return path

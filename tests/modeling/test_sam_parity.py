@@ -1,0 +1,225 @@
+"""Our SAM against the oracle (Meta's modeling code, via mobilesam-mirror) on identical random weights."""
+
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import relative_error, require_shared_data
+from segment_anything import SamPredictor, sam_model_registry
+from segment_anything.modeling import ImageEncoderViT
+from segment_anything.utils.data import load_image
+from segment_anything.utils.random_weights import randomize_
+
+MODEL_TYPES = ["vit_h", "vit_l", "vit_b", "vit_t"]
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_state_dict_keys_and_shapes_match_official(model_type, mobile_sam):
+    # Meta-device models: the full-size key contract without allocating vit_h's 2.5 GB.
+    with torch.device("meta"):
+        ours = sam_model_registry[model_type]()
+        theirs = mobile_sam.sam_model_registry[model_type]()
+    ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
+    assert list(ours_sd) == list(theirs_sd)
+    assert {k: v.shape for k, v in ours_sd.items()} == {k: v.shape for k, v in theirs_sd.items()}
+    ours.load_state_dict(theirs_sd, strict=True)
+    theirs.load_state_dict(ours_sd, strict=True)
+
+
+def test_registry_default_is_vit_h():
+    with torch.device("meta"):
+        model = sam_model_registry["default"]()
+    assert model.image_encoder.patch_embed.proj.out_channels == 1280
+    assert len(model.image_encoder.blocks) == 32
+
+
+def test_missing_checkpoint_names_where_official_weights_are(tmp_path):
+    with pytest.raises(FileNotFoundError, match="sam_vit_b_01ec64.pth") as err:
+        sam_model_registry["vit_b"](checkpoint=tmp_path / "nope.pth")
+    assert "nope.pth" in str(err.value)
+
+
+def test_checkpoint_file_loads_strictly(tmp_path, mobile_sam):
+    theirs = randomize_(mobile_sam.sam_model_registry["vit_t"](), seed=3)
+    path = tmp_path / "mobile_sam.pt"
+    torch.save(theirs.state_dict(), path)
+    ours = sam_model_registry["vit_t"](checkpoint=path)
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    broken = dict(theirs.state_dict())
+    broken.pop("mask_decoder.iou_token.weight")
+    torch.save(broken, path)
+    with pytest.raises(RuntimeError, match="iou_token"):
+        sam_model_registry["vit_t"](checkpoint=path)
+
+
+def _small_vit(module, embed_dim, num_heads, img_size=256):
+    """A two-block encoder with the width and heads of a real model type: one window, one global block."""
+    return module.ImageEncoderViT(
+        depth=2,
+        embed_dim=embed_dim,
+        img_size=img_size,
+        mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=num_heads,
+        patch_size=16,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=[1],
+        window_size=14,
+        out_chans=256,
+    )
+
+
+@pytest.mark.parametrize("embed_dim,num_heads", [(1280, 16), (1024, 16), (768, 12)], ids=["vit_h", "vit_l", "vit_b"])
+def test_small_vit_encoder_matches_official(embed_dim, num_heads, mobile_sam):
+    ours = randomize_(_small_vit(__import__("segment_anything").modeling, embed_dim, num_heads), seed=1).eval()
+    theirs = _small_vit(mobile_sam.modeling, embed_dim, num_heads).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert relative_error(ours(x), theirs(x)) <= TOL
+
+
+def test_rel_pos_attention_matches_materialised_bias_across_blocks(mobile_sam):
+    """Force many query blocks so the blocked path itself is compared, incl. a ragged last block."""
+    from segment_anything.modeling import image_encoder as ours_mod
+
+    torch.manual_seed(0)
+    B, heads, H, W, C = 2, 3, 6, 5, 8
+    q, k, v = (torch.randn(B, heads, H * W, C) for _ in range(3))
+    rel_h, rel_w = torch.randn(2 * H - 1, C), torch.randn(2 * W - 1, C)
+    out = ours_mod.rel_pos_attention(q, k, v, C**-0.5, rel_h, rel_w, (H, W), max_bias_elements=B * heads * H * W * 7)
+    qf = q.reshape(B * heads, H * W, C)
+    attn = (qf * C**-0.5) @ k.reshape(B * heads, H * W, C).transpose(-2, -1)
+    attn = mobile_sam.modeling.image_encoder.add_decomposed_rel_pos(attn, qf, rel_h, rel_w, (H, W), (H, W))
+    ref = (attn.softmax(-1) @ v.reshape(B * heads, H * W, C)).reshape(B, heads, H * W, C).transpose(1, 2)
+    assert relative_error(out, ref) <= 1e-5
+
+
+def _random_prompts(gen, n=3, size=1024):
+    points = torch.rand(n, 2, 2, generator=gen) * size
+    labels = torch.randint(0, 2, (n, 2), generator=gen)
+    xy = torch.rand(n, 2, generator=gen) * size / 2
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=gen) * size / 2], dim=1)
+    masks = torch.randn(n, 1, 256, 256, generator=gen)
+    return points, labels, boxes, masks
+
+
+def test_prompt_encoder_and_mask_decoder_match_official(mobile_sam):
+    ours = randomize_(sam_model_registry["vit_t"](), seed=2)
+    theirs = mobile_sam.sam_model_registry["vit_t"]().eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    gen = torch.Generator().manual_seed(0)
+    points, labels, boxes, masks = _random_prompts(gen)
+    embedding = torch.randn(1, 256, 64, 64, generator=gen)
+    prompt_sets = [
+        dict(points=(points, labels), boxes=None, masks=None),
+        dict(points=None, boxes=boxes, masks=None),
+        dict(points=(points, labels), boxes=boxes, masks=masks),
+        dict(points=None, boxes=None, masks=masks),
+    ]
+    with torch.no_grad():
+        assert relative_error(ours.prompt_encoder.get_dense_pe(), theirs.prompt_encoder.get_dense_pe()) <= TOL
+        for prompts in prompt_sets:
+            s1, d1 = ours.prompt_encoder(**prompts)
+            s2, d2 = theirs.prompt_encoder(**prompts)
+            assert s1.shape == s2.shape and relative_error(s1, s2) <= TOL
+            assert relative_error(d1, d2) <= TOL
+            for multimask in (True, False):
+                m1, i1 = ours.mask_decoder(embedding, ours.prompt_encoder.get_dense_pe(), s1, d1, multimask)
+                m2, i2 = theirs.mask_decoder(embedding, theirs.prompt_encoder.get_dense_pe(), s2, d2, multimask)
+                assert m1.shape == m2.shape
+                assert relative_error(m1, m2) <= TOL and relative_error(i1, i2) <= TOL
+
+
+def test_decoder_batched_embeddings_equal_one_image_at_a_time():
+    """Our extension: one embedding per prompt decodes prompts of many images in one call."""
+    sam = randomize_(sam_model_registry["vit_t"](image_size=256), seed=4)
+    gen = torch.Generator().manual_seed(1)
+    embeddings = torch.randn(3, 256, 16, 16, generator=gen)
+    _, _, boxes, _ = _random_prompts(gen, n=3, size=256)
+    pe = sam.prompt_encoder.get_dense_pe()
+    with torch.no_grad():
+        sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+        batched, iou = sam.mask_decoder(embeddings, pe, sparse, dense, False)
+        for i in range(3):
+            single, iou_i = sam.mask_decoder(embeddings[i : i + 1], pe, sparse[i : i + 1], dense[i : i + 1], False)
+            assert relative_error(batched[i : i + 1], single) <= 1e-5
+            assert relative_error(iou[i : i + 1], iou_i) <= 1e-5
+    with pytest.raises(ValueError, match="expected 1 or one per prompt"):
+        sam.mask_decoder(embeddings[:2], pe, sparse, dense, False)
+
+
+def test_sam_forward_matches_official(mobile_sam):
+    ours = randomize_(sam_model_registry["vit_t"](), seed=5)
+    theirs = mobile_sam.sam_model_registry["vit_t"]().eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    gen = torch.Generator().manual_seed(2)
+    points, labels, boxes, _ = _random_prompts(gen, n=2)
+    batch = [
+        {"image": torch.randint(0, 256, (3, 1024, 768), generator=gen).float(), "original_size": (600, 450),
+         "boxes": boxes},
+        {"image": torch.randint(0, 256, (3, 512, 1024), generator=gen).float(), "original_size": (300, 600),
+         "point_coords": points, "point_labels": labels},
+    ]
+    out1, out2 = ours(batch, multimask_output=True), theirs(batch, multimask_output=True)
+    for a, b in zip(out1, out2):
+        assert a["masks"].shape == b["masks"].shape
+        assert relative_error(a["low_res_logits"], b["low_res_logits"]) <= TOL
+        assert relative_error(a["iou_predictions"], b["iou_predictions"]) <= TOL
+        assert (a["masks"] == b["masks"]).float().mean() >= 0.999
+
+
+def _nail_photo() -> np.ndarray:
+    images = sorted((require_shared_data("nails") / "images").iterdir())
+    return load_image(images[0])
+
+
+@pytest.mark.parametrize("model_type", ["vit_b"])
+def test_full_size_predictor_matches_official(model_type, mobile_sam):
+    """One full-size 1024 x 1024 run: encoder output and masks from box, points and both."""
+    image = _nail_photo()
+    ours = randomize_(sam_model_registry[model_type](), seed=6)
+    theirs = mobile_sam.sam_model_registry[model_type]().eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    p_ours, p_theirs = SamPredictor(ours), mobile_sam.SamPredictor(theirs)
+    p_ours.set_image(image)
+    p_theirs.set_image(image)
+    assert relative_error(p_ours.get_image_embedding(), p_theirs.get_image_embedding()) <= TOL
+
+    h, w = image.shape[:2]
+    box = np.array([w * 0.2, h * 0.2, w * 0.8, h * 0.7])
+    points = np.array([[w * 0.5, h * 0.45], [w * 0.1, h * 0.9]])
+    labels = np.array([1, 0])
+    for prompts in (dict(box=box), dict(point_coords=points, point_labels=labels),
+                    dict(point_coords=points, point_labels=labels, box=box)):
+        m1, i1, l1 = p_ours.predict(**prompts, multimask_output=True)
+        m2, i2, l2 = p_theirs.predict(**prompts, multimask_output=True)
+        assert m1.shape == m2.shape == (3, h, w)
+        assert (m1 == m2).mean() >= 0.999
+        assert 0.01 < m1.mean() < 0.99  # random weights still give a non-trivial mask to compare
+        assert relative_error(torch.from_numpy(l1), torch.from_numpy(l2)) <= TOL
+        assert relative_error(torch.from_numpy(i1), torch.from_numpy(i2)) <= TOL
+
+
+def test_transforms_match_official(mobile_sam):
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    ref = mobile_sam.utils.transforms.ResizeLongestSide(256)
+    ours = ResizeLongestSide(256)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (301, 157, 3), dtype=np.uint8)
+    assert np.array_equal(ours.apply_image(image), ref.apply_image(image))
+    coords = rng.random((5, 2)) * 300
+    boxes = rng.random((4, 4)) * 300
+    assert np.allclose(ours.apply_coords(coords, (301, 157)), ref.apply_coords(coords, (301, 157)))
+    assert np.allclose(ours.apply_boxes(boxes, (301, 157)), ref.apply_boxes(boxes, (301, 157)))
+    timg = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    assert torch.allclose(ours.apply_image_torch(timg), ref.apply_image_torch(timg))
+    tb = torch.from_numpy(boxes)
+    assert torch.allclose(ours.apply_boxes_torch(tb, (301, 157)), ref.apply_boxes_torch(tb, (301, 157)))
+    assert ours.get_preprocess_shape(300, 200, 256) == (256, 171)

@@ -275,15 +275,18 @@ class TinyViT(nn.Module):
         super().__init__()
         self.img_size = img_size
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
-        stage_rates = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        # Linearly rising drop-path rates, in plain Python so that meta-device builds work.
+        n = sum(depths)
+        all_rates = [drop_path_rate * j / max(n - 1, 1) for j in range(n)]
+        stage_rates = [all_rates[sum(depths[:i]) : sum(depths[: i + 1])] for i in range(len(depths))]
         self.layers = nn.ModuleList()
         for i, rates in enumerate(stage_rates):
             dim = embed_dims[i]
             if i == 0:
-                blocks = [MBConv(dim, mbconv_expand_ratio, r) for r in rates.tolist()]
+                blocks = [MBConv(dim, mbconv_expand_ratio, r) for r in rates]
             else:
                 args = (dim, num_heads[i], window_sizes[i], mlp_ratio, drop_rate)
-                blocks = [TinyViTBlock(*args, r, local_conv_size) for r in rates.tolist()]
+                blocks = [TinyViTBlock(*args, r, local_conv_size) for r in rates]
             downsample = None
             if i + 1 < len(depths):
                 # The original keys this stride on the channel count (320, 448 or 576); by

@@ -16,8 +16,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
+
+from .transforms import ResizeLongestSide
 
 EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 LOSSY = frozenset({".jpg", ".jpeg"})
@@ -192,12 +193,6 @@ def split_pairs(pairs: list[Pair], val_fraction: float = 0.2,
     return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
 
 
-def longest_side_size(h: int, w: int, target: int) -> tuple[int, int]:
-    """(h, w) scaled so the longest side is target, rounded as SAM's ResizeLongestSide does."""
-    scale = target / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
-
-
 class MaskDataset(Dataset):
     """One item per (image, binary mask) pair; run `check_dataset` on the pairs first.
 
@@ -214,6 +209,7 @@ class MaskDataset(Dataset):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self.pairs, self.image_size, self.threshold = list(pairs), image_size, threshold
+        self.transform = ResizeLongestSide(image_size)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -221,10 +217,9 @@ class MaskDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         pair = self.pairs[i]
         image, mask = load_image(pair.image), load_mask(pair.mask, self.threshold)
-        h, w = longest_side_size(*image.shape[:2], self.image_size)
-        # PIL's bilinear resize is what SAM's predictor applies to numpy images; matching it keeps
-        # fine-tuning inputs identical to inference inputs.
-        resized = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+        # The predictor's own resize, so fine-tuning inputs are exactly what inference sees.
+        resized = self.transform.apply_image(image)
+        h, w = resized.shape[:2]
         masks = mask[None]
         try:
             boxes = np.stack([mask_to_box(m) for m in masks])

@@ -144,7 +144,11 @@ def fit(cfg: TrainConfig, info: DistInfo, data: Optional[RunData] = None) -> Dic
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         add_log_file(log, out_dir / "train.log")
-        (out_dir / "args.json").write_text(cfg.to_json())
+        # A resumed run keeps the original args.json and records its own flags beside it.
+        args_file = out_dir / "args.json"
+        if args_file.exists():
+            args_file = out_dir / f"args.resume-{datetime.now():%Y%m%d-%H%M%S}.json"
+        args_file.write_text(cfg.to_json())
         for note in data.notes:
             log.info(note)
 

@@ -16,10 +16,19 @@ MODEL_TYPES = ["vit_h", "vit_l", "vit_b", "vit_t"]
 TOL = 1e-4
 
 
+def official_copy(mobile_sam, model_type, ours):
+    """The official model with our weights, in eval mode."""
+    theirs = mobile_sam.sam_model_registry[model_type]()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    # eval() after loading: the reference's TinyViT caches its attention biases in eval().
+    return theirs.eval()
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_state_dict_keys_and_shapes_match_official(model_type, mobile_sam):
-    # Meta-device models: the full-size key contract without allocating vit_h's 2.5 GB.
-    with torch.device("meta"):
+    # Meta-device models: the full-size key contract without allocating vit_h's 2.5 GB
+    # (the reference's TinyViT cannot be built on the meta device; vit_t is small anyway).
+    with torch.device("cpu" if model_type == "vit_t" else "meta"):
         ours = sam_model_registry[model_type]()
         theirs = mobile_sam.sam_model_registry[model_type]()
     ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
@@ -111,8 +120,7 @@ def _random_prompts(gen, n=3, size=1024):
 
 def test_prompt_encoder_and_mask_decoder_match_official(mobile_sam):
     ours = randomize_(sam_model_registry["vit_t"](), seed=2)
-    theirs = mobile_sam.sam_model_registry["vit_t"]().eval()
-    theirs.load_state_dict(ours.state_dict(), strict=True)
+    theirs = official_copy(mobile_sam, "vit_t", ours)
     gen = torch.Generator().manual_seed(0)
     points, labels, boxes, masks = _random_prompts(gen)
     embedding = torch.randn(1, 256, 64, 64, generator=gen)
@@ -156,8 +164,7 @@ def test_decoder_batched_embeddings_equal_one_image_at_a_time():
 
 def test_sam_forward_matches_official(mobile_sam):
     ours = randomize_(sam_model_registry["vit_t"](), seed=5)
-    theirs = mobile_sam.sam_model_registry["vit_t"]().eval()
-    theirs.load_state_dict(ours.state_dict(), strict=True)
+    theirs = official_copy(mobile_sam, "vit_t", ours)
     gen = torch.Generator().manual_seed(2)
     points, labels, boxes, _ = _random_prompts(gen, n=2)
     batch = [
@@ -184,8 +191,7 @@ def test_full_size_predictor_matches_official(model_type, mobile_sam):
     """One full-size 1024 x 1024 run: encoder output and masks from box, points and both."""
     image = _nail_photo()
     ours = randomize_(sam_model_registry[model_type](), seed=6)
-    theirs = mobile_sam.sam_model_registry[model_type]().eval()
-    theirs.load_state_dict(ours.state_dict(), strict=True)
+    theirs = official_copy(mobile_sam, model_type, ours)
     p_ours, p_theirs = SamPredictor(ours), mobile_sam.SamPredictor(theirs)
     p_ours.set_image(image)
     p_theirs.set_image(image)
@@ -223,3 +229,70 @@ def test_transforms_match_official(mobile_sam):
     tb = torch.from_numpy(boxes)
     assert torch.allclose(ours.apply_boxes_torch(tb, (301, 157)), ref.apply_boxes_torch(tb, (301, 157)))
     assert ours.get_preprocess_shape(300, 200, 256) == (256, 171)
+
+
+def _official_vit_b_sam(mobile_sam, image_size):
+    """Meta's SAM assembled at another input size from its own modules (its builders fix 1024)."""
+    m = mobile_sam.modeling
+    grid = image_size // 16
+    return m.Sam(
+        image_encoder=m.ImageEncoderViT(
+            depth=12, embed_dim=768, img_size=image_size, mlp_ratio=4, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=12, patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=[2, 5, 8, 11],
+            window_size=14, out_chans=256,
+        ),
+        prompt_encoder=m.PromptEncoder(embed_dim=256, image_embedding_size=(grid, grid),
+                                       input_image_size=(image_size, image_size), mask_in_chans=16),
+        mask_decoder=m.MaskDecoder(num_multimask_outputs=3, transformer=m.TwoWayTransformer(
+            depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8), transformer_dim=256,
+            iou_head_depth=3, iou_head_hidden_dim=256),
+    ).eval()
+
+
+def test_smaller_input_size_interpolates_a_1024_checkpoint(tmp_path, mobile_sam):
+    import torch.nn.functional as F
+
+    full = randomize_(sam_model_registry["vit_b"](), seed=7)
+    path = tmp_path / "sam_vit_b.pth"
+    torch.save(full.state_dict(), path)
+    small = sam_model_registry["vit_b"](checkpoint=path, image_size=256)
+    sd, full_sd = small.state_dict(), full.state_dict()
+
+    # Hand-computed expectations for the only tensors that change shape.
+    pos = F.interpolate(full_sd["image_encoder.pos_embed"].permute(0, 3, 1, 2), size=(16, 16), mode="bicubic",
+                        align_corners=False).permute(0, 2, 3, 1)
+    assert torch.allclose(sd["image_encoder.pos_embed"], pos)
+    table = full_sd["image_encoder.blocks.2.attn.rel_pos_h"]  # a global block: 127 -> 31 offsets
+    resized = F.interpolate(table.T[None], size=31, mode="linear")[0].T
+    assert sd["image_encoder.blocks.2.attn.rel_pos_h"].shape == (31, 64)
+    assert torch.allclose(sd["image_encoder.blocks.2.attn.rel_pos_h"], resized)
+    assert torch.equal(sd["image_encoder.blocks.0.attn.rel_pos_h"], full_sd["image_encoder.blocks.0.attn.rel_pos_h"])
+    for key in sd:
+        if key not in ("image_encoder.pos_embed",) and "rel_pos" not in key:
+            assert torch.equal(sd[key], full_sd[key]), key
+    assert small.prompt_encoder.image_embedding_size == (16, 16)
+    assert small.prompt_encoder.input_image_size == (256, 256)
+
+    # End to end at 256 against Meta's modules assembled at 256 with the same adapted weights.
+    theirs = _official_vit_b_sam(mobile_sam, 256)
+    theirs.load_state_dict(sd, strict=True)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    p1, p2 = SamPredictor(small), mobile_sam.SamPredictor(theirs)
+    p1.set_image(image)
+    p2.set_image(image)
+    assert p1.get_image_embedding().shape == (1, 256, 16, 16)
+    assert relative_error(p1.get_image_embedding(), p2.get_image_embedding()) <= TOL
+    box = np.array([30, 40, 150, 260])
+    m1, i1, l1 = p1.predict(box=box)
+    m2, i2, l2 = p2.predict(box=box)
+    assert m1.shape == (3, 300, 200) and (m1 == m2).mean() >= 0.999
+    assert l1.shape == (3, 64, 64) and relative_error(torch.from_numpy(l1), torch.from_numpy(l2)) <= TOL
+
+
+def test_mismatched_rel_pos_table_is_interpolated_like_official(mobile_sam):
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    table = torch.randn(27, 8, generator=torch.Generator().manual_seed(0))
+    for q, k in [(20, 20), (14, 14), (7, 9)]:
+        assert torch.allclose(get_rel_pos(q, k, table), mobile_sam.modeling.image_encoder.get_rel_pos(q, k, table))

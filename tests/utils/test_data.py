@@ -10,8 +10,10 @@ import torch
 
 from segment_anything.utils.data import (
     DataError, MaskDataset, Pair, check_dataset, collate, find_pairs, load_image, load_mask,
-    longest_side_size, make_synthetic_dataset, mask_to_box, split_pairs,
+    make_synthetic_dataset, mask_to_box, split_pairs,
 )
+
+from segment_anything.utils.transforms import ResizeLongestSide
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 NAILS = SHARED_DATA / "nails"
@@ -205,10 +207,11 @@ def test_split_pairs_deterministic_disjoint():
 
 
 def test_longest_side_size():
-    assert longest_side_size(300, 200, 256) == (256, 171)
-    assert longest_side_size(200, 300, 256) == (171, 256)
-    assert longest_side_size(1079, 607, 1024) == (1024, 576)
-    assert longest_side_size(100, 100, 64) == (64, 64)
+    size = ResizeLongestSide.get_preprocess_shape
+    assert size(300, 200, 256) == (256, 171)
+    assert size(200, 300, 256) == (171, 256)
+    assert size(1079, 607, 1024) == (1024, 576)
+    assert size(100, 100, 64) == (64, 64)
 
 
 def test_mask_dataset_item(tmp_path):

@@ -1,0 +1,365 @@
+"""Tests for segment_anything.utils.trainer and utils.config, in one process (plus one 2-rank gloo check).
+
+The model is vit_t with random weights at a 128-pixel encoder input: the smallest size that keeps
+every TinyViT stage (8 x 8 embedding grid) and builds and steps in well under a second.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, relative_error
+from segment_anything import SamPredictor, sam_model_registry
+from segment_anything.utils.config import FALSE_WORDS, TRUE_WORDS, TrainConfig
+from segment_anything.utils.data import MaskDataset, check_dataset, find_pairs, load_image, make_synthetic_dataset
+from segment_anything.utils.losses import mask_iou
+from segment_anything.utils.random_weights import randomize_
+from segment_anything.utils.trainer import (
+    Meter, SamTrainStep, freeze, prepare_batch, score, set_train_mode, step_loss, train_one_epoch,
+)
+from segment_anything.utils.transforms import ResizeLongestSide
+
+SIZE = 128
+CPU = torch.device("cpu")
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+# With multimask_output=False only mask token 0 reaches the loss: the hypernetwork MLPs of the
+# three multimask tokens are in the graph but their gradient is exactly zero.
+MULTIMASK_HEADS = tuple(f"mask_decoder.output_hypernetworks_mlps.{i}." for i in (1, 2, 3))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a shared 2-core machine every
+    parallel region waits for the busy core (measured: 2 s instead of 50 ms per encoder call)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Three images of different sizes and aspect ratios (some scaled up, some down to 128)."""
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("data") / "train", n=3, size_range=(70, 220), seed=5)
+    pairs, _ = check_dataset(find_pairs(root))
+    ds = MaskDataset(pairs, SIZE)
+    sizes = [ds[i]["original_size"] for i in range(len(ds))]
+    assert len(set(sizes)) == 3 and any(max(s) > SIZE for s in sizes) and any(max(s) < SIZE for s in sizes), sizes
+    return ds
+
+
+def new_sam(seed: int = 0):
+    """Random vit_t: seeded default initialisation (its decoder gives masks that are neither empty
+    nor full) with a randomized encoder (BatchNorm statistics away from 0 and 1)."""
+    torch.manual_seed(seed)
+    sam = sam_model_registry["vit_t"](checkpoint=None, image_size=SIZE)
+    randomize_(sam.image_encoder, seed=seed)
+    freeze(sam)
+    return sam
+
+
+def items_with_two_prompts(ds):
+    """Dataset items; the second image gets a second prompt (the whole-image box, same mask)."""
+    items = [ds[i] for i in range(len(ds))]
+    h, w = items[1]["original_size"]
+    items[1] = dict(items[1], masks=items[1]["masks"].repeat(2, 1, 1),
+                    boxes=torch.cat([items[1]["boxes"], torch.tensor([[0.0, 0.0, w, h]])]))
+    return items
+
+
+def one_shot_training(sam, loader):
+    """train_one_epoch over loader (a list of batches) with AdamW at a constant LR, no AMP."""
+    opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return train_one_epoch(SamTrainStep(sam), sam, loader, opt, sched, scaler, CPU, None, 1.0)
+
+
+# ----------------------------------------------------------------------------- freezing and modes
+
+
+def test_freeze_leaves_only_the_mask_decoder_trainable():
+    sam = sam_model_registry["vit_t"](checkpoint=None, image_size=SIZE)
+    assert freeze(sam) == ["mask_decoder"]
+    trainable = {n for n, p in sam.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in sam.named_parameters() if n.startswith("mask_decoder.")}
+    assert len(trainable) == len(list(sam.mask_decoder.parameters())) > 0
+    with pytest.raises(ValueError, match="decoder"):
+        freeze(sam, ["decoder"])
+
+
+def test_one_training_step_gives_every_decoder_parameter_a_gradient(dataset):
+    sam = new_sam()
+    one_shot_training(sam, [[dataset[0], dataset[1]]])
+    zero, missing = [], []
+    for name, p in sam.named_parameters():
+        if not name.startswith("mask_decoder."):
+            assert p.grad is None, f"frozen {name} got a gradient"
+            continue
+        if p.grad is None:
+            missing.append(name)
+        elif not p.grad.abs().sum() > 0:
+            zero.append(name)
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+    assert missing == [], "decoder parameters outside the graph would stall DDP"
+    # Everything but the three unused multimask heads gets a non-zero gradient.
+    assert zero and all(n.startswith(MULTIMASK_HEADS) for n in zero), zero
+    assert {n for n in zero} == {n for n, _ in sam.named_parameters() if n.startswith(MULTIMASK_HEADS)}
+
+
+def test_frozen_tiny_vit_stays_in_eval_mode_and_keeps_its_batchnorm_statistics(dataset):
+    sam = new_sam()
+    seen = []
+    sam.image_encoder.register_forward_pre_hook(lambda m, a: seen.append((m.training, sam.mask_decoder.training)))
+    before = {k: v.clone() for k, v in sam.image_encoder.state_dict().items()}
+    assert any(k.endswith("running_mean") for k in before)
+    metrics = one_shot_training(sam, [[dataset[0], dataset[1]], [dataset[2]]])
+    assert seen == [(False, True), (False, True)]
+    for key, value in sam.image_encoder.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed during training"
+    assert metrics["images"] == 3 and metrics["prompts"] == 3
+    # Sanity check that the test could fail: the same images in train mode do move the statistics.
+    sam.image_encoder.train()
+    with torch.no_grad():
+        sam.image_encoder(prepare_batch([dataset[0]], sam, CPU).images)
+    assert any(not torch.equal(v, before[k]) for k, v in sam.image_encoder.state_dict().items() if "running" in k)
+
+
+def test_set_train_mode_follows_requires_grad():
+    sam = sam_model_registry["vit_t"](checkpoint=None, image_size=SIZE)
+    freeze(sam, ["mask_decoder", "prompt_encoder"])
+    sam.eval()
+    set_train_mode(sam)
+    assert (sam.image_encoder.training, sam.prompt_encoder.training, sam.mask_decoder.training) == (False, True, True)
+    assert not any(m.training for m in sam.image_encoder.modules())
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def test_prepare_batch_maps_boxes_and_pads_like_the_predictor(dataset):
+    sam = new_sam()
+    items = items_with_two_prompts(dataset)
+    batch = prepare_batch(items, sam, CPU)
+    transform = ResizeLongestSide(SIZE)
+    expected_boxes = np.concatenate([transform.apply_boxes(it["boxes"].numpy(), it["original_size"]) for it in items])
+    assert batch.boxes.shape == (4, 4) and batch.boxes.dtype == torch.float32
+    np.testing.assert_allclose(batch.boxes.numpy(), expected_boxes, rtol=1e-6, atol=1e-4)
+    assert batch.image_index.tolist() == [0, 1, 1, 2]
+    assert batch.images.shape == (3, 3, SIZE, SIZE)
+    mean, std = torch.tensor(PIXEL_MEAN).view(3, 1, 1), torch.tensor(PIXEL_STD).view(3, 1, 1)
+    for i, it in enumerate(items):
+        h, w = it["input_size"]
+        assert max(h, w) == SIZE and tuple(it["image"].shape[1:]) == (h, w)
+        expected = torch.zeros(3, SIZE, SIZE)
+        expected[:, :h, :w] = (it["image"].float() - mean) / std  # normalise, then pad bottom/right with 0
+        torch.testing.assert_close(batch.images[i], expected, rtol=1e-6, atol=1e-5)
+        assert torch.equal(batch.masks[i], it["masks"])
+    assert batch.input_sizes == [tuple(it["input_size"]) for it in items]
+    assert batch.original_sizes == [tuple(it["original_size"]) for it in items]
+    assert batch.num_images == 3
+
+
+def test_training_step_computes_what_sam_predictor_computes(dataset):
+    """Batched images of three sizes, one of them with two prompts, through SamTrainStep and the
+    post-processing of score(): per image, the same logits as SamPredictor on that image alone."""
+    sam = new_sam(seed=3)
+    set_train_mode(sam)  # the mode the training loop uses
+    items = items_with_two_prompts(dataset)
+    batch = prepare_batch(items, sam, CPU)
+    with torch.no_grad():
+        low_res, iou_pred = SamTrainStep(sam)(batch.images, batch.boxes, batch.image_index)
+        terms = score(sam, batch, low_res, iou_pred, 1.0)
+    assert low_res.shape == (4, 1, SIZE // 4, SIZE // 4) and iou_pred.shape == (4, 1)
+
+    sam.eval()
+    predictor = SamPredictor(sam)
+    start, nontrivial = 0, 0
+    for i, it in enumerate(items):
+        image = load_image(it["path"])  # what the dataset reads: RGB uint8
+        predictor.set_image(image)
+        for j, box in enumerate(it["boxes"].numpy()):
+            k = start + j
+            ours = sam.postprocess_masks(low_res[k : k + 1], batch.input_sizes[i], batch.original_sizes[i])[0]
+            masks, ious, low = predictor.predict(box=box, multimask_output=False, return_logits=True)
+            assert masks.shape == (1, *image.shape[:2]) == tuple(ours.shape)
+            assert relative_error(ours, torch.from_numpy(masks)) <= 1e-4, (i, j)
+            assert relative_error(low_res[k], torch.from_numpy(low)) <= 1e-4, (i, j)
+            assert relative_error(iou_pred[k], torch.from_numpy(ious)) <= 1e-4, (i, j)
+            # score() measures the predictor's binary mask against the ground truth
+            real = mask_iou(torch.from_numpy(masks) > sam.mask_threshold, it["masks"][j : j + 1]).item()
+            assert terms["real_iou"][k].item() == pytest.approx(real, abs=1e-3)
+            nontrivial += 0.0 < (masks > 0).mean() < 1.0
+        start += len(it["boxes"])
+    assert nontrivial >= 2  # random weights still give masks worth comparing
+
+
+# ----------------------------------------------------------------------------- reductions
+
+
+def test_meter_reduce_is_a_global_mean_not_a_mean_of_batch_means():
+    meter = Meter()
+    meter.add({"total": torch.tensor([1.0, 2.0, 3.0]), "real_iou": torch.tensor([0.0, 0.5, 1.0]),
+               "dice": torch.tensor([0.0, 1.0, 1.0])}, images=2)
+    meter.add({"total": torch.tensor([10.0]), "real_iou": torch.tensor([1.0]), "dice": torch.tensor([0.5])}, images=1)
+    out = meter.reduce(CPU)
+    # Mean of means would give loss (2 + 10) / 2 = 6 and IoU (0.5 + 1) / 2 = 0.75.
+    assert out == pytest.approx({"loss": 16 / 4, "iou": 2.5 / 4, "dice": 2.5 / 4, "prompts": 4, "images": 3})
+    assert Meter().reduce(CPU)["loss"] == 0.0  # an empty shard divides by 1, not 0
+
+
+RANK_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from segment_anything.utils.distributed import all_gather_objects, destroy_distributed, init_distributed
+    from segment_anything.utils.trainer import Meter, step_loss
+
+    rank, port = int(sys.argv[1]), int(sys.argv[2])
+    info = init_distributed("cpu", rank, rank, 2, f"tcp://127.0.0.1:{port}")
+    # Unequal prompt counts per rank: 3 on rank 0, 1 on rank 1.
+    x_all = torch.tensor([[1.0, 2.0], [0.5, -1.0], [3.0, 1.0], [-2.0, 4.0]])
+    x = x_all[:3] if rank == 0 else x_all[3:]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1, bias=False)
+    ddp = DDP(model)
+    totals = ddp(x)[:, 0] ** 2
+    loss = step_loss({"total": totals}, info.device)
+    loss.backward()
+    meter = Meter()
+    if rank == 0:
+        meter.add({"total": torch.tensor([1.0, 2.0, 3.0]), "real_iou": torch.tensor([0.0, 0.5, 1.0]),
+                   "dice": torch.tensor([0.0, 1.0, 1.0])}, images=2)
+    else:
+        meter.add({"total": torch.tensor([10.0]), "real_iou": torch.tensor([1.0]),
+                   "dice": torch.tensor([0.5])}, images=1)
+    out = {"loss": loss.item(), "grad": model.weight.grad.tolist(), "weight": model.weight.tolist(),
+           "meter": meter.reduce(info.device), "gathered": all_gather_objects(rank * 10)}
+    destroy_distributed()
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_step_loss_and_meter_across_two_gloo_ranks_with_unequal_prompt_counts(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
+            results.append(json.loads(out.split("RESULT ", 1)[1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    r0, r1 = results
+    # Each rank: its own sum * world size / global prompt count.
+    weight = torch.tensor(r0["weight"])
+    x_all = torch.tensor([[1.0, 2.0], [0.5, -1.0], [3.0, 1.0], [-2.0, 4.0]])
+    per_prompt = (x_all @ weight.T)[:, 0] ** 2
+    assert r0["loss"] == pytest.approx(per_prompt[:3].sum().item() * 2 / 4, rel=1e-6)
+    assert r1["loss"] == pytest.approx(per_prompt[3:].sum().item() * 2 / 4, rel=1e-6)
+    # After DDP's averaging, every rank holds the gradient of the mean over all 4 prompts.
+    w = weight.clone().requires_grad_(True)
+    ((x_all @ w.T)[:, 0] ** 2).mean().backward()
+    for r in (r0, r1):
+        torch.testing.assert_close(torch.tensor(r["grad"]), w.grad, rtol=1e-6, atol=1e-7)
+    # ...which a plain per-rank mean (then DDP's average: a mean of rank means) would not give.
+    rank_means = [torch.autograd.grad(((x @ w.T)[:, 0] ** 2).mean(), w)[0] for x in (x_all[:3], x_all[3:])]
+    assert (sum(rank_means) / 2 - w.grad).abs().max() > 0.1
+    expected = {"loss": 4.0, "iou": 0.625, "dice": 0.625, "prompts": 4, "images": 3}
+    assert r0["meter"] == pytest.approx(expected) and r1["meter"] == pytest.approx(expected)
+    assert r0["gathered"] == r1["gathered"] == [0, 10]
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_config_defaults():
+    cfg = TrainConfig.from_args([])
+    assert (cfg.batch_size, cfg.port, cfg.dist, cfg.seed, cfg.model_type, cfg.epoch, cfg.lr, cfg.image_size) == (
+        1, 1234, True, 21, "vit_t", 10, 2e-4, 1024)
+    assert cfg == TrainConfig()
+    assert cfg.world_size is None and cfg.val_dir is None and cfg.resume is None and cfg.checkpoint is None
+
+
+@pytest.mark.parametrize("word", ["yes", "YES", "true", "True", "t", "T", "y", "Y", "1", " true "])
+def test_dist_flag_accepts_true_words(word):
+    assert TrainConfig.from_args(["--dist", word]).dist is True
+
+
+@pytest.mark.parametrize("word", ["no", "No", "false", "FALSE", "f", "F", "n", "N", "0"])
+def test_dist_flag_accepts_false_words(word):
+    assert TrainConfig.from_args(["--dist", word]).dist is False
+
+
+def test_bool_words_are_the_documented_ones():
+    assert TRUE_WORDS == ("yes", "true", "t", "y", "1") and FALSE_WORDS == ("no", "false", "f", "n", "0")
+
+
+@pytest.mark.parametrize("word", ["maybe", "2", "", "on", "off", "yess"])
+def test_dist_flag_rejects_other_words(word, capsys):
+    with pytest.raises(SystemExit) as exc:
+        TrainConfig.from_args(["--dist", word])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--dist" in err and repr(word) in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+    (["--image_size", "100"], "--image_size must be a positive multiple of 16, got 100"),
+    (["--image_size", "0"], "--image_size must be a positive multiple of 16"),
+    (["--epoch", "0"], "--epoch must be >= 1"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lr", "nan"], "--lr must be > 0"),
+    (["--val_fraction", "1"], "--val_fraction must be in (0, 1)"),
+    (["--mask_threshold", "255"], "--mask_threshold must be in [0, 254]"),
+    (["--world_size", "0"], "--world_size must be >= 1"),
+    (["--port", "70000"], "--port must be a TCP port"),
+    (["--patience", "-1"], "--patience must be >= 0"),
+    (["--model_type", "vit_x"], "invalid choice: 'vit_x'"),
+    (["--batch_size", "two"], "invalid int value: 'two'"),
+    (["--amp", "fp8"], "invalid choice: 'fp8'"),
+])
+def test_invalid_values_give_a_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        TrainConfig.from_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_all_errors_are_reported_at_once():
+    with pytest.raises(ValueError) as exc:
+        TrainConfig(batch_size=0, epoch=0, lr=-1.0)
+    text = str(exc.value)
+    assert "--batch_size" in text and "--epoch" in text and "--lr" in text
+
+
+def test_config_round_trips_through_json():
+    cfg = TrainConfig.from_args(["--world_size", "2", "--val_dir", "v", "--lr", "1e-3", "--dist", "no",
+                                 "--checkpoint", "none", "--num_workers", "0"])
+    assert cfg.world_size == 2 and cfg.lr == 1e-3 and cfg.num_workers == 0 and cfg.random_init
+    assert cfg.checkpoint_path() is None
+    assert TrainConfig(**json.loads(cfg.to_json())) == cfg

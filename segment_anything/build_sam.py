@@ -42,25 +42,26 @@ def _vit_encoder(embed_dim: int, depth: int, num_heads: int, global_attn_indexes
     )
 
 
+# MobileSAM's TinyViT-5M configuration for vit_t.
+VIT_T_CONFIG = dict(
+    embed_dims=[64, 128, 160, 320],
+    depths=[2, 2, 6, 2],
+    num_heads=[2, 4, 5, 10],
+    window_sizes=[7, 7, 14, 7],
+    mlp_ratio=4.0,
+    drop_rate=0.0,
+    drop_path_rate=0.0,
+    use_checkpoint=False,
+    mbconv_expand_ratio=4.0,
+    local_conv_size=3,
+    layer_lr_decay=0.8,
+)
+
+
 def _tiny_vit_encoder(image_size: int) -> nn.Module:
     from .modeling.tiny_vit import TinyViT
 
-    return TinyViT(
-        img_size=image_size,
-        in_chans=3,
-        num_classes=1000,
-        embed_dims=[64, 128, 160, 320],
-        depths=[2, 2, 6, 2],
-        num_heads=[2, 4, 5, 10],
-        window_sizes=[7, 7, 14, 7],
-        mlp_ratio=4.0,
-        drop_rate=0.0,
-        drop_path_rate=0.0,
-        use_checkpoint=False,
-        mbconv_expand_ratio=4.0,
-        local_conv_size=3,
-        layer_lr_decay=0.8,
-    )
+    return TinyViT(img_size=image_size, in_chans=3, num_classes=1000, **VIT_T_CONFIG)
 
 
 ENCODERS: Dict[str, Callable[[int], nn.Module]] = {

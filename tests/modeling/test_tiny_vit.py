@@ -5,6 +5,8 @@ import warnings
 import pytest
 import torch
 
+from conftest import relative_error as rel_err
+from segment_anything.build_sam import VIT_T_CONFIG
 from segment_anything.modeling.tiny_vit import TinyViT
 
 with warnings.catch_warnings():
@@ -14,19 +16,7 @@ with warnings.catch_warnings():
 
 torch.set_num_threads(2)
 
-VIT_T = dict(
-    embed_dims=[64, 128, 160, 320],
-    depths=[2, 2, 6, 2],
-    num_heads=[2, 4, 5, 10],
-    window_sizes=[7, 7, 14, 7],
-    mlp_ratio=4.0,
-    drop_rate=0.0,
-    drop_path_rate=0.0,
-    use_checkpoint=False,
-    mbconv_expand_ratio=4.0,
-    local_conv_size=3,
-    layer_lr_decay=0.8,
-)
+VIT_T = VIT_T_CONFIG
 # Small and fast, with windows that need padding at 1024 input (128, 64, 64 are not multiples
 # of 6, 5, 3). The last width must stay 320: the original picks its stride-1 merge by width.
 TINY = dict(
@@ -40,10 +30,6 @@ TINY = dict(
     mbconv_expand_ratio=2.0,
     local_conv_size=5,
 )
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

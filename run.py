@@ -8,6 +8,7 @@ Flags: python run.py --help. The run folder gets best.pth (only the trained para
 into stock SAM), last.pth (resume state), metrics.jsonl, args.json and train.log.
 """
 
+import gc
 import os
 import sys
 from typing import Optional
@@ -16,8 +17,8 @@ import torch
 import torch.multiprocessing as mp
 
 from segment_anything.utils.config import TrainConfig
-from segment_anything.utils.data import DataError
 from segment_anything.utils.distributed import destroy_distributed, init_distributed, launched_by_torchrun, pick_device
+from segment_anything.utils.data import DataError
 from segment_anything.utils.engine import RunData, fit, prepare_data, resolve_output_dir
 from segment_anything.utils.log import setup_logging
 
@@ -34,6 +35,9 @@ def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_
     try:
         fit(cfg, info, data)
     finally:
+        # Free the DDP wrapper and its gradient buckets before the group goes: torch can
+        # abort at exit when they outlive it.
+        gc.collect()
         destroy_distributed()
 
 
@@ -52,7 +56,7 @@ def main(argv=None) -> None:
     try:
         data = prepare_data(cfg)
         resolve_output_dir(cfg)
-    except (DataError, FileExistsError, FileNotFoundError) as err:
+    except (DataError, FileExistsError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     if world_size == 1:
         worker(0, cfg, device_type, 1, None, data)

@@ -58,6 +58,7 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
     """The run folder. A resumed run continues in its own folder; a new run never reuses a
     folder that already holds files, so nothing of an earlier run is overwritten."""
     if cfg.resume:
+        check_resume(cfg)
         resume = Path(cfg.resume)
         return resume if resume.is_dir() else resume.parent
     out = Path(cfg.output_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -66,13 +67,29 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
+RESUME_MUST_MATCH = ("model_type", "image_size", "epoch", "batch_size", "lr")
+
+
+def check_resume(cfg: TrainConfig) -> None:
+    """A resumed run must continue the same schedule: the cosine learning rate spans --epoch,
+    and model type, input size, batch size and learning rate define what was trained."""
+    path = find_resume_file(cfg.resume)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("format") != RESUME_FORMAT:
+        raise ValueError(f"--resume: {path} is not a resume file (last.pth) written by run.py")
+    changed = [f"--{k} {state['args'][k]} (now {getattr(cfg, k)})" for k in RESUME_MUST_MATCH
+               if state["args"].get(k) != getattr(cfg, k)]
+    if changed:
+        raise ValueError(f"--resume: {path} was made with " + ", ".join(changed) + "; resume with the same flags")
+
+
 def setup_run(cfg: TrainConfig, info: DistInfo, data: Optional[RunData]) -> Tuple[RunData, Path]:
     """Rank 0 checks data and the output folder; every rank gets the result or the same error."""
     result = None
     if info.is_main:
         try:
             result = (data or prepare_data(cfg), resolve_output_dir(cfg))
-        except (DataError, FileExistsError, FileNotFoundError) as err:
+        except (DataError, FileExistsError, FileNotFoundError, ValueError) as err:
             result = err
     result = broadcast_object(result)
     if isinstance(result, Exception):
@@ -137,9 +154,12 @@ def find_resume_file(path: str) -> Path:
 def fit(cfg: TrainConfig, info: DistInfo, data: Optional[RunData] = None) -> Dict[str, float]:
     """Train, validate every epoch, keep best.pth / last.pth / metrics.jsonl; returns the best metrics."""
     log = get_logger()
-    torch.manual_seed(cfg.seed + info.rank)
-    np.random.seed(cfg.seed + info.rank)
-    random.seed(cfg.seed + info.rank)
+    # The same seed on every rank: a randomly initialised model (--checkpoint none) must be the
+    # same model everywhere, buffers included (DDP only copies parameters). Nothing in training
+    # draws per-rank random numbers; the sampler has its own seed.
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
     data, out_dir = setup_run(cfg, info, data)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,13 +24,19 @@ DEFAULT_TRAINED = ("mask_decoder",)
 
 
 def freeze(sam: Sam, trained: Sequence[str] = DEFAULT_TRAINED) -> List[str]:
-    """Make only the named top-level parts trainable; returns their names."""
+    """Make only the named top-level parts trainable (less the unused multimask heads);
+    returns their names."""
     names = [name for name, _ in sam.named_children()]
     unknown = set(trained) - set(names)
     if unknown:
         raise ValueError(f"unknown model parts {sorted(unknown)}; choose from {names}")
     for name, module in sam.named_children():
         module.requires_grad_(name in trained)
+    # Training decodes single masks (multimask_output=False): the hypernetwork MLPs of the three
+    # multimask tokens get exactly zero gradient, and AdamW's weight decay would only shrink
+    # them. Frozen, they keep the stock multimask behaviour and stay out of best.pth.
+    for mlp in sam.mask_decoder.output_hypernetworks_mlps[1:]:
+        mlp.requires_grad_(False)
     return list(trained)
 
 

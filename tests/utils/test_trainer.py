@@ -1,7 +1,7 @@
 """Tests for segment_anything.utils.trainer and utils.config, in one process (plus one 2-rank gloo check).
 
-The model is vit_t with random weights at a 128-pixel encoder input: the smallest size that keeps
-every TinyViT stage (8 x 8 embedding grid) and builds and steps in well under a second.
+The model is vit_t with random weights at a 128-pixel encoder input (8 x 8 embedding grid, 32 x 32
+low-resolution masks); 64 pixels runs too but is no faster, as building the model dominates.
 """
 
 import json
@@ -31,7 +31,7 @@ CPU = torch.device("cpu")
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 # With multimask_output=False only mask token 0 reaches the loss: the hypernetwork MLPs of the
-# three multimask tokens are in the graph but their gradient is exactly zero.
+# three multimask tokens would get exactly zero gradient, so freeze() leaves them frozen.
 MULTIMASK_HEADS = tuple(f"mask_decoder.output_hypernetworks_mlps.{i}." for i in (1, 2, 3))
 
 
@@ -90,8 +90,9 @@ def test_freeze_leaves_only_the_mask_decoder_trainable():
     sam = sam_model_registry["vit_t"](checkpoint=None, image_size=SIZE)
     assert freeze(sam) == ["mask_decoder"]
     trainable = {n for n, p in sam.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in sam.named_parameters() if n.startswith("mask_decoder.")}
-    assert len(trainable) == len(list(sam.mask_decoder.parameters())) > 0
+    decoder = {n for n, _ in sam.named_parameters() if n.startswith("mask_decoder.")}
+    heads = {n for n in decoder if n.startswith(MULTIMASK_HEADS)}
+    assert len(heads) == 18 and trainable == decoder - heads
     with pytest.raises(ValueError, match="decoder"):
         freeze(sam, ["decoder"])
 
@@ -101,18 +102,17 @@ def test_one_training_step_gives_every_decoder_parameter_a_gradient(dataset):
     one_shot_training(sam, [[dataset[0], dataset[1]]])
     zero, missing = [], []
     for name, p in sam.named_parameters():
-        if not name.startswith("mask_decoder."):
+        if not p.requires_grad:
             assert p.grad is None, f"frozen {name} got a gradient"
             continue
+        assert name.startswith("mask_decoder.") and not name.startswith(MULTIMASK_HEADS), name
         if p.grad is None:
             missing.append(name)
         elif not p.grad.abs().sum() > 0:
             zero.append(name)
         assert p.grad is None or torch.isfinite(p.grad).all(), name
-    assert missing == [], "decoder parameters outside the graph would stall DDP"
-    # Everything but the three unused multimask heads gets a non-zero gradient.
-    assert zero and all(n.startswith(MULTIMASK_HEADS) for n in zero), zero
-    assert {n for n in zero} == {n for n, _ in sam.named_parameters() if n.startswith(MULTIMASK_HEADS)}
+    assert missing == [], "trainable parameters outside the graph would stall DDP"
+    assert zero == [], f"trainable parameters with an all-zero gradient: {zero}"
 
 
 def test_frozen_tiny_vit_stays_in_eval_mode_and_keeps_its_batchnorm_statistics(dataset):
@@ -218,7 +218,7 @@ def test_meter_reduce_is_a_global_mean_not_a_mean_of_batch_means():
 
 RANK_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import gc, json, sys
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
     from segment_anything.utils.distributed import all_gather_objects, destroy_distributed, init_distributed
@@ -244,6 +244,12 @@ RANK_SCRIPT = textwrap.dedent(
                    "dice": torch.tensor([0.5])}, images=1)
     out = {"loss": loss.item(), "grad": model.weight.grad.tolist(), "weight": model.weight.tolist(),
            "meter": meter.reduce(info.device), "gathered": all_gather_objects(rank * 10)}
+    # DDP's reducer, kept alive by the wrapper (in reference cycles) and by the outputs' graph, must
+    # go while the group exists: destroyed at interpreter exit it aborts the process ("terminate
+    # called without an active exception") in about 1 run in 5 on torch 2.14. fit() frees them
+    # when train_one_epoch returns.
+    del ddp, totals, loss
+    gc.collect()
     destroy_distributed()
     print("RESULT " + json.dumps(out))
     """

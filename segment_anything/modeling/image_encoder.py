@@ -186,34 +186,50 @@ def rel_pos_attention(
     rel_pos_h: torch.Tensor,
     rel_pos_w: torch.Tensor,
     size: Tuple[int, int],
-    max_bias_elements: int = 2**26,
+    max_bias_elements: int = 2**21,
 ) -> torch.Tensor:
     """softmax(scale * q k^T + bias) v with SAM's decomposed relative-position bias.
 
     q, k, v: (B, heads, N, C) with N = size[0] * size[1]; returns (B, N, heads, C).
     The bias for query (i, j) and key (m, n) is q_ij . Rh[i - m] + q_ij . Rw[j - n]: two small
     (N, H) and (N, W) tables per head. The official code expands them into a full N x N bias
-    added to a materialised score matrix, several passes over 800 MB per image for a 64 x 64
-    global block. Here queries go through the fused attention kernel in blocks whose bias
-    stays under max_bias_elements, and the score matrix is never stored. (Appending the
-    tables to q and one-hot codes to k gives the same scores in one kernel call, but triples
-    the head size; it measured slower on CPU.)
+    added to a materialised score matrix: several passes over 800 MB per image for a 64 x 64
+    global block, bound by memory bandwidth. Here the fused attention kernel runs on chunks
+    (whole samples, or one head's block of queries) whose bias fits in max_bias_elements
+    (8 MB: cache-sized), and without autograd one buffer serves every chunk. The score matrix is
+    never stored. (Appending the tables to q and one-hot codes to k gives the same scores in
+    one kernel call, but triples the head size; it measured slower on CPU.)
     """
     H, W = size
     B, heads, N, C = q.shape
     Rh = get_rel_pos(H, H, rel_pos_h)  # (H, H, C)
     Rw = get_rel_pos(W, W, rel_pos_w)  # (W, W, C)
     r_q = q.reshape(B, heads, H, W, C)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh).reshape(B, heads, N, H, 1)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw).reshape(B, heads, N, 1, W)
-    rows = max(1, max_bias_elements // (B * heads * N))
-    outs = []
-    for s in range(0, N, rows):
-        e = min(N, s + rows)
-        bias = (rel_h[:, :, s:e] + rel_w[:, :, s:e]).reshape(B, heads, e - s, N).to(q.dtype)
-        out = F.scaled_dot_product_attention(q[:, :, s:e], k, v, attn_mask=bias, scale=scale)
-        outs.append(out.transpose(1, 2))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh).reshape(B, heads, N, H, 1).to(q.dtype)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw).reshape(B, heads, N, 1, W).to(q.dtype)
+
+    if heads * N * N <= max_bias_elements:  # small grids (windows): whole samples per call
+        samples, head_step, rows = max(1, max_bias_elements // (heads * N * N)), heads, N
+    else:  # large grids: one head, a block of queries
+        samples, head_step, rows = 1, 1, max(1, max_bias_elements // N)
+    samples = min(samples, B)
+    reuse = not (torch.is_grad_enabled() and (q.requires_grad or rel_pos_h.requires_grad))
+    buffer = q.new_empty(samples, head_step, rows, H, W) if reuse else None
+    out = q.new_empty(B, N, heads, C)
+    for b in range(0, B, samples):
+        b1 = min(B, b + samples)
+        for h in range(0, heads, head_step):
+            h1 = h + head_step
+            for r in range(0, N, rows):
+                r1 = min(N, r + rows)
+                a, c = rel_h[b:b1, h:h1, r:r1], rel_w[b:b1, h:h1, r:r1]
+                bias = torch.add(a, c, out=buffer[: b1 - b, :, : r1 - r]) if reuse else a + c
+                part = F.scaled_dot_product_attention(
+                    q[b:b1, h:h1, r:r1], k[b:b1, h:h1], v[b:b1, h:h1],
+                    attn_mask=bias.reshape(b1 - b, h1 - h, r1 - r, N), scale=scale,
+                )
+                out[b:b1, r:r1, h:h1] = part.transpose(1, 2)
+    return out
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:

@@ -93,20 +93,30 @@ def test_small_vit_encoder_matches_official(embed_dim, num_heads, mobile_sam):
         assert relative_error(ours(x), theirs(x)) <= TOL
 
 
-def test_rel_pos_attention_matches_materialised_bias_across_blocks(mobile_sam):
-    """Force many query blocks so the blocked path itself is compared, incl. a ragged last block."""
+@pytest.mark.parametrize("budget", [7 * 30, 3 * 30 * 30, 10**9], ids=["query-blocks", "sample-chunks", "one-call"])
+def test_rel_pos_attention_matches_materialised_bias(budget, mobile_sam):
+    """Each chunking regime of the fused path (one head's ragged query blocks; whole samples
+    per call; a single call) against the official materialised bias."""
     from segment_anything.modeling import image_encoder as ours_mod
 
     torch.manual_seed(0)
     B, heads, H, W, C = 2, 3, 6, 5, 8
     q, k, v = (torch.randn(B, heads, H * W, C) for _ in range(3))
     rel_h, rel_w = torch.randn(2 * H - 1, C), torch.randn(2 * W - 1, C)
-    out = ours_mod.rel_pos_attention(q, k, v, C**-0.5, rel_h, rel_w, (H, W), max_bias_elements=B * heads * H * W * 7)
+    out = ours_mod.rel_pos_attention(q, k, v, C**-0.5, rel_h, rel_w, (H, W), max_bias_elements=budget)
     qf = q.reshape(B * heads, H * W, C)
     attn = (qf * C**-0.5) @ k.reshape(B * heads, H * W, C).transpose(-2, -1)
     attn = mobile_sam.modeling.image_encoder.add_decomposed_rel_pos(attn, qf, rel_h, rel_w, (H, W), (H, W))
     ref = (attn.softmax(-1) @ v.reshape(B * heads, H * W, C)).reshape(B, heads, H * W, C).transpose(1, 2)
     assert relative_error(out, ref) <= 1e-5
+    # With autograd the chunks get their own bias tensors (a shared buffer would corrupt backward).
+    qg = q.clone().requires_grad_(True)
+    ours_mod.rel_pos_attention(qg, k, v, C**-0.5, rel_h, rel_w, (H, W), max_bias_elements=budget).sum().backward()
+    qr = q.clone().requires_grad_(True)
+    qrf = qr.reshape(B * heads, H * W, C)
+    a = mobile_sam.modeling.image_encoder.add_decomposed_rel_pos((qrf * C**-0.5) @ k.reshape(B * heads, H * W, C).transpose(-2, -1), qrf, rel_h, rel_w, (H, W), (H, W))
+    (a.softmax(-1) @ v.reshape(B * heads, H * W, C)).sum().backward()
+    assert relative_error(qg.grad, qr.grad) <= 1e-4
 
 
 def _random_prompts(gen, n=3, size=1024):

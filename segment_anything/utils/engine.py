@@ -9,7 +9,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -151,6 +151,113 @@ def find_resume_file(path: str) -> Path:
     return p
 
 
+@dataclass
+class Training:
+    """Everything a run updates, built in the fixed order and saved to / restored from last.pth."""
+
+    cfg: TrainConfig
+    sam: torch.nn.Module
+    model: torch.nn.Module  # what the step calls: the DDP wrapper, or SamTrainStep alone
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: Optional[torch.dtype]
+    epoch: int = 0  # epochs completed
+    best: Dict = field(default_factory=lambda: {"iou": -1.0})
+    stale: int = 0  # epochs since the best validation IoU
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, info: DistInfo, steps_per_epoch: int) -> "Training":
+        sam = build_model(cfg).to(info.device)
+        model = SamTrainStep(sam)
+        if info.world_size > 1:
+            # Frozen parts are in eval mode and their buffers never change: no need to broadcast them.
+            device_ids = [info.device.index] if info.device.type == "cuda" else None
+            model = DDP(model, device_ids=device_ids, broadcast_buffers=False)
+        optimizer = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay)
+        total = max(cfg.epoch * steps_per_epoch, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        amp_dtype = amp_dtype_for(cfg, info.device)
+        scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
+        return cls(cfg, sam, model, optimizer, scheduler, scaler, amp_dtype)
+
+    def state_dict(self, rng: List[Dict]) -> Dict:
+        return {"format": RESUME_FORMAT, "model": trainable_state_dict(self.sam), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
+                "best": self.best, "stale": self.stale, "rng": rng, "args": self.cfg.to_dict()}
+
+    def restore(self, path: Path, info: DistInfo) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            own = self.sam.state_dict()
+            for key, value in strip_prefixes(state["model"]).items():
+                own[key].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.best, self.stale = state["epoch"], state["best"], state["stale"]
+        if len(state["rng"]) == info.world_size:
+            set_rng_state(state["rng"][info.rank])
+
+    def end_epoch(self, val_iou: float, val_metrics: Dict) -> bool:
+        """Count the epoch; True when validation IoU improved."""
+        self.epoch += 1
+        if val_iou > self.best["iou"]:
+            self.best, self.stale = dict(val_metrics, epoch=self.epoch), 0
+            return True
+        self.stale += 1
+        return False
+
+
+def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler) -> Dict:
+    """Train and validate one epoch; returns the metrics.jsonl record."""
+    cfg = run.cfg
+    sampler.set_epoch(run.epoch)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(sampler) * info.world_size, desc=f"epoch {run.epoch + 1}/{cfg.epoch}", unit="img",
+               disable=not info.is_main, leave=False, dynamic_ncols=True)
+    train_m = train_one_epoch(run.model, run.sam, train_loader, run.optimizer, run.scheduler, run.scaler, info.device,
+                              run.amp_dtype, cfg.iou_loss_weight, progress=bar)
+    bar.close()
+    train_s = time.perf_counter() - t0
+    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, cfg.iou_loss_weight)
+    return {"epoch": run.epoch + 1, "train_loss": train_m["loss"], "train_iou": train_m["iou"],
+            "val_loss": val_m["loss"], "val_iou": val_m["iou"], "val_dice": val_m["dice"],
+            "images_per_sec": train_m["images"] / train_s, "seconds": time.perf_counter() - t0,
+            "lr": run.scheduler.get_last_lr()[0], "_val": val_m}
+
+
+def save_epoch(run: Training, out_dir: Path, record: Dict, improved: bool, rng: List[Dict]) -> None:
+    """Rank 0: metrics line, best.pth when improved, last.pth always (each written atomically)."""
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if improved:
+        meta = {"model_type": run.cfg.model_type, "image_size": run.cfg.image_size, "epoch": run.epoch,
+                "metrics": record, "args": run.cfg.to_dict()}
+        save_partial_weight(run.sam, out_dir / "best.pth", metadata=meta)
+    atomic_save(run.state_dict(rng), out_dir / "last.pth")
+    get_logger().info(
+        f"epoch {run.epoch}/{run.cfg.epoch} | train loss {record['train_loss']:.4f} | val loss {record['val_loss']:.4f} "
+        f"IoU {record['val_iou']:.4f} Dice {record['val_dice']:.4f}{' (best)' if improved else ''} | "
+        f"{record['images_per_sec']:.1f} img/s | {record['seconds']:.1f} s"
+    )
+
+
+def start_run_folder(cfg: TrainConfig, out_dir: Path, data: RunData) -> None:
+    """Rank 0: the run folder, its log file and the flags."""
+    log = get_logger()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    add_log_file(log, out_dir / "train.log")
+    # A resumed run keeps the original args.json and records its own flags beside it.
+    args_file = out_dir / "args.json"
+    if args_file.exists():
+        args_file = out_dir / f"args.resume-{datetime.now():%Y%m%d-%H%M%S}.json"
+    args_file.write_text(cfg.to_json())
+    for note in data.notes:
+        log.info(note)
+
+
 def fit(cfg: TrainConfig, info: DistInfo, data: Optional[RunData] = None) -> Dict[str, float]:
     """Train, validate every epoch, keep best.pth / last.pth / metrics.jsonl; returns the best metrics."""
     log = get_logger()
@@ -162,94 +269,28 @@ def fit(cfg: TrainConfig, info: DistInfo, data: Optional[RunData] = None) -> Dic
     random.seed(cfg.seed)
     data, out_dir = setup_run(cfg, info, data)
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        add_log_file(log, out_dir / "train.log")
-        # A resumed run keeps the original args.json and records its own flags beside it.
-        args_file = out_dir / "args.json"
-        if args_file.exists():
-            args_file = out_dir / f"args.resume-{datetime.now():%Y%m%d-%H%M%S}.json"
-        args_file.write_text(cfg.to_json())
-        for note in data.notes:
-            log.info(note)
-
-    sam = build_model(cfg)
-    sam.to(info.device)
-    step = SamTrainStep(sam)
-    model = step
-    if info.world_size > 1:
-        # Frozen parts are in eval mode and their buffers never change: no need to broadcast them.
-        model = DDP(step, device_ids=[info.device.index] if info.device.type == "cuda" else None, broadcast_buffers=False)
-    params = [p for p in sam.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        start_run_folder(cfg, out_dir, data)
     train_loader, val_loader, sampler = make_loaders(cfg, info, data)
-    total_steps = cfg.epoch * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / max(total_steps, 1)))
-    )
-    amp_dtype = amp_dtype_for(cfg, info.device)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
-
-    start_epoch, best, stale = 0, {"iou": -1.0}, 0
+    run = Training.build(cfg, info, len(train_loader))
     if cfg.resume:
-        state = torch.load(find_resume_file(cfg.resume), map_location="cpu", weights_only=False)
-        with torch.no_grad():
-            own = sam.state_dict()
-            for key, value in strip_prefixes(state["model"]).items():
-                own[key].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best, stale = state["epoch"], state["best"], state["stale"]
-        if len(state["rng"]) == info.world_size:
-            set_rng_state(state["rng"][info.rank])
-        log.info(f"resumed from {cfg.resume} after epoch {start_epoch}")
-
+        run.restore(find_resume_file(cfg.resume), info)
+        log.info(f"resumed from {cfg.resume} after epoch {run.epoch}")
     if info.is_main:
-        log_summary(sam, cfg, info, data)
-    for epoch in range(start_epoch, cfg.epoch):
-        sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
-        bar = tqdm(total=len(sampler) * info.world_size, desc=f"epoch {epoch + 1}/{cfg.epoch}", unit="img",
-                   disable=not info.is_main, leave=False, dynamic_ncols=True)
-        train_m = train_one_epoch(model, sam, train_loader, optimizer, scheduler, scaler, info.device, amp_dtype,
-                                  cfg.iou_loss_weight, progress=bar)
-        bar.close()
-        train_s = time.perf_counter() - t0
-        val_m = evaluate(sam, val_loader, info.device, amp_dtype, cfg.iou_loss_weight)
-        seconds = time.perf_counter() - t0
-        record = {"epoch": epoch + 1, "train_loss": train_m["loss"], "train_iou": train_m["iou"],
-                  "val_loss": val_m["loss"], "val_iou": val_m["iou"], "val_dice": val_m["dice"],
-                  "images_per_sec": train_m["images"] / train_s, "seconds": seconds,
-                  "lr": scheduler.get_last_lr()[0]}
-        improved = val_m["iou"] > best["iou"]
-        if improved:
-            best, stale = dict(val_m, epoch=epoch + 1), 0
-        else:
-            stale += 1
+        log_summary(run.sam, cfg, info, data)
+
+    while run.epoch < cfg.epoch:
+        record = run_epoch(run, info, train_loader, val_loader, sampler)
+        val_m = record.pop("_val")
+        improved = run.end_epoch(val_m["iou"], val_m)
         rng = all_gather_objects(rng_state())
         if info.is_main:
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            meta = {"model_type": cfg.model_type, "image_size": cfg.image_size, "epoch": epoch + 1,
-                    "metrics": record, "args": cfg.to_dict()}
-            if improved:
-                save_partial_weight(sam, out_dir / "best.pth", metadata=meta)
-            atomic_save({"format": RESUME_FORMAT, "model": trainable_state_dict(sam),
-                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "stale": stale,
-                          "rng": rng, "args": cfg.to_dict()}, out_dir / "last.pth")
-            log.info(
-                f"epoch {epoch + 1}/{cfg.epoch} | train loss {record['train_loss']:.4f} | val loss {record['val_loss']:.4f} "
-                f"IoU {record['val_iou']:.4f} Dice {record['val_dice']:.4f}{' (best)' if improved else ''} | "
-                f"{record['images_per_sec']:.1f} img/s | {seconds:.1f} s"
-            )
-        if cfg.patience and stale >= cfg.patience:
-            log.info(f"early stop: no better validation IoU for {stale} epochs")
+            save_epoch(run, out_dir, record, improved, rng)
+        if cfg.patience and run.stale >= cfg.patience:
+            log.info(f"early stop: no better validation IoU for {run.stale} epochs")
             break
     barrier()
-    if info.is_main:
-        log.info(f"best validation IoU {best['iou']:.4f} (epoch {best.get('epoch')}); weights in {out_dir / 'best.pth'}")
-    return best
+    log.info(f"best validation IoU {run.best['iou']:.4f} (epoch {run.best.get('epoch')}); weights in {out_dir / 'best.pth'}")
+    return run.best
 
 
 def log_summary(sam, cfg: TrainConfig, info: DistInfo, data: RunData) -> None:

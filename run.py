@@ -18,8 +18,7 @@ import torch.multiprocessing as mp
 
 from segment_anything.utils.config import TrainConfig
 from segment_anything.utils.distributed import destroy_distributed, init_distributed, launched_by_torchrun, pick_device
-from segment_anything.utils.data import DataError
-from segment_anything.utils.engine import RunData, fit, prepare_data, resolve_output_dir
+from segment_anything.utils.engine import PREFLIGHT_ERRORS, PreflightError, RunData, fit, preflight
 from segment_anything.utils.log import setup_logging
 
 
@@ -34,6 +33,8 @@ def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_
     info = init_distributed(device_type, rank, local_rank, world_size, init_method)
     try:
         fit(cfg, info, data)
+    except PreflightError as err:  # under torchrun the checks run here, on rank 0, for all ranks
+        sys.exit(f"error (rank {rank}): {err}")
     finally:
         # Free the DDP wrapper and its gradient buckets before the group goes: torch can
         # abort at exit when they outlive it.
@@ -52,18 +53,17 @@ def main(argv=None) -> None:
         world_size = cfg.world_size or default
     else:
         world_size = 1
-    # Check data and output folder here, before any process starts: a bad file is one clear error.
+    # Every check runs here, before any process starts: a bad file is one clear error.
     try:
-        data = prepare_data(cfg)
-        resolve_output_dir(cfg)
-    except (DataError, FileExistsError, FileNotFoundError, ValueError) as err:
+        data, out_dir = preflight(cfg)
+    except PREFLIGHT_ERRORS as err:
         sys.exit(f"error: {err}")
     if world_size == 1:
         worker(0, cfg, device_type, 1, None, data)
         return
     if cfg.output_dir is None and not cfg.resume:
         # Every worker must write to the same folder: fix the timestamped name once, here.
-        cfg.output_dir = str(resolve_output_dir(cfg))
+        cfg.output_dir = str(out_dir)
     init_method = f"tcp://127.0.0.1:{cfg.port}"
     mp.spawn(worker, args=(cfg, device_type, world_size, init_method, data), nprocs=world_size, join=True)
 

@@ -275,7 +275,30 @@ def test_non_binary_mask_under_torchrun_fails_on_every_rank_with_the_file_named(
     out = tmp_path / "run"
     text = run_fails(base_flags(train, val, out, epoch=1), torchrun=True)
     assert str(bad) in text
+    # Every rank stops with the message (torchrun then reports the failed workers itself).
+    assert "error (rank 0)" in text and "error (rank 1)" in text
     assert not (out / "best.pth").exists() and not (out / "last.pth").exists()
+
+
+def test_missing_checkpoint_says_where_the_weights_are(small_data, tmp_path):
+    out = tmp_path / "run"
+    flags = base_flags(*small_data, out, epoch=1, world_size=2, port=free_port())
+    flags[flags.index("--checkpoint") + 1] = str(tmp_path / "mobile_sam.pt")
+    text = run_fails(flags)
+    assert "mobile_sam.pt not found" in text and "github.com/ChaoningZhang/MobileSAM" in text
+    assert "Traceback" not in text and not out.exists()
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_paths_run(amp, small_data, tmp_path):
+    """The autocast + grad-scaler code that CUDA uses by default, exercised on the CPU."""
+    out = tmp_path / "run"
+    run_ok(base_flags(*small_data, out, epoch=1, batch_size=3, dist="no", amp=amp))
+    (line,) = metrics(out)
+    assert np.isfinite(line["train_loss"]) and np.isfinite(line["val_loss"])
+    state = torch.load(out / "last.pth", weights_only=False)
+    assert state["scaler"] != {} if amp == "fp16" else True
+    assert all(v.dtype == torch.float32 for v in state["model"].values())  # master weights stay fp32
 
 
 def test_missing_mask_partner_is_named(small_data, tmp_path):

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..build_sam import sam_model_registry
+from ..build_sam import OFFICIAL_WEIGHTS, sam_model_registry
 from .config import TrainConfig
 from .data import DataError, MaskDataset, Pair, check_dataset, collate, find_pairs, split_pairs
 from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object
@@ -83,17 +83,36 @@ def check_resume(cfg: TrainConfig) -> None:
         raise ValueError(f"--resume: {path} was made with " + ", ".join(changed) + "; resume with the same flags")
 
 
+PREFLIGHT_ERRORS = (DataError, FileExistsError, FileNotFoundError, ValueError)
+
+
+class PreflightError(RuntimeError):
+    """A check before training failed; raised on every rank with rank 0's message."""
+
+
+def preflight(cfg: TrainConfig) -> Tuple[RunData, Path]:
+    """Every check that can fail before training: weights file, data files, output folder, resume file."""
+    ckpt = cfg.checkpoint_path()
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise FileNotFoundError(
+            f"--checkpoint {ckpt} not found. The official {cfg.model_type} weights are published at "
+            f"{OFFICIAL_WEIGHTS[cfg.model_type]}; --checkpoint none starts from random weights"
+        )
+    return prepare_data(cfg), resolve_output_dir(cfg)
+
+
 def setup_run(cfg: TrainConfig, info: DistInfo, data: Optional[RunData]) -> Tuple[RunData, Path]:
-    """Rank 0 checks data and the output folder; every rank gets the result or the same error."""
+    """Rank 0 runs the preflight checks (the data may come checked from the launcher); every
+    rank gets the result or the same error, so no rank starts training alone."""
     result = None
     if info.is_main:
         try:
-            result = (data or prepare_data(cfg), resolve_output_dir(cfg))
-        except (DataError, FileExistsError, FileNotFoundError, ValueError) as err:
-            result = err
+            result = (data, resolve_output_dir(cfg)) if data is not None else preflight(cfg)
+        except PREFLIGHT_ERRORS as err:
+            result = str(err)
     result = broadcast_object(result)
-    if isinstance(result, Exception):
-        raise result
+    if isinstance(result, str):
+        raise PreflightError(result)
     return result
 
 

@@ -9,7 +9,7 @@ them there.
 """
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -132,20 +132,21 @@ def score(sam: Sam, batch: Batch, low_res: torch.Tensor, iou_pred: torch.Tensor,
 
 @dataclass
 class Meter:
-    """Global sums for an epoch; reduced across ranks once, then divided (no mean of means)."""
+    """Global sums for an epoch, kept on the device (no host sync per step); reduced across
+    ranks once, then divided (no mean of means)."""
 
-    sums: Dict[str, float] = field(default_factory=dict)
+    KEYS = ("total", "real_iou", "dice", "prompts", "images")
+    sums: Optional[torch.Tensor] = None
 
     def add(self, terms: Dict[str, torch.Tensor], images: int) -> None:
-        for key in ("total", "real_iou", "dice"):
-            self.sums[key] = self.sums.get(key, 0.0) + terms[key].detach().float().sum().item()
-        self.sums["prompts"] = self.sums.get("prompts", 0.0) + terms["total"].numel()
-        self.sums["images"] = self.sums.get("images", 0.0) + images
+        total = terms["total"].detach()
+        step = torch.stack([total.sum(), terms["real_iou"].sum(), terms["dice"].sum(),
+                            total.new_tensor(float(total.numel())), total.new_tensor(float(images))]).double()
+        self.sums = step if self.sums is None else self.sums + step
 
     def reduce(self, device: torch.device) -> Dict[str, float]:
-        keys = ["total", "real_iou", "dice", "prompts", "images"]
-        values = torch.tensor([self.sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=device)
-        total = dict(zip(keys, all_reduce_sum(values).tolist()))
+        values = self.sums if self.sums is not None else torch.zeros(len(self.KEYS), dtype=torch.float64)
+        total = dict(zip(self.KEYS, all_reduce_sum(values.to(device)).tolist()))
         n = max(total["prompts"], 1.0)
         return {"loss": total["total"] / n, "iou": total["real_iou"] / n, "dice": total["dice"] / n,
                 "prompts": int(total["prompts"]), "images": int(total["images"])}
@@ -156,7 +157,7 @@ def step_loss(terms: Dict[str, torch.Tensor], device: torch.device) -> torch.Ten
     count per rank. DDP averages gradients over ranks, so the result is the gradient of the
     mean over all prompts of the global batch, whatever the per-rank counts."""
     count = torch.tensor([float(terms["total"].numel())], device=device)
-    global_count = all_reduce_sum(count).item()
+    global_count = all_reduce_sum(count)[0]  # stays a tensor: no host sync
     return terms["total"].sum() * get_world_size() / global_count
 
 

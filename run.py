@@ -11,7 +11,8 @@ into stock SAM), last.pth (resume state), metrics.jsonl, args.json and train.log
 import gc
 import os
 import sys
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Tuple
 
 import torch
 import torch.multiprocessing as mp
@@ -23,7 +24,7 @@ from segment_anything.utils.log import setup_logging
 
 
 def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_method: Optional[str],
-           data: Optional[RunData]) -> None:
+           prepared: Optional[Tuple[RunData, Path]]) -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     setup_logging(rank)
     if device_type != "cuda" and world_size > 1:
@@ -32,7 +33,7 @@ def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     info = init_distributed(device_type, rank, local_rank, world_size, init_method)
     try:
-        fit(cfg, info, data)
+        fit(cfg, info, prepared)
     except PreflightError as err:  # under torchrun the checks run here, on rank 0, for all ranks
         sys.exit(f"error (rank {rank}): {err}")
     finally:
@@ -54,18 +55,16 @@ def main(argv=None) -> None:
     else:
         world_size = 1
     # Every check runs here, before any process starts: a bad file is one clear error.
+    # The workers get the result, so they all use the same (timestamped) run folder.
     try:
-        data, out_dir = preflight(cfg)
+        prepared = preflight(cfg)
     except PREFLIGHT_ERRORS as err:
         sys.exit(f"error: {err}")
     if world_size == 1:
-        worker(0, cfg, device_type, 1, None, data)
+        worker(0, cfg, device_type, 1, None, prepared)
         return
-    if cfg.output_dir is None and not cfg.resume:
-        # Every worker must write to the same folder: fix the timestamped name once, here.
-        cfg.output_dir = str(out_dir)
     init_method = f"tcp://127.0.0.1:{cfg.port}"
-    mp.spawn(worker, args=(cfg, device_type, world_size, init_method, data), nprocs=world_size, join=True)
+    mp.spawn(worker, args=(cfg, device_type, world_size, init_method, prepared), nprocs=world_size, join=True)
 
 
 if __name__ == "__main__":

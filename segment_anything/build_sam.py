@@ -104,12 +104,18 @@ def _build_sam(model_type: str, checkpoint: Optional[PathLike] = None, image_siz
     return sam
 
 
+def official_weights_hint(model_type: str) -> str:
+    """The sentence that tells where a model type's official weights are published."""
+    if model_type not in OFFICIAL_WEIGHTS:
+        return ""
+    return f"The official {model_type} weights are published at {OFFICIAL_WEIGHTS[model_type]}"
+
+
 def load_checkpoint_file(path: PathLike, model_type: str = "") -> Dict[str, torch.Tensor]:
     """Read an official-format checkpoint (a flat state dict) onto the CPU."""
     path = Path(path)
     if not path.is_file():
-        hint = f" The official {model_type} weights are published at {OFFICIAL_WEIGHTS[model_type]}" if model_type in OFFICIAL_WEIGHTS else ""
-        raise FileNotFoundError(f"SAM checkpoint not found: {path}.{hint}")
+        raise FileNotFoundError(f"SAM checkpoint not found: {path}. {official_weights_hint(model_type)}".rstrip())
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path} does not hold a state dict (got {type(state_dict).__name__})")

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..build_sam import OFFICIAL_WEIGHTS, sam_model_registry
+from ..build_sam import official_weights_hint, sam_model_registry
 from .config import TrainConfig
 from .data import DataError, MaskDataset, Pair, check_dataset, collate, find_pairs, split_pairs
 from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object
@@ -95,19 +95,21 @@ def preflight(cfg: TrainConfig) -> Tuple[RunData, Path]:
     ckpt = cfg.checkpoint_path()
     if ckpt is not None and not Path(ckpt).is_file():
         raise FileNotFoundError(
-            f"--checkpoint {ckpt} not found. The official {cfg.model_type} weights are published at "
-            f"{OFFICIAL_WEIGHTS[cfg.model_type]}; --checkpoint none starts from random weights"
+            f"--checkpoint {ckpt} not found. {official_weights_hint(cfg.model_type)}; "
+            "--checkpoint none starts from random weights"
         )
     return prepare_data(cfg), resolve_output_dir(cfg)
 
 
-def setup_run(cfg: TrainConfig, info: DistInfo, data: Optional[RunData]) -> Tuple[RunData, Path]:
-    """Rank 0 runs the preflight checks (the data may come checked from the launcher); every
-    rank gets the result or the same error, so no rank starts training alone."""
+def setup_run(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path]]) -> Tuple[RunData, Path]:
+    """The preflight result: from the launcher when it ran the checks, else rank 0 runs them
+    (torchrun); every rank gets the result or the same error, so no rank starts training alone."""
+    if prepared is not None:
+        return prepared
     result = None
     if info.is_main:
         try:
-            result = (data, resolve_output_dir(cfg)) if data is not None else preflight(cfg)
+            result = preflight(cfg)
         except PREFLIGHT_ERRORS as err:
             result = str(err)
     result = broadcast_object(result)
@@ -277,8 +279,10 @@ def start_run_folder(cfg: TrainConfig, out_dir: Path, data: RunData) -> None:
         log.info(note)
 
 
-def fit(cfg: TrainConfig, info: DistInfo, data: Optional[RunData] = None) -> Dict[str, float]:
-    """Train, validate every epoch, keep best.pth / last.pth / metrics.jsonl; returns the best metrics."""
+def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path]] = None) -> Dict[str, float]:
+    """Train, validate every epoch, keep best.pth / last.pth / metrics.jsonl; returns the best metrics.
+
+    prepared: preflight(cfg)'s (data, run folder) when the launcher already ran the checks."""
     log = get_logger()
     # The same seed on every rank: a randomly initialised model (--checkpoint none) must be the
     # same model everywhere, buffers included (DDP only copies parameters). Nothing in training
@@ -286,7 +290,7 @@ def fit(cfg: TrainConfig, info: DistInfo, data: Optional[RunData] = None) -> Dic
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    data, out_dir = setup_run(cfg, info, data)
+    data, out_dir = setup_run(cfg, info, prepared)
     if info.is_main:
         start_run_folder(cfg, out_dir, data)
     train_loader, val_loader, sampler = make_loaders(cfg, info, data)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import ResizeLongestSide
+from ..transforms import ResizeLongestSide
 
 EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 LOSSY = frozenset({".jpg", ".jpeg"})

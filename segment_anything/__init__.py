@@ -8,6 +8,7 @@ from .build_sam import (
     build_sam_vit_t,
     sam_model_registry,
 )
+from .automatic_mask_generator import SamAutomaticMaskGenerator
 from .predictor import SamPredictor
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "build_sam_vit_t",
     "sam_model_registry",
     "SamPredictor",
+    "SamAutomaticMaskGenerator",
 ]

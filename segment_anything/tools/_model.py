@@ -1,0 +1,56 @@
+"""Model flags shared by the predict, evaluate and export_onnx tools: build a SAM from the
+official weights (or seeded random weights) and put a fine-tuned best.pth on top of it."""
+
+import argparse
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..build_sam import sam_model_registry
+from ..modeling import Sam
+from ..utils.save_weight import load_partial_weight
+
+MODEL_TYPES = sorted(set(sam_model_registry) - {"default"})
+RUN_SEED = 21  # run.py's default --seed: a --checkpoint none run started from this random model
+
+
+def add_model_args(parser: argparse.ArgumentParser, weights: bool = True) -> None:
+    parser.add_argument("--model_type", "--model-type", default="vit_t", choices=MODEL_TYPES)
+    parser.add_argument("--checkpoint", required=True,
+                        help="official SAM weights; 'none' = the seeded random model a '--checkpoint none' run starts from")
+    if weights:
+        parser.add_argument("--weights", default=None, help="fine-tuned partial weights (best.pth) loaded on top")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="encoder input side; default: the size recorded in --weights, else 1024")
+    parser.add_argument("--seed", type=int, default=RUN_SEED, help="seed of the random model with --checkpoint none")
+    parser.add_argument("--device", default="cpu")
+
+
+def weights_metadata(path: Optional[str]) -> Dict[str, Any]:
+    """The metadata of a partial-weight file ({} for a flat state dict or no file)."""
+    if path is None:
+        return {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--weights {path} not found")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in obj.items() if k != "model"} if isinstance(obj, dict) and "model" in obj else {}
+
+
+def build_base(model_type: str, checkpoint: str, image_size: int, seed: int = RUN_SEED) -> Sam:
+    """The starting model: official weights, or with 'none' the seeded random initialisation."""
+    if checkpoint.lower() == "none":
+        torch.manual_seed(seed)  # run.py seeds before it builds, so this is the same model
+        return sam_model_registry[model_type](checkpoint=None, image_size=image_size)
+    return sam_model_registry[model_type](checkpoint=checkpoint, image_size=image_size)
+
+
+def load_model(args: argparse.Namespace, weights: Optional[str] = None) -> Sam:
+    """Base model plus ``weights`` (through load_partial_weight's checks: a file made for another
+    model type is an error naming the keys), in eval mode on args.device."""
+    meta = weights_metadata(weights)
+    image_size = args.image_size or meta.get("image_size") or 1024
+    sam = build_base(args.model_type, args.checkpoint, image_size, args.seed)
+    if weights is not None:
+        load_partial_weight(sam, weights, expected_model_type=args.model_type)
+    return sam.to(args.device).eval()

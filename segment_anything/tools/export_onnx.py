@@ -1,0 +1,68 @@
+"""Export the prompt encoder + mask decoder (with fine-tuned weights) to ONNX, with the inputs
+and outputs of Meta's scripts/export_onnx_model.py (see segment_anything/utils/onnx.py).
+
+    python -m segment_anything.tools.export_onnx --model_type vit_b --checkpoint sam_vit_b_01ec64.pth \
+        --weights runs/<run>/best.pth --output decoder.onnx [--return_single_mask] [--opset 17]
+"""
+
+import argparse
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from ..utils.onnx import INPUT_NAMES, OUTPUT_NAMES, SamOnnxModel, dummy_inputs
+from ._model import add_model_args, load_model
+
+DYNAMIC_AXES = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+
+
+def export(sam: torch.nn.Module, output: Path, return_single_mask: bool = False, opset: int = 17) -> Path:
+    """Write the ONNX decoder of ``sam`` to ``output``.
+
+    The TorchScript-based exporter (dynamo=False) is used on purpose: the output size comes from
+    the values of ``orig_im_size``, which it records as a Resize with run-time sizes, while the
+    dynamo exporter would have to specialise on the example's size. It warns that it is
+    deprecated in torch >= 2.9; the warning is silenced here."""
+    wrapper = SamOnnxModel(sam.cpu().float().eval(), return_single_mask=return_single_mask)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper,
+            dummy_inputs(sam),
+            str(output),
+            dynamo=False,
+            export_params=True,
+            opset_version=opset,
+            do_constant_folding=True,
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            dynamic_axes=DYNAMIC_AXES,
+        )
+    return output
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(parser)
+    parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--return_single_mask", "--return-single-mask", action="store_true",
+                        help="one mask per call (the best one, as SamPredictor picks it) instead of all four")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    args = parser.parse_args(argv)
+    sam = load_model(args, args.weights)
+    path = export(sam, Path(args.output), args.return_single_mask, args.opset)
+    try:
+        import onnx
+
+        onnx.checker.check_model(str(path))
+    except ImportError:
+        print("onnx is not installed: the file was written but not checked (pip install onnx)")
+    print(f"wrote {path} (inputs {', '.join(INPUT_NAMES)}; outputs {', '.join(OUTPUT_NAMES)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -191,6 +191,9 @@ def test_torchrun_two_gloo_processes_on_the_nails_dataset(tmp_path):
         for key in ("train_loss", "val_loss", "val_iou", "val_dice", "images_per_sec", "seconds"):
             assert np.isfinite(m[key]), (key, m)
         assert 0 <= m["val_iou"] <= 1 and 0 <= m["val_dice"] <= 1 and m["images_per_sec"] > 0 and m["seconds"] > 0
+        # the default loss's named terms, whose weighted sum is the loss
+        terms = sum(m[f"train_loss_{t}"] for t in ("bce", "iou", "iou_head"))
+        assert terms == pytest.approx(m["train_loss"], rel=1e-5)
     assert lines[1]["train_loss"] < lines[0]["train_loss"], lines
     assert json.loads((out / "args.json").read_text())["image_size"] == 256
     log = (out / "train.log").read_text()

@@ -28,6 +28,22 @@ def str2bool(value: Any) -> bool:
     raise argparse.ArgumentTypeError(f"expected one of {TRUE_WORDS + FALSE_WORDS}, got {value!r}")
 
 
+def adapt_errors(cfg: "TrainConfig") -> List[str]:
+    """validate() messages for the loss and what-trains flags."""
+    from .losses import parse_loss  # here: losses imports torch, config must stay light to import
+
+    errors = []
+    try:
+        parse_loss(cfg.loss)
+    except ValueError as err:
+        errors.append(str(err))
+    if cfg.focal_gamma < 0:
+        errors.append(f"--focal_gamma must be >= 0, got {cfg.focal_gamma}")
+    if cfg.loss_size not in ("original", "low_res"):
+        errors.append(f"--loss_size must be original or low_res, got {cfg.loss_size!r}")
+    return errors
+
+
 def _flag(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -56,10 +72,15 @@ class TrainConfig:
     epoch: int = _flag(10, "training epochs")
     lr: float = _flag(2e-4, "AdamW peak learning rate (cosine schedule stepped per iteration)")
     weight_decay: float = _flag(0.01, "AdamW weight decay")
-    iou_loss_weight: float = _flag(1.0, "weight of the MSE between predicted and real IoU (0 = off)")
     amp: str = _flag("auto", "mixed precision: auto (bf16/fp16 on CUDA, off elsewhere), bf16, fp16 or off", choices=["auto", "bf16", "fp16", "off"])
     patience: int = _flag(0, "stop after this many epochs without a better validation IoU (0 = never)")
     seed: int = _flag(21, "random seed (data split, shuffling)")
+    # What trains and the loss (issue 9; logic in utils/trainable.py and utils/losses.py)
+    loss: str = _flag("bce=1,iou=1,iou_head=1", "weighted loss terms: bce, focal, dice, iou (soft IoU), iou_head (MSE of the IoU prediction)")
+    focal_alpha: float = _flag(0.25, "focal loss: weight of the foreground class (negative = no class weighting)")
+    focal_gamma: float = _flag(2.0, "focal loss: focusing exponent")
+    loss_size: str = _flag("original", "compute the loss at each image's original size or on the decoder's low-resolution grid",
+                           choices=["original", "low_res"])
     # Output
     output_dir: Optional[str] = _flag(None, "run folder (default: runs/<timestamp>); an existing run is never overwritten")
     resume: Optional[str] = _flag(None, "continue from a last.pth (or a run folder holding one)")
@@ -89,6 +110,7 @@ class TrainConfig:
             errors.append(f"--port must be a TCP port, got {self.port}")
         if self.patience < 0:
             errors.append(f"--patience must be >= 0, got {self.patience}")
+        errors.extend(adapt_errors(self))
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
 

@@ -25,6 +25,7 @@ from .config import TrainConfig
 from .data import DataError, MaskDataset, Pair, check_dataset, collate, find_pairs, split_pairs
 from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 from .log import add_log_file, get_logger
+from .losses import LossSpec
 from .save_weight import atomic_save, save_partial_weight, strip_prefixes, trainable_state_dict
 from .trainer import SamTrainStep, evaluate, freeze, train_one_epoch
 
@@ -183,6 +184,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     amp_dtype: Optional[torch.dtype]
+    loss_spec: LossSpec
     epoch: int = 0  # epochs completed
     best: Dict = field(default_factory=lambda: {"iou": -1.0})
     stale: int = 0  # epochs since the best validation IoU
@@ -201,7 +203,7 @@ class Training:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
         amp_dtype = amp_dtype_for(cfg, info.device)
         scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
-        return cls(cfg, sam, model, optimizer, scheduler, scaler, amp_dtype)
+        return cls(cfg, sam, model, optimizer, scheduler, scaler, amp_dtype, LossSpec.from_config(cfg))
 
     def state_dict(self, rng: List[Dict]) -> Dict:
         return {"format": RESUME_FORMAT, "model": trainable_state_dict(self.sam), "optimizer": self.optimizer.state_dict(),
@@ -239,12 +241,13 @@ def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler) 
     bar = tqdm(total=len(sampler) * info.world_size, desc=f"epoch {run.epoch + 1}/{cfg.epoch}", unit="img",
                disable=not info.is_main, leave=False, dynamic_ncols=True)
     train_m = train_one_epoch(run.model, run.sam, train_loader, run.optimizer, run.scheduler, run.scaler, info.device,
-                              run.amp_dtype, cfg.iou_loss_weight, progress=bar)
+                              run.amp_dtype, run.loss_spec, progress=bar)
     bar.close()
     train_s = time.perf_counter() - t0
-    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, cfg.iou_loss_weight)
+    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec)
+    terms = {f"{split}_{k}": m[k] for split, m in (("train", train_m), ("val", val_m)) for k in run.loss_spec.keys()[1:]}
     return {"epoch": run.epoch + 1, "train_loss": train_m["loss"], "train_iou": train_m["iou"],
-            "val_loss": val_m["loss"], "val_iou": val_m["iou"], "val_dice": val_m["dice"],
+            "val_loss": val_m["loss"], "val_iou": val_m["iou"], "val_dice": val_m["dice"], **terms,
             "images_per_sec": train_m["images"] / train_s, "seconds": time.perf_counter() - t0,
             "lr": run.scheduler.get_last_lr()[0], "_val": val_m}
 
@@ -258,8 +261,12 @@ def save_epoch(run: Training, out_dir: Path, record: Dict, improved: bool, rng: 
                 "metrics": record, "args": run.cfg.to_dict()}
         save_partial_weight(run.sam, out_dir / "best.pth", metadata=meta)
     atomic_save(run.state_dict(rng), out_dir / "last.pth")
+    # The named terms only when there is more than one: "(bce 0.41 iou 0.62 iou_head 0.05)".
+    names = run.loss_spec.keys()[1:]
+    parts = " ".join(f"{k[5:]} {record['train_' + k]:.3f}" for k in names) if len(names) > 1 else ""
     get_logger().info(
-        f"epoch {run.epoch}/{run.cfg.epoch} | train loss {record['train_loss']:.4f} | val loss {record['val_loss']:.4f} "
+        f"epoch {run.epoch}/{run.cfg.epoch} | train loss {record['train_loss']:.4f}{f' ({parts})' if parts else ''} "
+        f"| val loss {record['val_loss']:.4f} "
         f"IoU {record['val_iou']:.4f} Dice {record['val_dice']:.4f}{' (best)' if improved else ''} | "
         f"{record['images_per_sec']:.1f} img/s | {record['seconds']:.1f} s"
     )

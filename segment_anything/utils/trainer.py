@@ -17,7 +17,8 @@ from torch import nn
 
 from ..modeling import Sam
 from .distributed import all_reduce_sum, get_world_size
-from .losses import mask_dice, sam_loss
+from .losses import DEFAULT_LOSS_SPEC, LossSpec, low_res_pair
+from .metrics import Meter, mask_dice, mask_iou
 from .transforms import ResizeLongestSide
 
 DEFAULT_TRAINED = ("mask_decoder",)
@@ -115,50 +116,47 @@ def prepare_batch(items: List[dict], sam: Sam, device: torch.device) -> Batch:
     )
 
 
-def score(sam: Sam, batch: Batch, low_res: torch.Tensor, iou_pred: torch.Tensor, iou_loss_weight: float) -> Dict[str, torch.Tensor]:
-    """Per-prompt loss terms and metrics at each image's original size; dict of (P,) tensors."""
+METRIC_KEYS = ("iou", "dice")  # of the thresholded mask; apart from the loss terms
+
+
+def score(sam: Sam, batch: Batch, low_res: torch.Tensor, iou_pred: torch.Tensor, loss: LossSpec = DEFAULT_LOSS_SPEC,
+          metrics_at_original: bool = False) -> Dict[str, torch.Tensor]:
+    """Per-prompt loss terms (loss.keys()) and metrics (METRIC_KEYS); dict of (P,) tensors.
+
+    The loss is computed at each image's original size, or on the low-resolution grid with
+    loss.size == 'low_res'; metrics where the loss is, or at the original size when
+    metrics_at_original (validation: comparable whatever the loss size).
+    """
     terms: Dict[str, List[torch.Tensor]] = {}
     start = 0
     for i, masks in enumerate(batch.masks):
         n = masks.shape[0]
-        logits = sam.postprocess_masks(low_res[start : start + n].float(), batch.input_sizes[i], batch.original_sizes[i])
-        out = sam_loss(logits[:, 0], masks, iou_pred[start : start + n, 0], iou_loss_weight)
-        out["dice"] = mask_dice(logits[:, 0].detach() > sam.mask_threshold, masks)
+        low, ious = low_res[start : start + n].float(), iou_pred[start : start + n, 0]
+        full = None
+        if loss.size == "low_res":
+            logits, target = low_res_pair(low[:, 0], masks, batch.input_sizes[i], sam.image_encoder.img_size)
+        else:
+            full = logits = sam.postprocess_masks(low, batch.input_sizes[i], batch.original_sizes[i])[:, 0]
+            target = masks
+        out = loss(logits, target, ious, sam.mask_threshold)
+        if metrics_at_original and full is None:
+            full = sam.postprocess_masks(low, batch.input_sizes[i], batch.original_sizes[i])[:, 0]
+        pred, truth = (full, masks) if full is not None else (logits, target)
+        pred = pred.detach() > sam.mask_threshold
+        out["iou"], out["dice"] = mask_iou(pred, truth), mask_dice(pred, truth)
         for key, value in out.items():
             terms.setdefault(key, []).append(value)
         start += n
     return {key: torch.cat(values) for key, values in terms.items()}
 
 
-@dataclass
-class Meter:
-    """Global sums for an epoch, kept on the device (no host sync per step); reduced across
-    ranks once, then divided (no mean of means)."""
-
-    KEYS = ("total", "real_iou", "dice", "prompts", "images")
-    sums: Optional[torch.Tensor] = None
-
-    def add(self, terms: Dict[str, torch.Tensor], images: int) -> None:
-        total = terms["total"].detach()
-        step = torch.stack([total.sum(), terms["real_iou"].sum(), terms["dice"].sum(),
-                            total.new_tensor(float(total.numel())), total.new_tensor(float(images))]).double()
-        self.sums = step if self.sums is None else self.sums + step
-
-    def reduce(self, device: torch.device) -> Dict[str, float]:
-        values = self.sums if self.sums is not None else torch.zeros(len(self.KEYS), dtype=torch.float64)
-        total = dict(zip(self.KEYS, all_reduce_sum(values.to(device)).tolist()))
-        n = max(total["prompts"], 1.0)
-        return {"loss": total["total"] / n, "iou": total["real_iou"] / n, "dice": total["dice"] / n,
-                "prompts": int(total["prompts"]), "images": int(total["images"])}
-
-
 def step_loss(terms: Dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     """The loss to back-propagate: sum over this rank's prompts divided by the mean prompt
     count per rank. DDP averages gradients over ranks, so the result is the gradient of the
     mean over all prompts of the global batch, whatever the per-rank counts."""
-    count = torch.tensor([float(terms["total"].numel())], device=device)
+    count = torch.tensor([float(terms["loss"].numel())], device=device)
     global_count = all_reduce_sum(count)[0]  # stays a tensor: no host sync
-    return terms["total"].sum() * get_world_size() / global_count
+    return terms["loss"].sum() * get_world_size() / global_count
 
 
 def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
@@ -176,17 +174,17 @@ def train_one_epoch(
     scaler,
     device: torch.device,
     amp_dtype: Optional[torch.dtype],
-    iou_loss_weight: float,
+    loss_spec: LossSpec = DEFAULT_LOSS_SPEC,
     progress=None,
 ) -> Dict[str, float]:
     """One pass over this rank's shard. model is the DDP wrapper (or the bare SamTrainStep)."""
     set_train_mode(sam)
-    meter = Meter()
+    meter = Meter(loss_spec.keys() + METRIC_KEYS)
     for items in loader:
         batch = prepare_batch(items, sam, device)
         with autocast_context(device, amp_dtype):
             low_res, iou_pred = model(batch.images, batch.boxes, batch.image_index)
-        terms = score(sam, batch, low_res, iou_pred, iou_loss_weight)
+        terms = score(sam, batch, low_res, iou_pred, loss_spec)
         loss = step_loss(terms, device)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -202,16 +200,17 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(
-    sam: Sam, loader: Iterable, device: torch.device, amp_dtype: Optional[torch.dtype], iou_loss_weight: float
+    sam: Sam, loader: Iterable, device: torch.device, amp_dtype: Optional[torch.dtype],
+    loss_spec: LossSpec = DEFAULT_LOSS_SPEC,
 ) -> Dict[str, float]:
     """Validation on this rank's shard with the bare model (no DDP forward, so no collective
     inside the loop and no deadlock when shards differ in length), then one global reduction."""
     sam.eval()
     step = SamTrainStep(sam)
-    meter = Meter()
+    meter = Meter(loss_spec.keys() + METRIC_KEYS)
     for items in loader:
         batch = prepare_batch(items, sam, device)
         with autocast_context(device, amp_dtype):
             low_res, iou_pred = step(batch.images, batch.boxes, batch.image_index)
-        meter.add(score(sam, batch, low_res, iou_pred, iou_loss_weight), batch.num_images)
+        meter.add(score(sam, batch, low_res, iou_pred, loss_spec, metrics_at_original=True), batch.num_images)
     return meter.reduce(device)

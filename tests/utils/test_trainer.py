@@ -19,10 +19,10 @@ from conftest import REPO, relative_error
 from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.utils.config import FALSE_WORDS, TRUE_WORDS, TrainConfig
 from segment_anything.utils.data import MaskDataset, check_dataset, find_pairs, load_image, make_synthetic_dataset
-from segment_anything.utils.losses import mask_iou
+from segment_anything.utils.metrics import mask_iou
 from segment_anything.utils.random_weights import randomize_
 from segment_anything.utils.trainer import (
-    Meter, SamTrainStep, freeze, prepare_batch, score, set_train_mode, step_loss, train_one_epoch,
+    SamTrainStep, freeze, prepare_batch, score, set_train_mode, step_loss, train_one_epoch,
 )
 from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -80,7 +80,7 @@ def one_shot_training(sam, loader):
     opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return train_one_epoch(SamTrainStep(sam), sam, loader, opt, sched, scaler, CPU, None, 1.0)
+    return train_one_epoch(SamTrainStep(sam), sam, loader, opt, sched, scaler, CPU, None)
 
 
 # ----------------------------------------------------------------------------- freezing and modes
@@ -177,7 +177,7 @@ def test_training_step_computes_what_sam_predictor_computes(dataset):
     batch = prepare_batch(items, sam, CPU)
     with torch.no_grad():
         low_res, iou_pred = SamTrainStep(sam)(batch.images, batch.boxes, batch.image_index)
-        terms = score(sam, batch, low_res, iou_pred, 1.0)
+        terms = score(sam, batch, low_res, iou_pred)
     assert low_res.shape == (4, 1, SIZE // 4, SIZE // 4) and iou_pred.shape == (4, 1)
 
     sam.eval()
@@ -196,7 +196,7 @@ def test_training_step_computes_what_sam_predictor_computes(dataset):
             assert relative_error(iou_pred[k], torch.from_numpy(ious)) <= 1e-4, (i, j)
             # score() measures the predictor's binary mask against the ground truth
             real = mask_iou(torch.from_numpy(masks) > sam.mask_threshold, it["masks"][j : j + 1]).item()
-            assert terms["real_iou"][k].item() == pytest.approx(real, abs=1e-3)
+            assert terms["iou"][k].item() == pytest.approx(real, abs=1e-3)
             nontrivial += 0.0 < (masks > 0).mean() < 1.0
         start += len(it["boxes"])
     assert nontrivial >= 2  # random weights still give masks worth comparing
@@ -205,24 +205,14 @@ def test_training_step_computes_what_sam_predictor_computes(dataset):
 # ----------------------------------------------------------------------------- reductions
 
 
-def test_meter_reduce_is_a_global_mean_not_a_mean_of_batch_means():
-    meter = Meter()
-    meter.add({"total": torch.tensor([1.0, 2.0, 3.0]), "real_iou": torch.tensor([0.0, 0.5, 1.0]),
-               "dice": torch.tensor([0.0, 1.0, 1.0])}, images=2)
-    meter.add({"total": torch.tensor([10.0]), "real_iou": torch.tensor([1.0]), "dice": torch.tensor([0.5])}, images=1)
-    out = meter.reduce(CPU)
-    # Mean of means would give loss (2 + 10) / 2 = 6 and IoU (0.5 + 1) / 2 = 0.75.
-    assert out == pytest.approx({"loss": 16 / 4, "iou": 2.5 / 4, "dice": 2.5 / 4, "prompts": 4, "images": 3})
-    assert Meter().reduce(CPU)["loss"] == 0.0  # an empty shard divides by 1, not 0
-
-
 RANK_SCRIPT = textwrap.dedent(
     """
     import gc, json, sys
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
     from segment_anything.utils.distributed import all_gather_objects, destroy_distributed, init_distributed
-    from segment_anything.utils.trainer import Meter, step_loss
+    from segment_anything.utils.metrics import Meter
+    from segment_anything.utils.trainer import step_loss
 
     rank, port = int(sys.argv[1]), int(sys.argv[2])
     info = init_distributed("cpu", rank, rank, 2, f"tcp://127.0.0.1:{port}")
@@ -233,14 +223,14 @@ RANK_SCRIPT = textwrap.dedent(
     model = torch.nn.Linear(2, 1, bias=False)
     ddp = DDP(model)
     totals = ddp(x)[:, 0] ** 2
-    loss = step_loss({"total": totals}, info.device)
+    loss = step_loss({"loss": totals}, info.device)
     loss.backward()
-    meter = Meter()
+    meter = Meter(["loss", "iou", "dice"])
     if rank == 0:
-        meter.add({"total": torch.tensor([1.0, 2.0, 3.0]), "real_iou": torch.tensor([0.0, 0.5, 1.0]),
+        meter.add({"loss": torch.tensor([1.0, 2.0, 3.0]), "iou": torch.tensor([0.0, 0.5, 1.0]),
                    "dice": torch.tensor([0.0, 1.0, 1.0])}, images=2)
     else:
-        meter.add({"total": torch.tensor([10.0]), "real_iou": torch.tensor([1.0]),
+        meter.add({"loss": torch.tensor([10.0]), "iou": torch.tensor([1.0]),
                    "dice": torch.tensor([0.5])}, images=1)
     out = {"loss": loss.item(), "grad": model.weight.grad.tolist(), "weight": model.weight.tolist(),
            "meter": meter.reduce(info.device), "gathered": all_gather_objects(rank * 10)}

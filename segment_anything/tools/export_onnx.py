@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 
 from ..utils.onnx import INPUT_NAMES, OUTPUT_NAMES, SamOnnxModel, dummy_inputs
-from ._model import add_model_args, load_model
+from ._model import add_model_args, cli, load_model
 
 DYNAMIC_AXES = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
 
@@ -65,4 +65,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -1,0 +1,195 @@
+"""Segment images with SAM (plus fine-tuned weights) from box / point prompts, or automatically.
+
+    python -m segment_anything.tools.predict --model_type vit_b --checkpoint sam_vit_b_01ec64.pth \
+        --weights runs/<run>/best.pth --image photo.jpg --box 10,20,300,400 --output out/
+    python -m segment_anything.tools.predict ... --image photos/ --prompts prompts.json --output out/
+    python -m segment_anything.tools.predict ... --image photo.jpg --output out/      # automatic masks
+
+Per image it writes <stem>_mask_<i>.png (object i, 0/255; with --multimask
+<stem>_mask_<i>_<k>.png for SAM's three candidates) and <stem>_overlay.png (the masks over the
+image, the prompts drawn). Without any prompt, automatic masks: <stem>_mask_<i>.png per mask
+(largest first), <stem>_overlay.png and <stem>_auto.json (records with COCO RLE).
+
+prompts.json maps an image file name (or stem) to one object or a list of objects, each with an
+optional "box" [x1, y1, x2, y2] and optional "points" [[x, y, label], ...] (label 1 = object,
+0 = background; default 1), in original-image pixels:
+
+    {"a.jpg": {"box": [10, 20, 300, 400]},
+     "b.jpg": [{"points": [[50, 60, 1], [70, 80, 0]]}, {"box": [5, 5, 90, 90], "points": [[40, 40]]}]}
+"""
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+from ..automatic_mask_generator import SamAutomaticMaskGenerator
+from ..predictor import SamPredictor
+from ..utils.amg import coco_rle
+from ..utils.data import load_image
+from ..utils.postprocess import clean_masks
+from . import _draw
+from ._model import add_model_args, cli, load_model
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+Prompt = Dict[str, Optional[np.ndarray]]  # "box" (4,), "points" (K, 2), "labels" (K,)
+
+
+def parse_box(text: str, where: str = "--box") -> np.ndarray:
+    try:
+        box = np.array([float(v) for v in (text.split(",") if isinstance(text, str) else text)], dtype=np.float32)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: a box is x1,y1,x2,y2 in pixels, got {text!r}") from None
+    if box.shape != (4,) or box[2] < box[0] or box[3] < box[1]:
+        raise ValueError(f"{where}: a box is x1,y1,x2,y2 with x1 <= x2 and y1 <= y2, got {text!r}")
+    return box
+
+
+def parse_point(value: Any, where: str = "--point") -> Tuple[float, float, int]:
+    try:
+        parts = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
+    except (TypeError, ValueError):
+        parts = []
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in (0, 1)):
+        raise ValueError(f"{where}: a point is x,y or x,y,label with label 1 (object) or 0 (background), got {value!r}")
+    return parts[0], parts[1], int(parts[2]) if len(parts) == 3 else 1
+
+
+def make_prompt(box: Optional[np.ndarray], points: List[Tuple[float, float, int]]) -> Prompt:
+    coords = np.array([p[:2] for p in points], np.float32) if points else None
+    labels = np.array([p[2] for p in points], np.int64) if points else None
+    return {"box": box, "points": coords, "labels": labels}
+
+
+def load_prompts(path: Path) -> Dict[str, List[Prompt]]:
+    """{image name or stem: [prompt, ...]} from a prompts JSON file (format in the module doc)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--prompts {path}: cannot read JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--prompts {path}: expected an object mapping image names to prompts")
+    out = {}
+    for name, objects in raw.items():
+        objects = objects if isinstance(objects, list) else [objects]
+        prompts = []
+        for i, obj in enumerate(objects):
+            where = f"--prompts {path}, {name!r} object {i}"
+            if not isinstance(obj, dict) or not ({"box", "points"} & obj.keys()) or set(obj) - {"box", "points"}:
+                raise ValueError(f"{where}: expected {{\"box\": [x1, y1, x2, y2], \"points\": [[x, y, label], ...]}}, got {obj!r}")
+            box = parse_box(obj["box"], where) if obj.get("box") is not None else None
+            points = [parse_point(p, where) for p in obj.get("points") or []]
+            if box is None and not points:
+                raise ValueError(f"{where}: neither a box nor any point")
+            prompts.append(make_prompt(box, points))
+        out[name] = prompts
+    return out
+
+
+def list_images(path: Path) -> List[Path]:
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise ValueError(f"--image {path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return images
+    if not path.is_file():
+        raise FileNotFoundError(f"--image {path} not found")
+    return [path]
+
+
+def plan(args: argparse.Namespace) -> List[Tuple[Path, Optional[List[Prompt]]]]:
+    """(image, prompts or None for automatic masks) per image; every input check happens here,
+    before the model is loaded."""
+    images = list_images(Path(args.image))
+    cli_points = [parse_point(p) for p in args.point or []]
+    cli_box = parse_box(args.box) if args.box else None
+    if args.prompts:
+        if cli_box is not None or cli_points:
+            raise ValueError("give prompts either with --prompts or with --box/--point, not both")
+        table = load_prompts(Path(args.prompts))
+        by_name = {p.name: p for p in images} | {p.stem: p for p in images}
+        missing = [name for name in table if name not in by_name]
+        if missing:
+            raise ValueError(f"--prompts {args.prompts} names images not in --image {args.image}: {missing[:5]}")
+        chosen = {by_name[name]: prompts for name, prompts in table.items()}
+        return [(p, chosen[p]) for p in images if p in chosen]
+    if cli_box is not None or cli_points:
+        return [(p, [make_prompt(cli_box, cli_points)]) for p in images]
+    return [(p, None) for p in images]
+
+
+def predict_prompts(predictor: SamPredictor, prompts: List[Prompt], multimask: bool, min_area: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """(masks (C, H, W) bool, scores (C,)) per prompt; C = 3 with multimask, else 1."""
+    out = []
+    for prompt in prompts:
+        masks, scores, _ = predictor.predict(prompt["points"], prompt["labels"], prompt["box"], multimask_output=multimask)
+        out.append((clean_masks(masks, min_area), scores))
+    return out
+
+
+def write_prompted(out_dir: Path, stem: str, image: np.ndarray, prompts: List[Prompt], results) -> None:
+    best = []
+    for i, (masks, scores) in enumerate(results):
+        for k, mask in enumerate(masks):
+            name = f"{stem}_mask_{i}_{k}.png" if len(masks) > 1 else f"{stem}_mask_{i}.png"
+            cv2.imwrite(str(out_dir / name), mask.astype(np.uint8) * 255)
+        best.append(masks[int(np.argmax(scores))])
+    picture = _draw.overlay(image, best)
+    for prompt in prompts:
+        picture = _draw.draw_prompt(picture, prompt["box"], prompt["points"], prompt["labels"])
+    _draw.save_rgb(out_dir / f"{stem}_overlay.png", picture)
+
+
+def write_automatic(out_dir: Path, stem: str, image: np.ndarray, records: List[Dict[str, Any]]) -> None:
+    records = sorted(records, key=lambda r: -r["area"])
+    for i, record in enumerate(records):
+        cv2.imwrite(str(out_dir / f"{stem}_mask_{i}.png"), record["segmentation"].astype(np.uint8) * 255)
+    _draw.save_rgb(out_dir / f"{stem}_overlay.png", _draw.overlay(image, [r["segmentation"] for r in records]))
+    listing = [dict(r, segmentation=coco_rle(r["segmentation"])) for r in records]
+    (out_dir / f"{stem}_auto.json").write_text(json.dumps(listing))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(parser)
+    parser.add_argument("--image", required=True, help="an image file or a folder of images")
+    parser.add_argument("--box", help="x1,y1,x2,y2 in pixels")
+    parser.add_argument("--point", action="append", help="x,y[,label] in pixels (label 1 object, 0 background); repeatable")
+    parser.add_argument("--prompts", help="JSON file: image name -> prompts (see the module doc)")
+    parser.add_argument("--multimask", action="store_true", help="write SAM's three candidate masks per prompt")
+    parser.add_argument("--min_region_area", type=int, default=0, help="fill holes and remove islands smaller than this (pixels)")
+    parser.add_argument("--points_per_side", type=int, default=32, help="automatic masks: grid points per side")
+    parser.add_argument("--pred_iou_thresh", type=float, default=0.88, help="automatic masks: predicted-IoU filter")
+    parser.add_argument("--stability_score_thresh", type=float, default=0.95, help="automatic masks: stability filter")
+    parser.add_argument("--output", required=True, help="output folder")
+    args = parser.parse_args(argv)
+
+    jobs = plan(args)
+    sam = load_model(args, args.weights)
+    predictor = SamPredictor(sam)
+    generator = None
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path, prompts in jobs:
+        image = load_image(path)
+        if prompts is None:
+            generator = generator or SamAutomaticMaskGenerator(
+                sam, points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
+                stability_score_thresh=args.stability_score_thresh, min_mask_region_area=args.min_region_area)
+            with torch.no_grad():
+                records = generator.generate(image)
+            write_automatic(out_dir, path.stem, image, records)
+            print(f"{path.name}: {len(records)} automatic masks")
+        else:
+            predictor.set_image(image)
+            write_prompted(out_dir, path.stem, image, prompts, predict_prompts(predictor, prompts, args.multimask, args.min_region_area))
+            print(f"{path.name}: {len(prompts)} object(s)")
+    print(f"wrote {out_dir}")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,11 +1,11 @@
 """The training and validation step: what SamPredictor does, batched, with gradients for the decoder.
 
-A batch is a list of dataset items (see utils.data.MaskDataset): images resized so the longest
-side is the encoder size, each with N >= 1 ground-truth masks at the original size and one box
-prompt per mask. The step normalises and pads the images (Sam.preprocess), embeds them, encodes
-the boxes mapped into the resized frame, decodes every prompt of every image in one decoder
-call, brings the masks back to each image's original size (Sam.postprocess_masks) and scores
-them there.
+A batch is a list of dataset items (see utils.data.dataset): images resized so the longest
+side is the encoder size, each with N >= 1 ground-truth masks at the original size and one
+prompt per mask (a box, points with labels, or both). The step normalises and pads the images
+(Sam.preprocess), embeds them, encodes the prompts mapped into the resized frame, decodes every
+prompt of every image in one decoder call, brings the masks back to each image's original size
+(Sam.postprocess_masks) and scores them there.
 """
 
 from contextlib import nullcontext
@@ -61,21 +61,42 @@ class SamTrainStep(nn.Module):
         self.sam = sam
 
     def forward(
-        self, images: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor
+        self,
+        images: torch.Tensor,
+        boxes: Optional[torch.Tensor],
+        image_index: torch.Tensor,
+        points: Optional[torch.Tensor] = None,
+        point_labels: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             images: (B, 3, S, S) normalised, padded encoder inputs.
-            boxes: (P, 4) xyxy box prompts in the resized frame.
+            boxes: (P, 4) xyxy box prompts in the resized frame, or None (points only).
             image_index: (P,) which image each prompt belongs to.
+            points: (P, K, 2) xy point prompts in the resized frame, or None (boxes only).
+            point_labels: (P, K) 1 positive, 0 negative, -1 padding (with points).
         Returns:
             low-resolution mask logits (P, 1, 4g, 4g) and IoU predictions (P, 1).
         """
+        with _grad_if_trained(self.sam.image_encoder):
+            embeddings = self.sam.image_encoder(images)
+        return self.decode(embeddings, boxes, image_index, points, point_labels)
+
+    def decode(
+        self,
+        embeddings: torch.Tensor,
+        boxes: Optional[torch.Tensor],
+        image_index: torch.Tensor,
+        points: Optional[torch.Tensor] = None,
+        point_labels: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Every prompt of every image in one prompt-encoder and one decoder call;
+        embeddings (B, C, g, g), the rest as in forward."""
         sam = self.sam
-        with _grad_if_trained(sam.image_encoder):
-            embeddings = sam.image_encoder(images)
         with _grad_if_trained(sam.prompt_encoder):
-            sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+            sparse, dense = sam.prompt_encoder(
+                points=(points, point_labels) if points is not None else None, boxes=boxes, masks=None
+            )
         return sam.mask_decoder(
             image_embeddings=embeddings[image_index],
             image_pe=sam.prompt_encoder.get_dense_pe(),
@@ -88,31 +109,70 @@ class SamTrainStep(nn.Module):
 @dataclass
 class Batch:
     images: torch.Tensor  # (B, 3, S, S)
-    boxes: torch.Tensor  # (P, 4) resized frame
+    boxes: Optional[torch.Tensor]  # (P, 4) resized frame; None when prompts are points only
     image_index: torch.Tensor  # (P,)
     masks: List[torch.Tensor]  # per image (N_i, H_i, W_i) in {0, 1}
     input_sizes: List[Tuple[int, int]]
     original_sizes: List[Tuple[int, int]]
+    points: Optional[torch.Tensor] = None  # (P, K, 2) resized frame; None when no item has points
+    point_labels: Optional[torch.Tensor] = None  # (P, K): 1 positive, 0 negative, -1 padding
+    new_images: Optional[int] = None  # items that start an image (an image split into chunks counts once)
 
     @property
     def num_images(self) -> int:
-        return len(self.masks)
+        return len(self.masks) if self.new_images is None else self.new_images
+
+    def prompts(self) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(boxes, image_index, points, point_labels): SamTrainStep's prompt arguments."""
+        return self.boxes, self.image_index, self.points, self.point_labels
+
+
+def _prompt_kind(items: List[dict]) -> str:
+    kinds = {it.get("prompt", "box") for it in items}
+    if len(kinds) != 1:
+        raise ValueError(f"one batch mixes prompt kinds {sorted(kinds)}")
+    return kinds.pop()
+
+
+def _batch_points(items: List[dict], transform: ResizeLongestSide) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Points of all items mapped into the resized frame, padded to a common K with label -1
+    (the prompt encoder's "not a point"); (P, K, 2) and (P, K)."""
+    k = max(it["points"].shape[1] for it in items)
+    coords, labels = [], []
+    for it in items:
+        n, ki = it["point_labels"].shape
+        pad = k - ki
+        c = transform.apply_coords_torch(it["points"], it["original_size"])
+        coords.append(torch.cat([c, c.new_zeros(n, pad, 2)], dim=1))
+        labels.append(torch.cat([it["point_labels"].float(), torch.full((n, pad), -1.0)], dim=1))
+    return torch.cat(coords), torch.cat(labels)
 
 
 def prepare_batch(items: List[dict], sam: Sam, device: torch.device) -> Batch:
-    """Dataset items -> tensors on device, boxes mapped into the resized frame."""
+    """Dataset items -> tensors on device, boxes and points mapped into the resized frame."""
     transform = ResizeLongestSide(sam.image_encoder.img_size)
     images = torch.stack([sam.preprocess(it["image"].to(device, non_blocking=True).float()) for it in items])
-    boxes = torch.cat([transform.apply_boxes_torch(it["boxes"], it["original_size"]) for it in items])
-    counts = [len(it["boxes"]) for it in items]
+    kind = _prompt_kind(items)
+    boxes = None
+    if kind != "point":
+        boxes = torch.cat([transform.apply_boxes_torch(it["boxes"], it["original_size"]) for it in items]).to(device)
+    points = labels = None
+    if kind != "box" and any(it.get("points") is not None and it["points"].shape[1] for it in items):
+        points, labels = (t.to(device) for t in _batch_points(items, transform))
+    if boxes is None and points is None:
+        raise ValueError("point prompts requested but the items carry no points")
+    counts = [len(it["masks"]) for it in items]
     image_index = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts))
     return Batch(
         images=images,
-        boxes=boxes.to(device),
+        boxes=boxes,
         image_index=image_index.to(device),
         masks=[it["masks"].to(device, non_blocking=True) for it in items],
         input_sizes=[tuple(it["input_size"]) for it in items],
         original_sizes=[tuple(it["original_size"]) for it in items],
+        points=points,
+        point_labels=labels,
+        new_images=sum(1 for it in items if it.get("first_chunk", True)),
     )
 
 
@@ -183,7 +243,7 @@ def train_one_epoch(
     for items in loader:
         batch = prepare_batch(items, sam, device)
         with autocast_context(device, amp_dtype):
-            low_res, iou_pred = model(batch.images, batch.boxes, batch.image_index)
+            low_res, iou_pred = model(batch.images, *batch.prompts())
         terms = score(sam, batch, low_res, iou_pred, loss_spec)
         loss = step_loss(terms, device)
         optimizer.zero_grad(set_to_none=True)
@@ -198,19 +258,42 @@ def train_one_epoch(
     return meter.reduce(device)
 
 
+def _embed_once(sam: Sam, batch: Batch, keys: List, cache: Dict) -> torch.Tensor:
+    """(B, C, g, g) embeddings for the batch's items, encoding each image once: validation
+    splits an image with many objects into consecutive items (chunks) with the same key, which
+    reuse the embedding of the item before them, in this batch or the last one."""
+    source: List[int] = []  # per item: row of `fresh`, or -1 for the cached embedding
+    fresh: List[int] = []
+    for i, key in enumerate(keys):
+        if key is not None and key == cache.get("key"):
+            source.append(-1)
+        elif key is not None and i > 0 and key == keys[i - 1]:
+            source.append(source[-1])
+        else:
+            source.append(len(fresh))
+            fresh.append(i)
+    encoded = sam.image_encoder(batch.images[fresh]) if fresh else None
+    rows = [cache["embedding"] if j < 0 else encoded[j] for j in source]
+    cache.update(key=keys[-1], embedding=rows[-1])
+    return torch.stack(rows)
+
+
 @torch.no_grad()
 def evaluate(
     sam: Sam, loader: Iterable, device: torch.device, amp_dtype: Optional[torch.dtype],
     loss_spec: LossSpec = DEFAULT_LOSS_SPEC,
 ) -> Dict[str, float]:
     """Validation on this rank's shard with the bare model (no DDP forward, so no collective
-    inside the loop and no deadlock when shards differ in length), then one global reduction."""
+    inside the loop and no deadlock when shards differ in length), then one global reduction.
+    Items that are chunks of one image (key `index` repeated) share one encoder pass."""
     sam.eval()
     step = SamTrainStep(sam)
     meter = Meter(loss_spec.keys() + METRIC_KEYS)
+    cache: Dict = {}
     for items in loader:
         batch = prepare_batch(items, sam, device)
         with autocast_context(device, amp_dtype):
-            low_res, iou_pred = step(batch.images, batch.boxes, batch.image_index)
+            embeddings = _embed_once(sam, batch, [it.get("index") for it in items], cache)
+            low_res, iou_pred = step.decode(embeddings, *batch.prompts())
         meter.add(score(sam, batch, low_res, iou_pred, loss_spec, metrics_at_original=True), batch.num_images)
     return meter.reduce(device)

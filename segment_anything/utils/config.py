@@ -15,6 +15,8 @@ OFFICIAL_FILES = {
 }
 TRUE_WORDS = ("yes", "true", "t", "y", "1")
 FALSE_WORDS = ("no", "false", "f", "n", "0")
+DATA_FORMATS = ("auto", "folder", "objects", "instance_map", "labelme", "coco")
+INSTANCE_MODES = ("per_object", "per_image")
 
 
 def str2bool(value: Any) -> bool:
@@ -64,10 +66,27 @@ class TrainConfig:
     )
     image_size: int = _flag(1024, "encoder input side in pixels (multiple of 16); official weights are adapted to it")
     # Data
-    train_dir: str = _flag("", "folder with image/ + mask/ or images/ + labels/")
+    train_dir: str = _flag("", "training data folder (see --data_format); COCO uses --train_json + --train_images")
     val_dir: Optional[str] = _flag(None, "validation folder (default: a seeded 80/20 split of train_dir)")
     val_fraction: float = _flag(0.2, "share of train_dir used for validation when --val_dir is absent")
     mask_threshold: int = _flag(127, "JPEG masks: pixel > threshold is foreground")
+    # Data formats and checks (utils/data: formats/, checks.py, prepare.py)
+    data_format: str = _flag("auto", "auto (folder, objects or labelme from the folder; coco from --train_json), "
+                             "folder, objects, instance_map, labelme or coco", choices=list(DATA_FORMATS))
+    instance_mode: str = _flag("per_object", "per_object: every object its own prompt and target (folder: each "
+                               "connected component); per_image: one box around all foreground (the reference)",
+                               choices=list(INSTANCE_MODES))
+    min_area: int = _flag(0, "objects with fewer pixels are dropped (and counted in the log)")
+    labels: Optional[str] = _flag(None, "labelme: comma-separated labels to keep (default: all)")
+    categories: Optional[str] = _flag(None, "coco: comma-separated category names to keep (default: all)")
+    train_json: Optional[str] = _flag(None, "coco: instances JSON of the training images")
+    train_images: Optional[str] = _flag(None, "coco: folder of the training images")
+    val_json: Optional[str] = _flag(None, "coco: instances JSON of the validation images (default: a seeded split)")
+    val_images: Optional[str] = _flag(None, "coco: folder of the validation images")
+    foreground_values: Optional[str] = _flag(None, "mask values that are the object, e.g. 1,2 (palette indices, "
+                                             "label values); class names for labelme/coco")
+    intensity_range: str = _flag("auto", "16-bit/float images: auto (each image's min..max) or LO,HI mapped to 0..255")
+    skip_bad: bool = _flag(False, "leave bad samples out with a warning (list in <run>/skipped.txt) instead of stopping")
     # Optimisation
     epoch: int = _flag(10, "training epochs")
     lr: float = _flag(2e-4, "AdamW peak learning rate (cosine schedule stepped per iteration)")
@@ -104,6 +123,17 @@ class TrainConfig:
             errors.append(f"--val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 <= self.mask_threshold < 255:
             errors.append(f"--mask_threshold must be in [0, 254], got {self.mask_threshold}")
+        if self.min_area < 0:
+            errors.append(f"--min_area must be >= 0, got {self.min_area}")
+        if self.intensity_range != "auto":
+            parts = self.intensity_range.split(",")
+            try:
+                lo, hi = (float(v) for v in parts)
+                ok = hi > lo
+            except ValueError:
+                ok = False
+            if not ok:
+                errors.append(f"--intensity_range must be auto or LO,HI with HI > LO, got {self.intensity_range!r}")
         if self.world_size is not None and self.world_size < 1:
             errors.append(f"--world_size must be >= 1, got {self.world_size}")
         if not 0 < self.port < 65536:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..build_sam import official_weights_hint, sam_model_registry
 from .config import TrainConfig
-from .data import DataError, MaskDataset, Pair, check_dataset, collate, find_pairs, split_pairs
+from .data import DataError, MaskDataset, RunData, collate, prepare_data
 from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 from .log import add_log_file, get_logger
 from .losses import LossSpec
@@ -30,29 +30,6 @@ from .save_weight import atomic_save, save_partial_weight, strip_prefixes, train
 from .trainer import SamTrainStep, evaluate, freeze, train_one_epoch
 
 RESUME_FORMAT = "sam-resume-v1"
-
-
-@dataclass
-class RunData:
-    train: List[Pair]
-    val: List[Pair]
-    notes: List[str]
-
-
-def prepare_data(cfg: TrainConfig) -> RunData:
-    """Find and check every file before any training starts; raise DataError naming the file."""
-    if not cfg.train_dir:
-        raise DataError("--train_dir is required (a folder with image/ + mask/ or images/ + labels/)")
-    notes = []
-    train, report = check_dataset(find_pairs(cfg.train_dir), cfg.mask_threshold)
-    notes.append(f"{cfg.train_dir}: {report.n_pairs} pairs, {report.n_empty} with an empty mask skipped")
-    if cfg.val_dir:
-        val, vreport = check_dataset(find_pairs(cfg.val_dir), cfg.mask_threshold)
-        notes.append(f"{cfg.val_dir}: {vreport.n_pairs} pairs, {vreport.n_empty} with an empty mask skipped")
-    else:
-        train, val = split_pairs(train, cfg.val_fraction, cfg.seed)
-        notes.append(f"no --val_dir: seeded split of train_dir, {len(train)} train / {len(val)} val")
-    return RunData(train=train, val=val, notes=notes)
 
 
 def resolve_output_dir(cfg: TrainConfig) -> Path:
@@ -137,8 +114,8 @@ def build_model(cfg: TrainConfig):
 
 def make_loaders(cfg: TrainConfig, info: DistInfo, data: RunData):
     workers = cfg.num_workers if cfg.num_workers is not None else (4 if info.device.type == "cuda" else 0)
-    train_ds = MaskDataset(data.train, cfg.image_size, cfg.mask_threshold)
-    val_ds = MaskDataset(data.val, cfg.image_size, cfg.mask_threshold)
+    train_ds = MaskDataset(data.train, cfg.image_size)
+    val_ds = MaskDataset(data.val, cfg.image_size)
     # Explicit replicas/rank: the same sampler (same permutation) for 1 process and for N.
     sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
     common = dict(batch_size=cfg.batch_size, collate_fn=collate, num_workers=workers,
@@ -284,6 +261,9 @@ def start_run_folder(cfg: TrainConfig, out_dir: Path, data: RunData) -> None:
     args_file.write_text(cfg.to_json())
     for note in data.notes:
         log.info(note)
+    if data.skipped:  # --skip_bad: the samples left out, one per line
+        (out_dir / "skipped.txt").write_text("\n".join(data.skipped) + "\n")
+        log.warning(f"{data.skip_summary}; full list in {out_dir / 'skipped.txt'}")
 
 
 def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path]] = None) -> Dict[str, float]:

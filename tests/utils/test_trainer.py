@@ -18,7 +18,8 @@ import torch
 from conftest import REPO, relative_error
 from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.utils.config import FALSE_WORDS, TRUE_WORDS, TrainConfig
-from segment_anything.utils.data import MaskDataset, check_dataset, find_pairs, load_image, make_synthetic_dataset
+from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import MaskDataset, load_image, load_records
 from segment_anything.utils.metrics import mask_iou
 from segment_anything.utils.random_weights import randomize_
 from segment_anything.utils.trainer import (
@@ -49,8 +50,7 @@ def one_thread():
 def dataset(tmp_path_factory):
     """Three images of different sizes and aspect ratios (some scaled up, some down to 128)."""
     root = make_synthetic_dataset(tmp_path_factory.mktemp("data") / "train", n=3, size_range=(70, 220), seed=5)
-    pairs, _ = check_dataset(find_pairs(root))
-    ds = MaskDataset(pairs, SIZE)
+    ds = MaskDataset(load_records(root), SIZE)
     sizes = [ds[i]["original_size"] for i in range(len(ds))]
     assert len(set(sizes)) == 3 and any(max(s) > SIZE for s in sizes) and any(max(s) < SIZE for s in sizes), sizes
     return ds

@@ -5,12 +5,20 @@ process boundaries: spawned workers, DataLoader workers); pixels are read only w
 Each format subclasses Record and implements the two loaders; everything downstream (prompts,
 augmentation, the Dataset, the embedding cache, evaluation, the prepare tool) uses only this
 interface.
+
+Format records keep one descriptor per object in a field `objects` (a component label, a mask
+file, a label value, shape indices, an RLE), parallel to `categories`, so `subset` can drop
+objects (too small, filtered) without reading pixels again.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
+
+from .checks import DataError
 
 
 @dataclass(frozen=True)
@@ -31,3 +39,57 @@ class Record:
     def load_masks(self, indices: Optional[Sequence[int]] = None) -> np.ndarray:
         """uint8 (N, H, W) in {0, 1}: the objects at `indices` (default: all), in that order."""
         raise NotImplementedError
+
+    def subset(self, keep: Sequence[int]) -> "Record":
+        """The same image with only the objects at `keep` (for records with an `objects` field)."""
+        keep = list(keep)
+        objects = getattr(self, "objects")
+        return dataclasses.replace(self, objects=tuple(objects[i] for i in keep),
+                                   categories=tuple(self.categories[i] for i in keep))
+
+
+def pick(indices: Optional[Sequence[int]], n: int) -> list:
+    """indices as a list (default: all n), each checked to be in range."""
+    chosen = list(range(n)) if indices is None else [int(i) for i in indices]
+    bad = [i for i in chosen if not 0 <= i < n]
+    if bad:
+        raise IndexError(f"object indices {bad} out of range for {n} object(s)")
+    return chosen
+
+
+def stack_masks(masks: Sequence[np.ndarray], size: Tuple[int, int]) -> np.ndarray:
+    """uint8 (N, H, W) from a list of (H, W) masks; (0, H, W) when the list is empty."""
+    if not masks:
+        return np.zeros((0, *size), np.uint8)
+    return np.stack([np.asarray(m, dtype=np.uint8) for m in masks])
+
+
+@dataclass(frozen=True)
+class MergedRecord(Record):
+    """--instance_mode per_image: one object, the union of all objects of `inner`."""
+
+    inner: Optional[Record] = None
+
+    @classmethod
+    def of(cls, record: Record) -> "MergedRecord":
+        return cls(record.image, record.size, record.source, ("object",), record)
+
+    def load_image(self) -> np.ndarray:
+        return self.inner.load_image()
+
+    def load_masks(self, indices: Optional[Sequence[int]] = None) -> np.ndarray:
+        chosen = pick(indices, 1)
+        union = self.inner.load_masks().max(0, initial=0)[None]
+        return np.repeat(union, len(chosen), 0)
+
+
+def mask_to_box(mask: np.ndarray) -> np.ndarray:
+    """Box around the foreground of mask (H, W), as float32 (4,) xyxy in pixels.
+
+    cv2.boundingRect as in the reference project: (x, y, w, h) -> (x, y, x + w, y + h), so x1, y1
+    are one past the last foreground column/row (pixel-edge coordinates, exclusive end).
+    """
+    if not mask.any():
+        raise DataError("mask has no foreground pixels; cannot make a box")
+    x, y, w, h = cv2.boundingRect(np.ascontiguousarray(mask != 0, dtype=np.uint8))
+    return np.array([x, y, x + w, y + h], dtype=np.float32)

@@ -1,4 +1,4 @@
-"""Tests for segment_anything.utils.data: pairing, strict mask loading, boxes, dataset, synthetic data."""
+"""The folder format: pairing, strict mask loading, connected components, boxes, the dataset."""
 
 import random
 from pathlib import Path
@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import require_shared_data
+from segment_anything.tools.synthetic_data import make_synthetic_dataset
 from segment_anything.utils.data import (
-    DataError, MaskDataset, Pair, check_dataset, collate, find_pairs, load_image, load_mask,
-    make_synthetic_dataset, mask_to_box, split_pairs,
+    DataError, DataOptions, MaskDataset, collate, load_image, load_mask, load_records, mask_to_box, split_records,
 )
+from segment_anything.utils.data.formats.folder import Pair, find_pairs
+from segment_anything.utils.data.prepare import load_split
 
 from segment_anything.utils.transforms import ResizeLongestSide
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-NAILS = SHARED_DATA / "nails"
-needs_nails = pytest.mark.skipif(
-    not NAILS.is_dir(), reason=f"real dataset not found at {NAILS} (fresh clone without ../shared/data)")
 
 
 def square_mask(h=40, w=50, box=(10, 5, 30, 25)) -> np.ndarray:
@@ -50,7 +49,8 @@ def test_find_pairs_matches_by_stem_not_order(tmp_path, dirs):
         k = int(stem[1:])
         write_pair(tmp_path, stem, square_mask(), dirs, image_exts[k], ".png")
     (tmp_path / dirs[0] / "notes.txt").write_text("ignored")
-    pairs = find_pairs(tmp_path)
+    pairs, problems = find_pairs(tmp_path)
+    assert problems == []
     assert [p.image.stem for p in pairs] == sorted(stems)
     assert all(p.image.stem == p.mask.stem for p in pairs)
     assert all(p.image.parent.name == dirs[0] and p.mask.parent.name == dirs[1] for p in pairs)
@@ -63,8 +63,12 @@ def test_find_pairs_missing_partner_names_file(tmp_path, missing):
     lonely = write_pair(tmp_path, "b", square_mask())
     getattr(lonely, "mask" if missing == "mask" else "image").unlink()
     expected = lonely.image if missing == "mask" else lonely.mask
+    pairs, problems = find_pairs(tmp_path)
+    assert [p.image.stem for p in pairs] == ["a"]
+    (problem,) = problems
+    assert problem.kind == "unpaired" and f"{missing == 'mask' and 'image' or 'mask'} without a partner: {expected}" in str(problem)
     with pytest.raises(DataError, match="without a partner") as info:
-        find_pairs(tmp_path)
+        load_records(tmp_path)
     assert str(expected) in str(info.value)
 
 
@@ -158,52 +162,75 @@ def test_mask_to_box_hand_computed():
         mask_to_box(np.zeros((5, 5), np.uint8))
 
 
-def test_check_dataset_skips_and_counts_empty(tmp_path):
+def test_empty_mask_is_a_sample_without_objects(tmp_path):
     write_pair(tmp_path, "full", square_mask())
     empty = write_pair(tmp_path, "empty", np.zeros((40, 50), np.uint8))
-    valid, report = check_dataset(find_pairs(tmp_path), threshold=127)
-    assert [p.image.stem for p in valid] == ["full"]
-    assert (report.n_pairs, report.n_empty, report.n_valid) == (2, 1, 1)
-    assert report.empty == [empty.mask]
+    loaded = load_split("folder", str(tmp_path), DataOptions())
+    assert [Path(r.image).stem for r in loaded.records] == ["full"]
+    (problem,) = loaded.problems
+    assert problem.kind == "no objects" and str(empty.mask) in str(problem)
+    assert [Path(r.image).stem for r in load_records(tmp_path, skip_bad=True)] == ["full"]
 
 
-def test_check_dataset_all_empty_is_an_error(tmp_path):
+def test_all_masks_empty_is_an_error_even_with_skip_bad(tmp_path):
     write_pair(tmp_path, "empty", np.zeros((40, 50), np.uint8))
-    with pytest.raises(DataError, match="all 1 masks are empty"):
-        check_dataset(find_pairs(tmp_path))
+    with pytest.raises(DataError, match="no usable images"):
+        load_records(tmp_path, skip_bad=True)
 
 
-def test_check_dataset_size_mismatch_names_both(tmp_path):
+def test_size_mismatch_names_both(tmp_path):
     write_pair(tmp_path, "ok", square_mask())
     bad = write_pair(tmp_path, "bad", square_mask(), image_hw=(41, 50))
     with pytest.raises(DataError, match="size mismatch") as info:
-        check_dataset(find_pairs(tmp_path))
+        load_records(tmp_path)
     message = str(info.value)
     assert str(bad.image) in message and str(bad.mask) in message
     assert "50x41" in message and "50x40" in message
 
 
-def test_check_dataset_reports_every_bad_file(tmp_path):
+def test_every_bad_file_is_reported_at_once(tmp_path):
     for stem in ("a", "b", "c"):
         write_pair(tmp_path, stem, square_mask())
     for stem in ("a", "c"):
         cv2.imwrite(str(tmp_path / "labels" / f"{stem}.png"), square_mask() * 100)
-    with pytest.raises(DataError, match="2 bad pair") as info:
-        check_dataset(find_pairs(tmp_path))
+    with pytest.raises(DataError, match="2 bad sample") as info:
+        load_records(tmp_path)
     assert "a.png" in str(info.value) and "c.png" in str(info.value)
 
 
-def test_split_pairs_deterministic_disjoint():
-    pairs = [Pair(Path(f"i/{k:02d}.png"), Path(f"m/{k:02d}.png")) for k in range(20)]
-    train, val = split_pairs(pairs, 0.2, seed=21)
+def test_connected_components_are_objects(tmp_path):
+    mask = np.zeros((40, 60), np.uint8)
+    mask[2:10, 3:12] = 1  # 72 px
+    mask[20:30, 30:50] = 1  # 200 px
+    mask[35, 55] = 1  # 1 px speck
+    mask[10:12, 12:14] = 1  # touches the first blob diagonally (8-connectivity): same object
+    write_pair(tmp_path, "a", mask)
+    (record,) = load_records(tmp_path)
+    masks = record.load_masks()
+    assert record.num_objects == 3 and masks.shape == (3, 40, 60)
+    assert sorted(masks.sum((1, 2)).tolist()) == [1, 76, 200]
+    np.testing.assert_array_equal(masks.max(0), mask)
+    np.testing.assert_array_equal(record.load_masks([2, 0]), masks[[2, 0]])
+    big = load_split("folder", str(tmp_path), DataOptions(min_area=50))
+    assert big.records[0].num_objects == 2 and big.drops == {"smaller than --min_area": 1}
+    (whole,) = load_records(tmp_path, opts=DataOptions(instance_mode="per_image"))
+    assert whole.num_objects == 1
+    np.testing.assert_array_equal(whole.load_masks()[0], mask)
+
+
+def test_split_records_deterministic_disjoint():
+    from segment_anything.utils.data import Record
+
+    pairs = [Record(f"i/{k:02d}.png", (4, 4), f"m/{k:02d}.png", ("object",)) for k in range(20)]
+    train, val = split_records(pairs, 0.2, seed=21)
     assert (len(train), len(val)) == (16, 4)
-    assert not set(train) & set(val) and sorted(train + val) == pairs
-    assert split_pairs(list(reversed(pairs)), 0.2, seed=21) == (train, val)
-    assert split_pairs(pairs, 0.2, seed=22) != (train, val)
-    assert tuple(map(len, split_pairs(pairs[:2], 0.01))) == (1, 1)
-    assert tuple(map(len, split_pairs(pairs[:2], 0.99))) == (1, 1)
+    assert not set(train) & set(val) and sorted(train + val, key=lambda r: r.image) == pairs
+    assert split_records(list(reversed(pairs)), 0.2, seed=21) == (train, val)
+    assert split_records(pairs, 0.2, seed=22) != (train, val)
+    assert tuple(map(len, split_records(pairs[:2], 0.01))) == (1, 1)
+    assert tuple(map(len, split_records(pairs[:2], 0.99))) == (1, 1)
     with pytest.raises(DataError, match="at least 2"):
-        split_pairs(pairs[:1])
+        split_records(pairs[:1])
 
 
 def test_longest_side_size():
@@ -217,7 +244,7 @@ def test_longest_side_size():
 def test_mask_dataset_item(tmp_path):
     mask = square_mask(300, 200, box=(20, 30, 120, 250))
     write_pair(tmp_path, "a", mask)
-    item = MaskDataset(find_pairs(tmp_path), image_size=256)[0]
+    item = MaskDataset(load_records(tmp_path), image_size=256)[0]
     assert item["image"].dtype == torch.uint8 and item["image"].shape == (3, 256, 171)
     assert item["original_size"] == (300, 200) and item["input_size"] == (256, 171)
     assert item["masks"].dtype == torch.uint8 and item["masks"].shape == (1, 300, 200)
@@ -232,26 +259,33 @@ def test_mask_dataset_item(tmp_path):
 def test_mask_dataset_resize_matches_sam_predictor(tmp_path):
     tvf = pytest.importorskip("torchvision.transforms.functional")
     write_pair(tmp_path, "a", square_mask(300, 200))
-    pairs = find_pairs(tmp_path)
-    item = MaskDataset(pairs, image_size=256)[0]
+    records = load_records(tmp_path)
+    item = MaskDataset(records, image_size=256)[0]
     # What SAM's ResizeLongestSide.apply_image does to a numpy image.
-    expected = np.array(tvf.resize(tvf.to_pil_image(load_image(pairs[0].image)), [256, 171]))
+    expected = np.array(tvf.resize(tvf.to_pil_image(load_image(records[0].image)), [256, 171]))
     np.testing.assert_array_equal(item["image"].permute(1, 2, 0).numpy(), expected)
 
 
-@needs_nails
-def test_nails_dataset():
-    pairs = find_pairs(NAILS)
-    assert len(pairs) == 52
-    valid, report = check_dataset(pairs, threshold=127)
-    assert report.n_empty == 0 and len(valid) == 52
-    dataset = MaskDataset(valid, image_size=64)
+@pytest.mark.parametrize("mode", ["per_object", "per_image"])
+def test_nails_dataset(mode):
+    nails = require_shared_data("nails")
+    pairs, problems = find_pairs(nails)
+    assert len(pairs) == 52 and problems == []
+    loaded = load_split("auto", str(nails), DataOptions(instance_mode=mode))
+    assert loaded.fmt == "folder" and loaded.problems == [] and len(loaded.records) == 52
+    counts = [r.num_objects for r in loaded.records]
+    # Hand-checked: 290 nail components (3 to 10 per hand); per_image: one mask per hand.
+    assert (sum(counts), min(counts), max(counts)) == ((290, 3, 10) if mode == "per_object" else (52, 1, 1))
+    dataset = MaskDataset(loaded.records[:6], image_size=64)
     for k in range(len(dataset)):
         item = dataset[k]
         h, w = item["original_size"]
-        x0, y0, x1, y1 = item["boxes"][0].tolist()
-        assert item["masks"].sum() > 0
-        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        mask = load_mask(loaded.records[k].source)
+        np.testing.assert_array_equal(item["masks"].numpy().max(0), mask)  # the objects cover the mask exactly
+        for m, (x0, y0, x1, y1) in zip(item["masks"].numpy(), item["boxes"].tolist()):
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+            ys, xs = np.nonzero(m)
+            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)
         assert max(item["input_size"]) == 64
 
 
@@ -264,8 +298,8 @@ def test_synthetic_dataset_deterministic(tmp_path):
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     assert (c / "image").is_dir() and (c / "mask").is_dir()
     assert (a / "images" / "0000.png").read_bytes() != (c / "image" / "0000.png").read_bytes()
-    valid, report = check_dataset(find_pairs(a))
-    assert report.n_empty == 0 and len(valid) == 6
+    valid, problems = find_pairs(a)
+    assert problems == [] and len(load_records(a)) == 6
     for pair in valid:
         h, w = load_image(pair.image).shape[:2]
         assert 160 <= h <= 320 and 160 <= w <= 320
@@ -274,7 +308,7 @@ def test_synthetic_dataset_deterministic(tmp_path):
 
 def test_synthetic_dataset_object_is_distinct(tmp_path):
     root = make_synthetic_dataset(tmp_path / "s", n=8, seed=1)
-    for pair in find_pairs(root):
+    for pair in find_pairs(root)[0]:
         image, mask = load_image(pair.image).astype(float), load_mask(pair.mask).astype(bool)
         saturation = image.max(-1) - image.min(-1)
         assert saturation[mask].mean() > 100 > 3 * saturation[~mask].mean()
@@ -296,4 +330,4 @@ def test_synthetic_dataset_protects_foreign_folders(tmp_path):
     assert [p.name for p in foreign.iterdir()] == ["keep.txt"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert len(find_pairs(make_synthetic_dataset(empty, n=2))) == 2
+    assert len(find_pairs(make_synthetic_dataset(empty, n=2))[0]) == 2

@@ -1,0 +1,133 @@
+"""The data formats: each lists its candidate samples (`scan`) and turns one into a Record (`build`).
+
+Listing finds structural problems (a mask without an image, JSON that does not parse); building
+reads every file once and finds the rest (unreadable, size mismatch, no objects). Both kinds are
+`Problem`s, reported together by `prepare_data`. Object enumeration and --min_area dropping happen
+here, so every format counts its dropped objects the same way.
+"""
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+
+from ...config import DATA_FORMATS, INSTANCE_MODES  # noqa: F401 (the one list of names)
+from ..checks import BadSample, DataError, Problem
+from ..records import MergedRecord, Record
+
+IMAGE_DIRS = ("image", "images", "img")
+MASK_DIRS = ("mask", "masks", "label", "labels", "gt")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """What the data flags ask for (TrainConfig -> `from_config`)."""
+
+    data_format: str = "auto"
+    instance_mode: str = "per_object"
+    min_area: int = 0  # pixels; smaller objects are dropped and counted
+    mask_threshold: int = 127  # JPEG masks: value > threshold is foreground
+    labels: Tuple[str, ...] = ()  # labelme: keep only these labels
+    categories: Tuple[str, ...] = ()  # COCO: keep only these category names
+    foreground_values: Tuple[int, ...] = ()  # folder/instance_map: label values that are objects
+    intensity_range: Optional[Tuple[float, float]] = None  # >8-bit images: fixed (lo, hi)
+
+    @classmethod
+    def from_config(cls, cfg) -> "DataOptions":
+        names = tuple(_split(cfg.foreground_values))
+        numeric = all(v.lstrip("-").isdigit() for v in names)
+        labels, categories = _split(cfg.labels), _split(cfg.categories)
+        if names and not numeric:  # class names: what --labels / --categories mean
+            labels, categories = labels or names, categories or names
+        rng = None
+        if cfg.intensity_range and cfg.intensity_range != "auto":
+            lo, hi = (float(v) for v in cfg.intensity_range.split(","))
+            rng = (lo, hi)
+        return cls(cfg.data_format, cfg.instance_mode, cfg.min_area, cfg.mask_threshold, tuple(labels),
+                   tuple(categories), tuple(int(v) for v in names) if numeric else (), rng)
+
+
+def _split(text: Optional[str]) -> List[str]:
+    return [v.strip() for v in (text or "").split(",") if v.strip()]
+
+
+@dataclass
+class Built:
+    """A checked record, what was dropped from it, and a hash of its decoded pixels."""
+
+    record: Record
+    drops: Counter
+    digest: str
+
+
+@dataclass
+class Scan:
+    """Candidates of one split and how to check them."""
+
+    fmt: str
+    source: str  # the folder or JSON file (named in messages)
+    candidates: list
+    build: Callable[[object], Built]
+    problems: List[Problem] = field(default_factory=list)
+
+
+def finish(record: Record, image: np.ndarray, masks: np.ndarray, opts: DataOptions,
+           drops: Optional[Counter] = None) -> Built:
+    """Drop empty and too small objects, refuse a record left without objects, apply
+    --instance_mode. masks: the record's uint8 (N, H, W), already loaded by the format."""
+    drops = Counter() if drops is None else drops
+    areas = masks.reshape(len(masks), -1).sum(1) if len(masks) else np.zeros(0)
+    keep = [i for i, a in enumerate(areas) if a > 0 and a >= opts.min_area]
+    drops["empty"] += int((areas == 0).sum())
+    drops["smaller than --min_area"] += int(((areas > 0) & (areas < opts.min_area)).sum())
+    if not keep:
+        why = ", ".join(f"{n} {k}" for k, n in drops.items() if n) or "none annotated"
+        where = record.image if record.source == record.image else f"{record.image} ({record.source})"
+        raise BadSample("no objects", f"{where}: no objects left ({why})")
+    record = record.subset(keep) if len(keep) < len(areas) else record
+    if opts.instance_mode == "per_image":
+        record = MergedRecord.of(record)
+    digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest()
+    return Built(record, +drops, digest)
+
+
+def size_mismatch(image_name: str, image: np.ndarray, mask_name: str, mask_hw: Tuple[int, int]) -> BadSample:
+    (h, w), (mh, mw) = image.shape[:2], mask_hw
+    hint = ""
+    if (h, w) == (mw, mh):
+        hint = ("; the sizes are transposed: if the image has an EXIF rotation (applied here, as "
+                "viewers show it), the mask was drawn on the unrotated pixels")
+    return BadSample("size mismatch", f"size mismatch: image {image_name} is {w}x{h}, mask {mask_name} "
+                                      f"is {mw}x{mh} (WxH){hint}")
+
+
+def find_dir(root: Path, names: Tuple[str, ...]) -> Optional[Path]:
+    """The one subfolder of root named like one of names; DataError if there are several."""
+    found = [root / n for n in names if (root / n).is_dir()]
+    # Case-insensitive file systems list one folder under several spellings.
+    unique = {p.resolve() for p in found}
+    if len(unique) > 1:
+        raise DataError(f"{root}: several folders could be meant ({', '.join(p.name for p in found)}); keep one")
+    return found[0] if found else None
+
+
+def detect(root: Path) -> str:
+    """folder, objects or labelme from the folder's layout (instance_map is never guessed)."""
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder")
+    if find_dir(root, IMAGE_DIRS) and find_dir(root, MASK_DIRS):
+        return "folder"
+    subdirs = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    if subdirs and any(find_dir(d, IMAGE_DIRS) and find_dir(d, MASK_DIRS) for d in subdirs[:50]):
+        return "objects"
+    if next(iter(root.rglob("*.json")), None) is not None:
+        return "labelme"
+    raise DataError(
+        f"{root}: cannot tell the data format. Expected one of: {root}/images/ + {root}/labels/ "
+        f"(folder; also image|img with mask|masks|label|gt), {root}/<id>/images/ + {root}/<id>/masks/ "
+        f"(objects), labelme *.json files; or give --data_format (instance_map is never guessed) "
+        "or --train_json for COCO"
+    )

@@ -1,0 +1,131 @@
+"""`coco`: a COCO instances JSON (--train_json) and its image folder (--train_images).
+
+One object per annotation; polygons and RLE (compressed and uncompressed) are turned into
+compressed RLE with pycocotools once, at check time, so a record carries its objects and never
+re-reads the JSON. `iscrowd` regions are never training objects (they mark crowds, not one
+instance); --categories keeps only the named categories. An image without annotations is a
+sample with no objects (a bad sample: --skip_bad leaves it out).
+"""
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from ..checks import BadSample, DataError, Problem
+from ..image_io import IntensityRange, load_image
+from ..records import Record, pick
+from . import DataOptions, Scan, finish, size_mismatch
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image of the JSON with its annotations."""
+
+    path: Path
+    image_id: int
+    size: Tuple[int, int]  # (H, W) from the JSON
+    annotations: tuple  # the annotation dicts
+    json: str
+
+
+def to_rle(segmentation, h: int, w: int) -> dict:
+    """Any COCO segmentation -> one compressed RLE dict."""
+    if isinstance(segmentation, list):  # polygons: [[x0, y0, x1, y1, ...], ...]
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):  # uncompressed
+        return mask_utils.frPyObjects(segmentation, h, w)
+    return segmentation
+
+
+def decode(rles: List[dict], size: Tuple[int, int]) -> np.ndarray:
+    """uint8 (N, H, W) from compressed RLEs (the list form of pycocotools' decode)."""
+    if not rles:
+        return np.zeros((0, *size), np.uint8)
+    return np.ascontiguousarray(mask_utils.decode(list(rles)).transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class CocoRecord(Record):
+    objects: Tuple[Tuple[int, dict], ...] = ()  # (annotation id, compressed RLE) per object
+    intensity_range: IntensityRange = None
+
+    @property
+    def annotation_ids(self) -> Tuple[int, ...]:
+        return tuple(a for a, _ in self.objects)
+
+    def load_image(self) -> np.ndarray:
+        return load_image(self.image, self.intensity_range)
+
+    def load_masks(self, indices: Optional[Sequence[int]] = None) -> np.ndarray:
+        chosen = pick(indices, len(self.objects))
+        return decode([self.objects[i][1] for i in chosen], self.size)
+
+
+def _bad_polygon(ann: dict) -> bool:
+    seg = ann.get("segmentation")
+    return isinstance(seg, list) and (not seg or any(len(p) < 6 for p in seg))
+
+
+def build(entry: Entry, opts: DataOptions, names: dict):
+    if not entry.path.is_file():
+        raise BadSample("missing file", f"{entry.path}: file does not exist (image id {entry.image_id} in {entry.json})")
+    image = load_image(entry.path, opts.intensity_range)
+    h, w = image.shape[:2]
+    if (h, w) != entry.size:
+        raise size_mismatch(str(entry.path), image, f"{entry.json} (image id {entry.image_id})", entry.size)
+    drops: Counter = Counter()
+    objects, categories = [], []
+    for ann in entry.annotations:
+        name = names.get(ann.get("category_id"), str(ann.get("category_id")))
+        if ann.get("iscrowd"):
+            drops["crowd region (iscrowd)"] += 1
+        elif opts.categories and name not in opts.categories:
+            drops["not in --categories"] += 1
+        elif _bad_polygon(ann) or "segmentation" not in ann:
+            raise BadSample("bad shape", f"{entry.json}: annotation {ann.get('id')} of {entry.path.name} has no "
+                                         "usable segmentation (a polygon needs at least 3 points)")
+        else:
+            objects.append((int(ann["id"]), to_rle(ann["segmentation"], h, w)))
+            categories.append(name)
+    record = CocoRecord(str(entry.path), (h, w), entry.json, tuple(categories), tuple(objects), opts.intensity_range)
+    masks = decode([rle for _, rle in objects], (h, w))
+    return finish(record, image, masks, opts, drops)
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: COCO JSON does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{path}: not a COCO instances file (no 'images' list)")
+    return data
+
+
+def scan(json_path, images, opts: DataOptions) -> Scan:
+    json_path, images = Path(json_path), Path(images)
+    if not images.is_dir():
+        raise DataError(f"{images}: image folder does not exist")
+    data = _read(json_path)
+    names = {c["id"]: c["name"] for c in data.get("categories", [])}
+    unknown = sorted(set(opts.categories) - set(names.values()))
+    if unknown:
+        raise DataError(f"--categories {','.join(unknown)}: not in {json_path} (it has {', '.join(sorted(names.values()))})")
+    by_image = {int(im["id"]): [] for im in data["images"]}
+    problems: List[Problem] = []
+    for ann in data.get("annotations", []):
+        if ann.get("image_id") not in by_image:
+            problems.append(Problem("missing image", f"{json_path}: annotation {ann.get('id')} refers to image id "
+                                                     f"{ann.get('image_id')}, which is not in 'images'"))
+        else:
+            by_image[ann["image_id"]].append(ann)
+    entries = [Entry(images / im["file_name"], int(im["id"]), (int(im["height"]), int(im["width"])),
+                     tuple(by_image[int(im["id"])]), str(json_path)) for im in data["images"]]
+    return Scan("coco", str(json_path), entries, lambda e: build(e, opts, names), problems)

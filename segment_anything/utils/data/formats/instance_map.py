@@ -1,0 +1,60 @@
+"""`instance_map`: the `folder` layout, but each mask is an integer label image (8- or 16-bit PNG
+or TIFF): 0 is background, every other value one object (the cellpose / micro-sam convention).
+
+Never auto-detected: a label map and a broken binary mask look alike. --foreground_values keeps
+only the listed label values.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..checks import BadSample
+from ..image_io import IntensityRange, load_image, read_label
+from ..records import Record, pick, stack_masks
+from . import DataOptions, Scan, finish, size_mismatch
+from .folder import Pair, check_lossless, find_pairs
+
+
+def read_instances(path) -> np.ndarray:
+    labels = read_label(path)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise BadSample("not a label map", f"{path}: label map must hold integers, found {labels.dtype}")
+    return labels
+
+
+@dataclass(frozen=True)
+class InstanceMapRecord(Record):
+    mask: str = ""
+    objects: Tuple[int, ...] = ()  # label values
+    intensity_range: IntensityRange = None
+
+    def load_image(self) -> np.ndarray:
+        return load_image(self.image, self.intensity_range)
+
+    def load_masks(self, indices: Optional[Sequence[int]] = None) -> np.ndarray:
+        chosen = pick(indices, len(self.objects))
+        labels = read_instances(self.mask)
+        return stack_masks([labels == self.objects[i] for i in chosen], self.size)
+
+
+def build(pair: Pair, opts: DataOptions):
+    check_lossless(pair.mask)
+    image = load_image(pair.image, opts.intensity_range)
+    labels = read_instances(pair.mask)
+    if image.shape[:2] != labels.shape:
+        raise size_mismatch(str(pair.image), image, str(pair.mask), labels.shape)
+    values = [int(v) for v in np.unique(labels) if v != 0]
+    if opts.foreground_values:
+        values = [v for v in values if v in opts.foreground_values]
+    record = InstanceMapRecord(str(pair.image), image.shape[:2], str(pair.mask), ("object",) * len(values),
+                               str(pair.mask), tuple(values), opts.intensity_range)
+    masks = stack_masks([labels == v for v in values], labels.shape)
+    return finish(record, image, masks, opts)
+
+
+def scan(root, opts: DataOptions) -> Scan:
+    pairs, problems = find_pairs(Path(root))
+    return Scan("instance_map", str(root), pairs, lambda p: build(p, opts), problems)

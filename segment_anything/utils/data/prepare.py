@@ -1,0 +1,161 @@
+"""prepare_data: every data file found and checked before any worker starts.
+
+Train and validation data are listed and read once; every problem of both is reported in one
+DataError, or with --skip_bad left out and listed (the engine writes them to <run>/skipped.txt).
+Validation data that is the training data, or shares files with it, is refused; images with
+identical pixels in both are named in a warning.
+"""
+
+import random
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import import_module
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .checks import DataError, Problem, raise_problems, run_checks, summary
+from .formats import DataOptions, Scan, detect
+from .records import Record
+
+
+@dataclass
+class Loaded:
+    """One split after the checks."""
+
+    fmt: str
+    source: str
+    records: List[Record]
+    problems: List[Problem]
+    drops: Counter
+    digests: Dict[str, str]  # image path -> hash of its decoded pixels
+    total: int  # samples listed, bad ones included
+
+
+@dataclass
+class RunData:
+    train: List[Record]
+    val: List[Record]
+    notes: List[str]  # start-up log lines
+    skipped: List[str] = field(default_factory=list)  # with --skip_bad: one line per left-out sample
+    skip_summary: str = ""  # 'skipped 3 of 412 images: 2 unreadable, 1 size mismatch'
+
+
+def scan(fmt: str, source: str, opts: DataOptions, images: Optional[str] = None) -> Scan:
+    """List one split's candidates in format fmt ("auto": detected from the folder)."""
+    if fmt == "coco":
+        return import_module(".formats.coco", __package__).scan(source, images, opts)
+    root = Path(source)
+    if fmt == "auto":
+        fmt = detect(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder")
+    return import_module(f".formats.{fmt}", __package__).scan(root, opts)
+
+
+def load_split(fmt: str, source: str, opts: DataOptions, images: Optional[str] = None) -> Loaded:
+    """List and check one split; problems are returned, not raised."""
+    found = scan(fmt, source, opts, images)
+    built, problems = run_checks(found.candidates, found.build)
+    drops = sum((b.drops for b in built), Counter())
+    digests = {b.record.image: b.digest for b in built}
+    return Loaded(found.fmt, found.source, [b.record for b in built], found.problems + problems, drops,
+                  digests, len(found.candidates) + len(found.problems))
+
+
+def load_records(source: str, fmt: str = "auto", opts: Optional[DataOptions] = None,
+                 images: Optional[str] = None, skip_bad: bool = False) -> List[Record]:
+    """Checked records of one folder (or COCO JSON + images); DataError on any problem."""
+    loaded = load_split(fmt, str(source), opts or DataOptions(fmt), images)
+    if not skip_bad:
+        raise_problems(loaded.problems, loaded.source)
+    if not loaded.records:
+        raise DataError(f"{loaded.source}: no usable images ({loaded.total} listed)")
+    return loaded.records
+
+
+def split_records(records: Sequence[Record], val_fraction: float = 0.2, seed: int = 21):
+    """Seeded split into (train, val), each sorted by image; both non-empty; independent of order."""
+    if len(records) < 2:
+        raise DataError(f"need at least 2 images to split into train and val, got {len(records)}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    shuffled = sorted(records, key=lambda r: r.image)
+    random.Random(seed).shuffle(shuffled)
+    n_val = min(max(round(len(shuffled) * val_fraction), 1), len(shuffled) - 1)
+    key = lambda r: r.image  # noqa: E731
+    return sorted(shuffled[n_val:], key=key), sorted(shuffled[:n_val], key=key)
+
+
+def describe(records: Sequence[Record], drops: Counter) -> str:
+    """'52 images, 270 objects (per image min 3, median 5, max 10); dropped: 1 smaller than --min_area'."""
+    counts = [r.num_objects for r in records] or [0]
+    text = (f"{len(records)} images, {sum(counts)} objects (per image min {min(counts)}, "
+            f"median {statistics.median(counts):g}, max {max(counts)})")
+    if drops:
+        text += "; dropped objects: " + ", ".join(f"{n} {why}" for why, n in drops.most_common())
+    return text
+
+
+def mode_note(opts: DataOptions) -> str:
+    if opts.instance_mode == "per_image":
+        return "instance mode per_image: one box around all foreground of each image (the reference's behaviour)"
+    return ("instance mode per_object: every object is its own prompt and target (folder masks: each "
+            "connected component); --instance_mode per_image gives the reference's one box per image")
+
+
+def _check_sources(cfg) -> None:
+    if cfg.val_dir and cfg.train_dir and Path(cfg.val_dir).resolve() == Path(cfg.train_dir).resolve():
+        raise DataError(f"--val_dir {cfg.val_dir} is --train_dir: validation on the training images "
+                        "measures nothing; give another folder, or leave --val_dir out for a seeded split")
+    if cfg.val_json and cfg.train_json and Path(cfg.val_json).resolve() == Path(cfg.train_json).resolve():
+        raise DataError(f"--val_json {cfg.val_json} is --train_json; give another file or leave it out for a seeded split")
+
+
+def _overlap(train: Sequence[Record], val: Sequence[Record], digests: Dict[str, str]) -> List[str]:
+    """Refuse shared image files; return warnings for identical pixels in both splits."""
+    shared = sorted({str(Path(r.image).resolve()) for r in train} & {str(Path(r.image).resolve()) for r in val})
+    if shared:
+        raise DataError(f"{len(shared)} image file(s) are in both the training and the validation data, e.g. "
+                        + ", ".join(shared[:5]))
+    by_digest = {digests[r.image]: r.image for r in train}
+    return [f"warning: identical image content in train and val: {by_digest[digests[r.image]]} and {r.image}"
+            for r in val if digests[r.image] in by_digest]
+
+
+def prepare_data(cfg) -> RunData:
+    """Find and check every train/val sample; raise one DataError naming every bad file."""
+    opts = DataOptions.from_config(cfg)
+    coco = cfg.data_format == "coco" or (cfg.data_format == "auto" and cfg.train_json)
+    if coco and not (cfg.train_json and cfg.train_images):
+        raise DataError("COCO data needs --train_json (instances JSON) and --train_images (its image folder)")
+    if not coco and not cfg.train_dir:
+        raise DataError("--train_dir is required (a folder of images and masks or labelme JSON files), "
+                        "or --train_json + --train_images for COCO")
+    _check_sources(cfg)
+    fmt = "coco" if coco else cfg.data_format
+    train = load_split(fmt, cfg.train_json if coco else cfg.train_dir, opts, cfg.train_images)
+    val_source = (cfg.val_json if coco else cfg.val_dir) or None
+    if val_source and coco and not cfg.val_images:
+        raise DataError("--val_json needs --val_images (its image folder)")
+    val = load_split(train.fmt, val_source, opts, cfg.val_images) if val_source else None
+    problems = train.problems + (val.problems if val else [])
+    if not cfg.skip_bad:
+        raise_problems(problems, "data check")
+    for split in (train, val):
+        if split is not None and not split.records:
+            raise DataError(f"{split.source}: no usable images ({split.total} listed, {len(split.problems)} bad)")
+    notes = [f"{train.source}: {train.fmt} format, " + describe(train.records, train.drops)]
+    digests = dict(train.digests)
+    if val is not None:
+        notes.append(f"{val.source}: {val.fmt} format, " + describe(val.records, val.drops))
+        train_records, val_records = train.records, val.records
+        digests.update(val.digests)
+    else:
+        train_records, val_records = split_records(train.records, cfg.val_fraction, cfg.seed)
+        notes.append(f"no validation data given: seeded split, {len(train_records)} train / {len(val_records)} val images")
+    notes.append(mode_note(opts))
+    notes += _overlap(train_records, val_records, digests)
+    total = train.total + (val.total if val else 0)
+    skip = summary(problems, max(total, len(problems))) if problems else ""
+    return RunData(train_records, val_records, notes, [str(p) for p in problems], skip)

@@ -58,11 +58,21 @@ def test_zero_byte_image(tmp_path):
 
 
 def test_size_mismatch_with_exif_hint(tmp_path):
+    from PIL import Image
+
     root = folder(tmp_path)
     bad = root / "labels" / "0000.png"
     cv2.imwrite(str(bad), cv2.imread(str(bad), cv2.IMREAD_GRAYSCALE).T.copy())
     text = fails(train_dir=str(root))
-    assert "size mismatch" in text and str(bad) in text and "transposed" in text
+    assert "size mismatch" in text and str(bad) in text and "transposed" in text and "EXIF" not in text
+    # A photo stored landscape with EXIF "rotate 90" and a mask drawn on the stored pixels.
+    photo = root / "images" / "0001.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(photo).convert("RGB").save(root / "images" / "0001.jpg", exif=exif.tobytes())
+    photo.unlink()
+    text = fails(train_dir=str(root))
+    assert str(root / "images" / "0001.jpg") in text and "EXIF orientation rotates it by 90 degrees" in text
 
 
 def test_non_binary_mask(tmp_path):

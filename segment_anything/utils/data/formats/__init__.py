@@ -16,6 +16,7 @@ import numpy as np
 
 from ...config import DATA_FORMATS, INSTANCE_MODES  # noqa: F401 (the one list of names)
 from ..checks import BadSample, DataError, Problem
+from ..image_io import exif_orientation
 from ..records import MergedRecord, Record
 
 IMAGE_DIRS = ("image", "images", "img")
@@ -98,8 +99,11 @@ def size_mismatch(image_name: str, image: np.ndarray, mask_name: str, mask_hw: T
     (h, w), (mh, mw) = image.shape[:2], mask_hw
     hint = ""
     if (h, w) == (mw, mh):
-        hint = ("; the sizes are transposed: if the image has an EXIF rotation (applied here, as "
-                "viewers show it), the mask was drawn on the unrotated pixels")
+        hint = "; the sizes are transposed"
+        path = Path(image_name)
+        if path.is_file() and exif_orientation(path.read_bytes()) >= 5:
+            hint += (": the image's EXIF orientation rotates it by 90 degrees (applied here, as viewers "
+                     "and annotation tools show it), and the mask matches the unrotated pixels")
     return BadSample("size mismatch", f"size mismatch: image {image_name} is {w}x{h}, mask {mask_name} "
                                       f"is {mw}x{mh} (WxH){hint}")
 

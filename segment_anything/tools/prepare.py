@@ -1,0 +1,137 @@
+"""See the data as training will: every object as its own binary mask, its box, and an overlay.
+
+    python -m segment_anything.tools.prepare --data_dir data/train --output_dir prepared --visualize
+    python -m segment_anything.tools.prepare --json ann.json --images imgs/ --output_dir prepared
+
+Writes OUT/images/<stem>.png (decoded: EXIF applied, 8-bit RGB), OUT/masks/<stem>_<k>.png (one
+binary mask per object, 0/255), OUT/objects.json (per image: size, source and each object's box
+xyxy in pixels, category, area in pixels) and with --visualize OUT/overlays/<stem>.png (every
+object's outline and box on the photo, in its own colour, plus sampled points where the prompt
+module is available). Bad samples stop the tool with every problem listed, as in training; with
+--skip_bad they are left out and listed in OUT/skipped.txt.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import cv2
+import numpy as np
+
+from ..utils.config import DATA_FORMATS, INSTANCE_MODES
+from ..utils.data.checks import DataError, raise_problems, summary
+from ..utils.data.formats import DataOptions
+from ..utils.data.prepare import describe, load_split
+from ..utils.data.records import Record, mask_to_box
+
+
+def colours(n: int) -> np.ndarray:
+    """n distinct saturated RGB colours, uint8 (n, 3)."""
+    hsv = np.stack([np.arange(n) * 180 // max(n, 1), np.full(n, 230), np.full(n, 255)], 1).astype(np.uint8)
+    return cv2.cvtColor(hsv[None], cv2.COLOR_HSV2RGB)[0]
+
+
+def overlay(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray, points=None) -> np.ndarray:
+    """RGB uint8 (H, W, 3): each object's outline, box and points (N, K, 2) drawn in its colour."""
+    out = image.copy()
+    width = max(1, round(max(image.shape[:2]) / 400))
+    for mask, box, colour in zip(masks, boxes, colours(len(masks)).tolist()):
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, contours, -1, colour, width)
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), colour, width)
+    if points is not None:
+        for obj_points, colour in zip(points, colours(len(masks)).tolist()):
+            for x, y in obj_points:
+                cv2.circle(out, (int(round(x)), int(round(y))), 2 * width + 1, colour, -1)
+                cv2.circle(out, (int(round(x)), int(round(y))), 2 * width + 1, (255, 255, 255), 1)
+    return out
+
+
+def _stem(record: Record, used: Dict[str, int]) -> str:
+    stem = Path(record.image).stem
+    used[stem] = used.get(stem, 0) + 1
+    return stem if used[stem] == 1 else f"{stem}_{used[stem] - 1}"
+
+
+def _write(path: Path, rgb_or_mask: np.ndarray) -> None:
+    array = cv2.cvtColor(rgb_or_mask, cv2.COLOR_RGB2BGR) if rgb_or_mask.ndim == 3 else rgb_or_mask
+    ok, data = cv2.imencode(".png", array)
+    path.write_bytes(data.tobytes())  # write_bytes: non-ASCII paths work everywhere
+
+
+def export(records: List[Record], out: Path, visualize: bool = False) -> List[dict]:
+    """Write images, masks, overlays for records into out; returns the objects.json entries."""
+    for sub in ("images", "masks") + (("overlays",) if visualize else ()):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    entries, used = [], {}
+    for record in records:
+        stem = _stem(record, used)
+        image, masks = record.load_image(), record.load_masks()
+        boxes = np.stack([mask_to_box(m) for m in masks])
+        _write(out / "images" / f"{stem}.png", image)
+        objects = []
+        for k, (mask, box, category) in enumerate(zip(masks, boxes, record.categories)):
+            _write(out / "masks" / f"{stem}_{k}.png", mask * 255)
+            objects.append({"mask": f"masks/{stem}_{k}.png", "box": [float(v) for v in box],
+                            "category": category, "area": int(mask.sum())})
+        if visualize:
+            _write(out / "overlays" / f"{stem}.png", overlay(image, masks, boxes))
+        entries.append({"image": f"images/{stem}.png", "original": record.image, "source": record.source,
+                        "size": list(record.size), "objects": objects})
+    return entries
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", help="data folder (folder, objects, instance_map, labelme formats)")
+    p.add_argument("--json", help="coco: instances JSON")
+    p.add_argument("--images", help="coco: image folder")
+    p.add_argument("--data_format", default="auto", choices=list(DATA_FORMATS))
+    p.add_argument("--output_dir", required=True, help="where to write images/, masks/, objects.json")
+    p.add_argument("--visualize", action="store_true", help="also write overlays/<stem>.png")
+    p.add_argument("--instance_mode", default="per_object", choices=list(INSTANCE_MODES))
+    p.add_argument("--min_area", type=int, default=0)
+    p.add_argument("--mask_threshold", type=int, default=127)
+    p.add_argument("--labels", help="labelme: labels to keep, comma-separated")
+    p.add_argument("--categories", help="coco: categories to keep, comma-separated")
+    p.add_argument("--foreground_values", help="mask values that are the object, comma-separated")
+    p.add_argument("--intensity_range", default="auto", help="16-bit images: auto or LO,HI")
+    p.add_argument("--skip_bad", action="store_true", help="leave bad samples out (listed in skipped.txt)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    coco = args.data_format == "coco" or (args.data_format == "auto" and args.json)
+    if coco and not (args.json and args.images):
+        sys.exit("error: COCO data needs --json and --images")
+    if not coco and not args.data_dir:
+        sys.exit("error: --data_dir is required (or --json and --images for COCO)")
+    opts = DataOptions.from_config(args)
+    out = Path(args.output_dir)
+    try:
+        loaded = load_split("coco" if coco else args.data_format, args.json if coco else args.data_dir, opts, args.images)
+        if not args.skip_bad:
+            raise_problems(loaded.problems, loaded.source)
+        if not loaded.records:
+            raise DataError(f"{loaded.source}: no usable images ({loaded.total} listed)")
+    except DataError as err:
+        sys.exit(f"error: {err}")
+    entries = export(loaded.records, out, args.visualize)
+    info = {"source": loaded.source, "format": loaded.fmt, "instance_mode": args.instance_mode,
+            "dropped": dict(loaded.drops), "images": entries}
+    (out / "objects.json").write_text(json.dumps(info, indent=1))
+    print(f"{loaded.source}: {loaded.fmt} format, {describe(loaded.records, loaded.drops)}")
+    if loaded.problems:
+        (out / "skipped.txt").write_text("".join(f"{p}\n" for p in loaded.problems))
+        print(f"{summary(loaded.problems, loaded.total)}; full list in {out / 'skipped.txt'}")
+    print(f"wrote {out / 'objects.json'}, {len(entries)} images in {out / 'images'}, masks in {out / 'masks'}"
+          + (f", overlays in {out / 'overlays'}" if args.visualize else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -51,11 +51,23 @@ def run_checks(candidates: Sequence[T], build: Callable[[T], R],
             return Problem(err.kind, str(err))
         except DataError as err:
             return Problem("bad file", str(err))
+        except (ValueError, TypeError, KeyError, IndexError, OSError) as err:
+            # Malformed content the format did not foresee (a point that is not a number, a
+            # missing key): still one named sample, not a crash in a checking thread.
+            return Problem("bad file", f"{_name(candidate)}: cannot use it ({type(err).__name__}: {err})")
 
     with ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(one, candidates))
     good = [r for r in results if not isinstance(r, Problem)]
     return good, [r for r in results if isinstance(r, Problem)]
+
+
+def _name(candidate) -> str:
+    """The file(s) a candidate stands for: a path, or the paths among its fields."""
+    fields = getattr(candidate, "__dataclass_fields__", None)
+    if fields:
+        return ", ".join(str(getattr(candidate, f)) for f in fields if "path" in f or f in ("image", "mask", "folder", "json"))
+    return str(candidate)
 
 
 def summary(problems: Sequence[Problem], total: int) -> str:

@@ -231,3 +231,9 @@ def test_coco_image_without_annotations(tmp_path):
     anns = [{"id": 7, "image_id": k, "category_id": 1, "iscrowd": 0, "segmentation": poly} for k in (0, 1)]
     ann, imgs = coco_dir(tmp_path, images=3, annotations=anns)
     assert f"{Path(imgs) / '2.png'} ({ann}): no objects left (none annotated)" in fails(train_json=ann, train_images=imgs)
+
+
+def test_malformed_labelme_points_are_a_named_problem(tmp_path):
+    root = labelme_dir(tmp_path, shapes=[{"label": "a", "points": [["x", 1], [5, 5], [3, 9]], "shape_type": "polygon"}])
+    text = fails(train_dir=str(root))
+    assert f"{root / 'bad.json'}: cannot use it (ValueError" in text

@@ -9,7 +9,7 @@ import torch
 
 from conftest import relative_error
 from segment_anything import SamPredictor, sam_model_registry
-from segment_anything.utils.data import MaskDataset, check_dataset, find_pairs, load_image, make_synthetic_dataset
+from segment_anything.utils.data import MaskDataset, load_image, load_records, make_synthetic_dataset
 from segment_anything.utils.data.prompts import PromptConfig, object_prompts
 from segment_anything.utils.random_weights import randomize_
 from segment_anything.utils.trainer import SamTrainStep, evaluate, freeze, prepare_batch, set_train_mode
@@ -32,8 +32,7 @@ def items(tmp_path_factory):
     """Three images of different sizes; each gets point prompts with a different point count
     (K = 1, 3, 2), so the batch pads to K = 3 with label -1."""
     root = make_synthetic_dataset(tmp_path_factory.mktemp("data") / "train", n=3, size_range=(70, 220), seed=5)
-    pairs, _ = check_dataset(find_pairs(root))
-    ds = MaskDataset(pairs, SIZE)
+    ds = MaskDataset(load_records(root), SIZE)
     configs = [PromptConfig("point", num_points=1), PromptConfig("point", num_points=2, negative_points=1),
                PromptConfig("point", num_points=1, point_mode="random", negative_points=1)]
     out = []

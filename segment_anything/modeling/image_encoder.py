@@ -11,6 +11,7 @@ from typing import Optional, Tuple, Type
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .common import LayerNorm2d, MLPBlock
 
@@ -46,6 +47,7 @@ class ImageEncoderViT(nn.Module):
         if img_size % patch_size != 0:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.img_size = img_size
+        self.use_checkpoint = False  # recompute blocks in the backward pass (utils.trainable, --grad_checkpoint)
         grid = img_size // patch_size
 
         self.patch_embed = PatchEmbed(
@@ -88,8 +90,9 @@ class ImageEncoderViT(nn.Module):
         x = self.patch_embed(x)  # B, grid, grid, C
         if self.pos_embed is not None:
             x = x + self.pos_embed
+        recompute = self.use_checkpoint and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x)
+            x = checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)
         return self.neck(x.permute(0, 3, 1, 2))
 
 

@@ -32,13 +32,27 @@ def str2bool(value: Any) -> bool:
 
 def adapt_errors(cfg: "TrainConfig") -> List[str]:
     """validate() messages for the loss and what-trains flags."""
-    from .losses import parse_loss  # here: losses imports torch, config must stay light to import
+    # Imported here: these import torch, and config must stay light to import.
+    from ..modeling.lora import parse_targets
+    from .losses import parse_loss
+    from .trainable import parse_parts, plan_errors
 
     errors = []
-    try:
-        parse_loss(cfg.loss)
-    except ValueError as err:
-        errors.append(str(err))
+    parsed = {}
+    for name, parse, value in (("loss", parse_loss, cfg.loss), ("train", parse_parts, cfg.train),
+                               ("lora_targets", parse_targets, cfg.lora_targets)):
+        try:
+            parsed[name] = parse(value)
+        except ValueError as err:
+            errors.append(str(err))
+    if cfg.lora_rank < 0:
+        errors.append(f"--lora_rank must be >= 0, got {cfg.lora_rank}")
+    if not cfg.lora_alpha > 0:
+        errors.append(f"--lora_alpha must be > 0, got {cfg.lora_alpha}")
+    if cfg.accumulate < 1:
+        errors.append(f"--accumulate must be >= 1, got {cfg.accumulate}")
+    if "train" in parsed and "lora_targets" in parsed:
+        errors.extend(plan_errors(parsed["train"], cfg.lora_rank, parsed["lora_targets"]))
     if cfg.focal_gamma < 0:
         errors.append(f"--focal_gamma must be >= 0, got {cfg.focal_gamma}")
     if cfg.loss_size not in ("original", "low_res"):
@@ -98,6 +112,14 @@ class TrainConfig:
     loss: str = _flag("bce=1,iou=1,iou_head=1", "weighted loss terms: bce, focal, dice, iou (soft IoU), iou_head (MSE of the IoU prediction)")
     focal_alpha: float = _flag(0.25, "focal loss: weight of the foreground class (negative = no class weighting)")
     focal_gamma: float = _flag(2.0, "focal loss: focusing exponent")
+    train: str = _flag("mask_decoder", "parts that train: mask_decoder, prompt_encoder, image_encoder, a comma-separated set, or all")
+    lora_rank: int = _flag(0, "rank of LoRA adapters on the image encoder's attention (0 = off); the encoder's weights stay frozen")
+    lora_alpha: float = _flag(8.0, "LoRA scaling numerator: the update is lora_alpha / lora_rank * B A")
+    lora_targets: str = _flag("qkv,proj", "layers that get adapters: qkv, proj (image encoder attention), decoder (the mask decoder's attention projections)")
+    lora_save: str = _flag("merged", "best.pth holds the adapters merged into stock weights, or the adapter tensors only",
+                           choices=["merged", "adapters"])
+    grad_checkpoint: bool = _flag(False, "recompute the image encoder's blocks in the backward pass (less memory when the encoder trains)")
+    accumulate: int = _flag(1, "accumulate gradients over this many steps (K steps of batch B train as one of batch K*B)")
     loss_size: str = _flag("original", "compute the loss at each image's original size or on the decoder's low-resolution grid",
                            choices=["original", "low_res"])
     # Output

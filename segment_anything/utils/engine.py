@@ -26,8 +26,9 @@ from .data import DataError, MaskDataset, RunData, collate, prepare_data
 from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 from .log import add_log_file, get_logger
 from .losses import LossSpec
-from .save_weight import atomic_save, save_partial_weight, strip_prefixes, trainable_state_dict
-from .trainer import SamTrainStep, evaluate, freeze, train_one_epoch
+from .save_weight import atomic_save, save_partial_weight, strip_prefixes
+from .trainable import TrainPlan, configure, export_weights, lora_metadata, parameter_report, trained_state_dict
+from .trainer import SamTrainStep, evaluate, train_one_epoch
 
 RESUME_FORMAT = "sam-resume-v1"
 
@@ -108,7 +109,7 @@ def amp_dtype_for(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtyp
 
 def build_model(cfg: TrainConfig):
     sam = sam_model_registry[cfg.model_type](checkpoint=cfg.checkpoint_path(), image_size=cfg.image_size)
-    freeze(sam)
+    configure(sam, TrainPlan.from_config(cfg))
     return sam
 
 
@@ -173,7 +174,9 @@ class Training:
         if info.world_size > 1:
             # Frozen parts are in eval mode and their buffers never change: no need to broadcast them.
             device_ids = [info.device.index] if info.device.type == "cuda" else None
-            model = DDP(model, device_ids=device_ids, broadcast_buffers=False)
+            plan = TrainPlan.from_config(cfg)
+            model = DDP(model, device_ids=device_ids, broadcast_buffers=plan.broadcast_buffers,
+                        find_unused_parameters=plan.find_unused_parameters)
         optimizer = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=cfg.lr,
                                       weight_decay=cfg.weight_decay)
         total = max(cfg.epoch * steps_per_epoch, 1)
@@ -183,7 +186,7 @@ class Training:
         return cls(cfg, sam, model, optimizer, scheduler, scaler, amp_dtype, LossSpec.from_config(cfg))
 
     def state_dict(self, rng: List[Dict]) -> Dict:
-        return {"format": RESUME_FORMAT, "model": trainable_state_dict(self.sam), "optimizer": self.optimizer.state_dict(),
+        return {"format": RESUME_FORMAT, "model": trained_state_dict(self.sam), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
                 "best": self.best, "stale": self.stale, "rng": rng, "args": self.cfg.to_dict()}
 
@@ -218,7 +221,7 @@ def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler) 
     bar = tqdm(total=len(sampler) * info.world_size, desc=f"epoch {run.epoch + 1}/{cfg.epoch}", unit="img",
                disable=not info.is_main, leave=False, dynamic_ncols=True)
     train_m = train_one_epoch(run.model, run.sam, train_loader, run.optimizer, run.scheduler, run.scaler, info.device,
-                              run.amp_dtype, run.loss_spec, progress=bar)
+                              run.amp_dtype, run.loss_spec, progress=bar, accumulate=cfg.accumulate)
     bar.close()
     train_s = time.perf_counter() - t0
     val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec)
@@ -236,7 +239,8 @@ def save_epoch(run: Training, out_dir: Path, record: Dict, improved: bool, rng: 
     if improved:
         meta = {"model_type": run.cfg.model_type, "image_size": run.cfg.image_size, "epoch": run.epoch,
                 "metrics": record, "args": run.cfg.to_dict()}
-        save_partial_weight(run.sam, out_dir / "best.pth", metadata=meta)
+        meta.update(lora_metadata(TrainPlan.from_config(run.cfg), run.cfg.lora_save))
+        save_partial_weight(run.sam, out_dir / "best.pth", metadata=meta, weights=export_weights(run.sam, run.cfg.lora_save))
     atomic_save(run.state_dict(rng), out_dir / "last.pth")
     # The named terms only when there is more than one: "(bce 0.41 iou 0.62 iou_head 0.05)".
     names = run.loss_spec.keys()[1:]
@@ -281,7 +285,7 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
     if info.is_main:
         start_run_folder(cfg, out_dir, data)
     train_loader, val_loader, sampler = make_loaders(cfg, info, data)
-    run = Training.build(cfg, info, len(train_loader))
+    run = Training.build(cfg, info, math.ceil(len(train_loader) / cfg.accumulate))  # optimizer steps per epoch
     if cfg.resume:
         run.restore(find_resume_file(cfg.resume), info)
         log.info(f"resumed from {cfg.resume} after epoch {run.epoch}")
@@ -311,6 +315,6 @@ def log_summary(sam, cfg: TrainConfig, info: DistInfo, data: RunData) -> None:
     log.info("model %s at %d px\n%s", cfg.model_type, cfg.image_size, summary)
     trained = sum(p.numel() for p in sam.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in sam.parameters() if not p.requires_grad)
-    log.info(f"trainable parameters {trained:,} | frozen {frozen:,}")
+    log.info(f"trainable parameters {trained:,} | frozen {frozen:,}\n{parameter_report(sam)}")
     log.info(f"{info.world_size} process(es) on {info.device.type}, batch {cfg.batch_size} per process, "
              f"{len(data.train)} train / {len(data.val)} val images")

@@ -14,6 +14,7 @@ next to Meta's stock ``segment_anything``, which has no such module.
 """
 
 import io
+import logging
 import os
 import uuid
 import warnings
@@ -141,6 +142,7 @@ def save_partial_weight(
     path: PathLike,
     metadata: Optional[Dict[str, Any]] = None,
     keys: Optional[Iterable[str]] = None,
+    weights: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Path:
     """Write the trainable parameters of ``model`` (or the entries under ``keys`` prefixes) to ``path``.
 
@@ -148,6 +150,7 @@ def save_partial_weight(
     metadata: plain Python values stored beside the weights (model_type, image_size, epoch, ...).
     keys: state-dict key prefixes such as ["mask_decoder"]; overrides the requires_grad selection
       and may include buffers.
+    weights: the tensors to store, already chosen (utils.trainable.export_weights: LoRA merged).
     The write is atomic; parent folders are created. Returns the path.
     """
     metadata = dict(metadata or {})
@@ -155,7 +158,8 @@ def save_partial_weight(
     if reserved:
         raise ValueError(f"metadata keys {sorted(reserved)} are reserved by the file format")
     _check_weights_only(metadata)
-    weights = trainable_state_dict(model) if keys is None else _select(model, keys)
+    if weights is None:
+        weights = trainable_state_dict(model) if keys is None else _select(model, keys)
     if not weights:
         # Almost always a freezing bug; an empty file would load "successfully" and change nothing.
         raise ValueError("nothing to save: the model has no parameter with requires_grad=True")
@@ -184,6 +188,53 @@ def _listing(title: str, lines: list) -> str:
     return f"\n  {title} ({len(lines)}):\n    " + "\n    ".join(lines[:_SHOWN]) + more
 
 
+SIZE_DEPENDENT = ("image_encoder.pos_embed", "attn.rel_pos_h", "attn.rel_pos_w")
+
+
+def _merge_adapters(weights: Dict[str, torch.Tensor], targets: Dict[str, Any], metadata: Dict[str, Any],
+                    path: Path) -> Dict[str, torch.Tensor]:
+    """LoRA adapter pairs (``X.lora_A`` (r, in), ``X.lora_B`` (out, r)) that the model has no
+    slot for become ``X.weight = model's X.weight + scaling * B @ A``: the model must hold the
+    base weights the adapters were trained on (the same official checkpoint)."""
+    names = [k[: -len(".lora_A")] for k in weights if k.endswith(".lora_A") and k not in targets]
+    if not names:
+        return weights
+    scaling = (metadata.get("lora") or {}).get("scaling")
+    if scaling is None:
+        raise ValueError(f"{path} holds LoRA adapters but no 'lora' metadata with their scaling")
+    adapter_keys = {f"{n}.lora_{ab}" for n in names for ab in "AB"}
+    out = {k: v for k, v in weights.items() if k not in adapter_keys}
+    for name in names:
+        if f"{name}.lora_B" not in weights or f"{name}.weight" not in targets:
+            raise ValueError(f"{path}: adapter {name} has no lora_B, or the model has no {name}.weight")
+        base = targets[f"{name}.weight"].detach()
+        delta = weights[f"{name}.lora_B"].float() @ weights[f"{name}.lora_A"].float() * scaling
+        out[f"{name}.weight"] = (base.float().cpu() + delta).to(base.dtype)
+    return out
+
+
+def _resize_size_dependent(weights: Dict[str, torch.Tensor], targets: Dict[str, Any], model: nn.Module,
+                           metadata: Dict[str, Any], path: Path) -> Dict[str, torch.Tensor]:
+    """Position embedding and relative-position tables trained at another image_size, resized
+    to the model's by build_sam.checkpoint_filter_fn (the one place that reshapes checkpoints)."""
+    resize = {k: v for k, v in weights.items()
+              if k.endswith(SIZE_DEPENDENT) and k in targets and v.shape != targets[k].shape}
+    if not resize:
+        return weights
+    try:
+        from ..build_sam import checkpoint_filter_fn
+    except ImportError:  # loaded by file path beside Meta's package (load_model_ex.py)
+        raise ValueError(
+            f"{path} was trained at image_size {metadata.get('image_size')} and holds the encoder's position "
+            f"tables ({', '.join(sorted(resize))}), which must be interpolated to this model's size; "
+            "that needs this project's segment_anything (build_sam.checkpoint_filter_fn)") from None
+    resized = checkpoint_filter_fn(resize, model)
+    logging.getLogger("sam_finetune").info(  # utils.log's logger name; this module must not import it
+        "%s: %d position table(s) interpolated from image_size %s to the model's %s", path, len(resize),
+        metadata.get("image_size"), getattr(getattr(model, "image_encoder", None), "img_size", "?"))
+    return {**weights, **resized}
+
+
 def load_partial_weight(
     model: nn.Module,
     path: PathLike,
@@ -210,7 +261,8 @@ def load_partial_weight(
         raise ValueError(f"{path} was fine-tuned for model_type {file_type!r}, but the model is {expected_model_type!r}")
 
     targets = unwrap_model(model).state_dict(keep_vars=True)
-    weights = strip_prefixes(weights)
+    weights = _merge_adapters(strip_prefixes(weights), targets, metadata, path)
+    weights = _resize_size_dependent(weights, targets, unwrap_model(model), metadata, path)
     unknown = [k for k in weights if k not in targets]
     mismatched = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(targets[k].shape)}"
@@ -219,7 +271,7 @@ def load_partial_weight(
     ]
     fits = {k: v for k, v in weights.items() if k in targets and v.shape == targets[k].shape}
     if unknown or mismatched:
-        made_for = f" (file says model_type {file_type!r})" if file_type else ""
+        made_for = f" (file says model_type {file_type!r}, image_size {metadata.get('image_size')})" if file_type else ""
         message = (
             f"{path} does not fit this model; it was probably made for another model type{made_for}."
             + (_listing("shape mismatches", mismatched) if mismatched else "")

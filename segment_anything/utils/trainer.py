@@ -16,37 +16,13 @@ import torch
 from torch import nn
 
 from ..modeling import Sam
-from .distributed import all_reduce_sum, get_world_size
+from . import accumulate as accumulation
+from .accumulate import global_count
+from .distributed import get_world_size
 from .losses import DEFAULT_LOSS_SPEC, LossSpec, low_res_pair
 from .metrics import Meter, mask_dice, mask_iou
+from .trainable import set_train_mode
 from .transforms import ResizeLongestSide
-
-DEFAULT_TRAINED = ("mask_decoder",)
-
-
-def freeze(sam: Sam, trained: Sequence[str] = DEFAULT_TRAINED) -> List[str]:
-    """Make only the named top-level parts trainable (less the unused multimask heads);
-    returns their names."""
-    names = [name for name, _ in sam.named_children()]
-    unknown = set(trained) - set(names)
-    if unknown:
-        raise ValueError(f"unknown model parts {sorted(unknown)}; choose from {names}")
-    for name, module in sam.named_children():
-        module.requires_grad_(name in trained)
-    # Training decodes single masks (multimask_output=False): the hypernetwork MLPs of the three
-    # multimask tokens get exactly zero gradient, and AdamW's weight decay would only shrink
-    # them. Frozen, they keep the stock multimask behaviour and stay out of best.pth.
-    for mlp in sam.mask_decoder.output_hypernetworks_mlps[1:]:
-        mlp.requires_grad_(False)
-    return list(trained)
-
-
-def set_train_mode(sam: Sam) -> None:
-    """Train mode for trained parts only: frozen parts stay in eval mode, so TinyViT's
-    BatchNorm statistics and any dropout of a frozen encoder do not change."""
-    for module in sam.children():
-        module.train(any(p.requires_grad for p in module.parameters()))
-
 
 def _grad_if_trained(module: nn.Module):
     return nullcontext() if any(p.requires_grad for p in module.parameters()) else torch.no_grad()
@@ -210,13 +186,14 @@ def score(sam: Sam, batch: Batch, low_res: torch.Tensor, iou_pred: torch.Tensor,
     return {key: torch.cat(values) for key, values in terms.items()}
 
 
-def step_loss(terms: Dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+def step_loss(terms: Dict[str, torch.Tensor], device: torch.device, count: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The loss to back-propagate: sum over this rank's prompts divided by the mean prompt
     count per rank. DDP averages gradients over ranks, so the result is the gradient of the
-    mean over all prompts of the global batch, whatever the per-rank counts."""
-    count = torch.tensor([float(terms["loss"].numel())], device=device)
-    global_count = all_reduce_sum(count)[0]  # stays a tensor: no host sync
-    return terms["loss"].sum() * get_world_size() / global_count
+    mean over all prompts of the global batch, whatever the per-rank counts. count: the global
+    prompt count when it is known already (accumulation: that of the whole group)."""
+    if count is None:
+        count = global_count(terms["loss"].numel(), device)  # stays a tensor: no host sync
+    return terms["loss"].sum() * get_world_size() / count
 
 
 def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
@@ -236,25 +213,30 @@ def train_one_epoch(
     amp_dtype: Optional[torch.dtype],
     loss_spec: LossSpec = DEFAULT_LOSS_SPEC,
     progress=None,
+    accumulate: int = 1,
 ) -> Dict[str, float]:
-    """One pass over this rank's shard. model is the DDP wrapper (or the bare SamTrainStep)."""
+    """One pass over this rank's shard. model is the DDP wrapper (or the bare SamTrainStep).
+    accumulate: micro-batches per optimizer step (see utils.accumulate)."""
     set_train_mode(sam)
     meter = Meter(loss_spec.keys() + METRIC_KEYS)
-    for items in loader:
-        batch = prepare_batch(items, sam, device)
-        with autocast_context(device, amp_dtype):
-            low_res, iou_pred = model(batch.images, *batch.prompts())
-        terms = score(sam, batch, low_res, iou_pred, loss_spec)
-        loss = step_loss(terms, device)
+    for group in accumulation.groups(loader, accumulate):
+        batches = [prepare_batch(items, sam, device) for items in group]
+        count = global_count(sum(b.image_index.numel() for b in batches), device) if accumulate > 1 else None
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        for i, batch in enumerate(batches):
+            with accumulation.sync_unless(model, last=i == len(batches) - 1):
+                with autocast_context(device, amp_dtype):
+                    low_res, iou_pred = model(batch.images, *batch.prompts())
+                terms = score(sam, batch, low_res, iou_pred, loss_spec)
+                loss = step_loss(terms, device, count)
+                scaler.scale(loss).backward()
+            meter.add(terms, batch.num_images)
+            if progress is not None:
+                progress.update(batch.num_images * get_world_size())  # rank 0's bar counts all ranks
+                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        meter.add(terms, batch.num_images)
-        if progress is not None:
-            progress.update(batch.num_images * get_world_size())  # rank 0's bar counts all ranks
-            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
     return meter.reduce(device)
 
 

@@ -23,8 +23,9 @@ from segment_anything.utils.data import MaskDataset, load_image, load_records
 from segment_anything.utils.metrics import mask_iou
 from segment_anything.utils.random_weights import randomize_
 from segment_anything.utils.trainer import (
-    SamTrainStep, freeze, prepare_batch, score, set_train_mode, step_loss, train_one_epoch,
+    SamTrainStep, prepare_batch, score, step_loss, train_one_epoch,
 )
+from segment_anything.utils.trainable import TrainPlan, configure, set_train_mode
 from segment_anything.utils.transforms import ResizeLongestSide
 
 SIZE = 128
@@ -32,7 +33,7 @@ CPU = torch.device("cpu")
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 # With multimask_output=False only mask token 0 reaches the loss: the hypernetwork MLPs of the
-# three multimask tokens would get exactly zero gradient, so freeze() leaves them frozen.
+# three multimask tokens would get exactly zero gradient, so configure() leaves them frozen.
 MULTIMASK_HEADS = tuple(f"mask_decoder.output_hypernetworks_mlps.{i}." for i in (1, 2, 3))
 
 
@@ -62,7 +63,7 @@ def new_sam(seed: int = 0):
     torch.manual_seed(seed)
     sam = sam_model_registry["vit_t"](checkpoint=None, image_size=SIZE)
     randomize_(sam.image_encoder, seed=seed)
-    freeze(sam)
+    configure(sam, TrainPlan())
     return sam
 
 
@@ -88,13 +89,13 @@ def one_shot_training(sam, loader):
 
 def test_freeze_leaves_only_the_mask_decoder_trainable():
     sam = sam_model_registry["vit_t"](checkpoint=None, image_size=SIZE)
-    assert freeze(sam) == ["mask_decoder"]
+    assert configure(sam, TrainPlan()) == []  # no LoRA layers
     trainable = {n for n, p in sam.named_parameters() if p.requires_grad}
     decoder = {n for n, _ in sam.named_parameters() if n.startswith("mask_decoder.")}
     heads = {n for n in decoder if n.startswith(MULTIMASK_HEADS)}
     assert len(heads) == 18 and trainable == decoder - heads
-    with pytest.raises(ValueError, match="decoder"):
-        freeze(sam, ["decoder"])
+    configure(sam, TrainPlan())  # idempotent
+    assert {n for n, p in sam.named_parameters() if p.requires_grad} == trainable
 
 
 def test_one_training_step_gives_every_decoder_parameter_a_gradient(dataset):
@@ -135,11 +136,34 @@ def test_frozen_tiny_vit_stays_in_eval_mode_and_keeps_its_batchnorm_statistics(d
 
 def test_set_train_mode_follows_requires_grad():
     sam = sam_model_registry["vit_t"](checkpoint=None, image_size=SIZE)
-    freeze(sam, ["mask_decoder", "prompt_encoder"])
+    configure(sam, TrainPlan(parts=("prompt_encoder", "mask_decoder")))
     sam.eval()
     set_train_mode(sam)
     assert (sam.image_encoder.training, sam.prompt_encoder.training, sam.mask_decoder.training) == (False, True, True)
     assert not any(m.training for m in sam.image_encoder.modules())
+
+
+def sgd_epoch(sam, loader, accumulate=1):
+    """train_one_epoch with plain SGD (lr 1): the update is the gradient itself, so a wrongly
+    scaled loss shows (Adam's first step would hide it)."""
+    opt = torch.optim.SGD([p for p in sam.parameters() if p.requires_grad], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return train_one_epoch(SamTrainStep(sam), sam, loader, opt, sched, scaler, CPU, None, accumulate=accumulate)
+
+
+def test_accumulating_two_micro_batches_equals_one_big_batch(dataset):
+    items = items_with_two_prompts(dataset)  # prompts per image: 1, 2, 1
+    big, acc = new_sam(), new_sam()
+    start = {k: v.clone() for k, v in big.state_dict().items()}
+    m_big = sgd_epoch(big, [items])
+    m_acc = sgd_epoch(acc, [items[:1], items[1:]], accumulate=2)  # micro-batches of 1 and 3 prompts
+    moved = 0
+    for key, value in big.state_dict().items():
+        torch.testing.assert_close(acc.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+        moved += not torch.equal(value, start[key])
+    assert moved > 10
+    assert m_acc == pytest.approx(m_big, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- batching

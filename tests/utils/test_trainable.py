@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from segment_anything import sam_model_registry
-from segment_anything.utils.data import MaskDataset, check_dataset, find_pairs, make_synthetic_dataset
+from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import MaskDataset, load_records
 from segment_anything.utils.random_weights import randomize_
 from segment_anything.utils.save_weight import load_partial_weight, save_partial_weight
 from segment_anything.utils.trainable import (
@@ -31,8 +32,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def items(tmp_path_factory):
     root = make_synthetic_dataset(tmp_path_factory.mktemp("data") / "train", n=2, size_range=(90, 160), seed=3)
-    pairs, _ = check_dataset(find_pairs(root))
-    ds = MaskDataset(pairs, SIZE)
+    ds = MaskDataset(load_records(root), SIZE)
     return [ds[0], ds[1]]
 
 
@@ -46,7 +46,7 @@ def one_step(sam, items, lr=1e-2):
     """One training step (box prompts) with SGD; returns the gradients by parameter name."""
     set_train_mode(sam)
     batch = prepare_batch(items, sam, CPU)
-    low_res, iou_pred = SamTrainStep(sam)(batch.images, batch.boxes, batch.image_index)
+    low_res, iou_pred = SamTrainStep(sam)(batch.images, *batch.prompts())
     step_loss(score(sam, batch, low_res, iou_pred), CPU).backward()
     grads = {n: p.grad for n, p in sam.named_parameters()}
     with torch.no_grad():
@@ -161,10 +161,10 @@ def test_lora_weights_load_into_a_stock_model_and_predict_the_same(lora_save, it
     stock.load_state_dict(stock_state)
     batch = prepare_batch(items, base, CPU)
     with torch.no_grad():
-        before = SamTrainStep(stock)(batch.images, batch.boxes, batch.image_index)
+        before = SamTrainStep(stock)(batch.images, *batch.prompts())
         load_partial_weight(stock, path)
-        theirs = SamTrainStep(stock)(batch.images, batch.boxes, batch.image_index)
-        ours = SamTrainStep(base.eval())(batch.images, batch.boxes, batch.image_index)
+        theirs = SamTrainStep(stock)(batch.images, *batch.prompts())
+        ours = SamTrainStep(base.eval())(batch.images, *batch.prompts())
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(ours[0], before[0], atol=1e-3)  # the training step changed the outputs

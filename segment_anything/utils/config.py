@@ -60,6 +60,16 @@ def adapt_errors(cfg: "TrainConfig") -> List[str]:
     return errors
 
 
+class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help does not already say what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, "", argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def _flag(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -69,10 +79,12 @@ class TrainConfig:
     # Distribution
     batch_size: int = _flag(1, "images per process per step")
     dist: bool = _flag(True, "use torch.distributed (one process per GPU, or --world_size CPU processes)")
-    port: int = _flag(1234, "TCP port on 127.0.0.1 for the process group when run.py spawns its own workers")
+    port: Optional[int] = _flag(None, "TCP port on 127.0.0.1 for the process group when run.py spawns its own workers (default: a free port)")
     world_size: Optional[int] = _flag(None, "processes to spawn without torchrun (default: visible GPUs, else 1)")
     device: str = _flag("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu", choices=["auto", "cuda", "mps", "cpu"])
     num_workers: Optional[int] = _flag(None, "data-loader workers per process (default: 4 on CUDA, 0 on CPU/MPS)")
+    # Processes (launcher, threads, logs)
+    threads: Optional[int] = _flag(None, "CPU threads per process (torch.set_num_threads; default: usable cores / processes on this node)")
     # Model
     model_type: str = _flag("vit_t", "SAM variant", choices=list(MODEL_TYPES))
     checkpoint: Optional[str] = _flag(
@@ -158,7 +170,9 @@ class TrainConfig:
                 errors.append(f"--intensity_range must be auto or LO,HI with HI > LO, got {self.intensity_range!r}")
         if self.world_size is not None and self.world_size < 1:
             errors.append(f"--world_size must be >= 1, got {self.world_size}")
-        if not 0 < self.port < 65536:
+        if self.threads is not None and self.threads < 1:
+            errors.append(f"--threads must be >= 1, got {self.threads}")
+        if self.port is not None and not 0 < self.port < 65536:
             errors.append(f"--port must be a TCP port, got {self.port}")
         if self.patience < 0:
             errors.append(f"--patience must be >= 0, got {self.patience}")
@@ -186,7 +200,7 @@ class TrainConfig:
     def parser(cls) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(
             description="Fine-tune SAM's mask decoder with box prompts, on one or many processes.",
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_DefaultsOnce,
         )
         for f in fields(cls):
             kw: Dict[str, Any] = {"default": f.default, "help": f.metadata["help"]}

@@ -18,17 +18,18 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
-from ..build_sam import official_weights_hint, sam_model_registry
+from ..build_sam import sam_model_registry
 from .config import TrainConfig
 from .data import DataError, MaskDataset, RunData, collate, prepare_data
 from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object
-from .log import add_log_file, get_logger
+from .log import FILE_ONLY, add_log_file, get_logger
 from .losses import LossSpec
+from .progress import Progress
 from .save_weight import atomic_save, save_partial_weight, strip_prefixes
 from .trainable import TrainPlan, configure, export_weights, lora_metadata, parameter_report, trained_state_dict
 from .trainer import SamTrainStep, evaluate, train_one_epoch
+from .weights import check_checkpoint
 
 RESUME_FORMAT = "sam-resume-v1"
 
@@ -71,12 +72,11 @@ class PreflightError(RuntimeError):
 
 def preflight(cfg: TrainConfig) -> Tuple[RunData, Path]:
     """Every check that can fail before training: weights file, data files, output folder, resume file."""
-    ckpt = cfg.checkpoint_path()
-    if ckpt is not None and not Path(ckpt).is_file():
-        raise FileNotFoundError(
-            f"--checkpoint {ckpt} not found. {official_weights_hint(cfg.model_type)}; "
-            "--checkpoint none starts from random weights"
-        )
+    if not (cfg.train_dir or cfg.train_json):  # the first thing a user without flags must hear
+        raise DataError("--train_dir is required (a folder of images and masks or labelme JSON files), "
+                        "or --train_json + --train_images for COCO")
+    if cfg.checkpoint_path() is not None:
+        check_checkpoint(cfg.checkpoint_path(), cfg.model_type, cfg.image_size)
     return prepare_data(cfg), resolve_output_dir(cfg)
 
 
@@ -172,10 +172,11 @@ class Training:
         sam = build_model(cfg).to(info.device)
         model = SamTrainStep(sam)
         if info.world_size > 1:
-            # Frozen parts are in eval mode and their buffers never change: no need to broadcast them.
+            # Buffers are synced on every forward only when they train (a training TinyViT's BatchNorm);
+            # forward_sync_buffers is the new name of the deprecated broadcast_buffers.
             device_ids = [info.device.index] if info.device.type == "cuda" else None
             plan = TrainPlan.from_config(cfg)
-            model = DDP(model, device_ids=device_ids, broadcast_buffers=plan.broadcast_buffers,
+            model = DDP(model, device_ids=device_ids, forward_sync_buffers=plan.broadcast_buffers,
                         find_unused_parameters=plan.find_unused_parameters)
         optimizer = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=cfg.lr,
                                       weight_decay=cfg.weight_decay)
@@ -218,8 +219,7 @@ def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler) 
     cfg = run.cfg
     sampler.set_epoch(run.epoch)
     t0 = time.perf_counter()
-    bar = tqdm(total=len(sampler) * info.world_size, desc=f"epoch {run.epoch + 1}/{cfg.epoch}", unit="img",
-               disable=not info.is_main, leave=False, dynamic_ncols=True)
+    bar = Progress(total=len(sampler) * info.world_size, desc=f"epoch {run.epoch + 1}/{cfg.epoch}", enabled=info.is_main)
     train_m = train_one_epoch(run.model, run.sam, train_loader, run.optimizer, run.scheduler, run.scaler, info.device,
                               run.amp_dtype, run.loss_spec, progress=bar, accumulate=cfg.accumulate)
     bar.close()
@@ -312,9 +312,10 @@ def log_summary(sam, cfg: TrainConfig, info: DistInfo, data: RunData) -> None:
 
     log = get_logger()
     summary = torchinfo.summary(sam, depth=1, verbose=0, col_names=("num_params", "trainable"))
-    log.info("model %s at %d px\n%s", cfg.model_type, cfg.image_size, summary)
+    log.info("model %s at %d px\n%s", cfg.model_type, cfg.image_size, summary, extra=FILE_ONLY)
     trained = sum(p.numel() for p in sam.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in sam.parameters() if not p.requires_grad)
     log.info(f"trainable parameters {trained:,} | frozen {frozen:,}\n{parameter_report(sam)}")
-    log.info(f"{info.world_size} process(es) on {info.device.type}, batch {cfg.batch_size} per process, "
+    log.info(f"{info.world_size} process(es) on {info.device.type} ({torch.get_num_threads()} CPU threads each), "
+             f"batch {cfg.batch_size} per process, "
              f"{len(data.train)} train / {len(data.val)} val images")

@@ -16,6 +16,7 @@ def setup_logging(rank: int, log_file: Optional[Path] = None) -> logging.Logger:
     fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
     stream = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
     stream.setFormatter(fmt)
+    stream.addFilter(lambda record: not getattr(record, "file_only", False))
     logger.addHandler(stream)
     if log_file is not None and rank == 0:
         add_log_file(logger, log_file)
@@ -26,6 +27,10 @@ def add_log_file(logger: logging.Logger, log_file: Path) -> None:
     handler = logging.FileHandler(log_file)
     handler.setFormatter(logger.handlers[0].formatter)
     logger.addHandler(handler)
+
+
+# log.info(..., extra=FILE_ONLY): into train.log, not onto the console (long tables, file lists).
+FILE_ONLY = {"file_only": True}
 
 
 def get_logger() -> logging.Logger:

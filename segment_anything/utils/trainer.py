@@ -232,8 +232,7 @@ def train_one_epoch(
                 scaler.scale(loss).backward()
             meter.add(terms, batch.num_images)
             if progress is not None:
-                progress.update(batch.num_images * get_world_size())  # rank 0's bar counts all ranks
-                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                progress.step(batch.num_images * get_world_size(), loss)  # counts all ranks; reads the loss now and then
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()

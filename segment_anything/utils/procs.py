@@ -1,0 +1,96 @@
+"""Worker processes: die with the launcher, a free or checked port, threads per process, no orphan run folders."""
+
+import ctypes
+import errno
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_WATCH_SECONDS = 1.0
+_GRACE_SECONDS = 30.0  # to save last.pth and leave the process group after the parent died
+
+
+def die_with_parent() -> None:
+    """End this process when its parent (the run.py launcher or torchrun's agent) dies.
+
+    Without this, killing only the launcher of a spawned run can leave its workers training and
+    writing into the run folder: torch's spawn asks Linux for SIGINT at the parent's death, which a
+    process started in the background by a script (`python run.py ... &`, nohup) ignores. Here the
+    signal is SIGTERM, which nothing ignores by default and which lets a SIGTERM handler save and
+    leave the process group as it does when a scheduler stops the run; elsewhere, or if prctl is
+    unavailable, a daemon thread notices that the parent pid changed. Either way the thread sends
+    SIGKILL if the process is still alive _GRACE_SECONDS later.
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:  # an orphan is re-parented to init or a subreaper
+        time.sleep(_WATCH_SECONDS)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(_GRACE_SECONDS)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_port(port: Optional[int]) -> int:
+    """The port for a self-spawned process group: --port if it is free, a free one if --port was not given.
+
+    Raises ValueError (one line naming --port) when --port is taken, instead of the worker's EADDRINUSE traceback.
+    """
+    if port is None:
+        return free_port()
+    with socket.socket() as s:
+        # SO_REUSEADDR as the process group's store sets it: a port in TIME_WAIT is usable, a listening one is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen(1)
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise
+            raise ValueError(f"--port {port} is in use on 127.0.0.1 (another run?); pass another --port, "
+                             "or leave --port out to use a free one") from None
+    return port
+
+
+def default_threads(local_processes: int) -> int:
+    """CPU threads per process: the usable cores shared by this node's processes (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(local_processes, 1))
+
+
+def discard_unstarted_run(out_dir: Path, existed: bool) -> bool:
+    """Undo the run folder of a run that failed before saving anything to resume from.
+
+    Such a folder would block reusing --output_dir, and --resume of it fails (no last.pth).
+    existed: the folder was there (empty) before the run; then only its contents go.
+    Returns True if something was removed.
+    """
+    if not out_dir.is_dir() or (out_dir / "last.pth").exists() or (out_dir / "best.pth").exists():
+        return False
+    if not existed:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return True
+    for child in list(out_dir.iterdir()):
+        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+    return True

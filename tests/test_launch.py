@@ -1,0 +1,209 @@
+"""The launcher (issue 13 §1, §4, §6, §7): workers die with it, ports, bad weights, run folders, logs, threads.
+
+Runs are vit_t with random weights at 64 px on a few synthetic images; every subprocess has a timeout.
+"""
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from segment_anything.tools import train as launcher
+from segment_anything.utils import engine
+from segment_anything.utils.config import TrainConfig
+from segment_anything.utils.data import make_synthetic_dataset
+from segment_anything.utils.progress import Progress
+
+TIMEOUT = 300
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    train = make_synthetic_dataset(root / "train", n=4, size_range=(48, 64), seed=5)
+    val = make_synthetic_dataset(root / "val", n=2, size_range=(48, 64), seed=6)
+    return train, val
+
+
+def flags(train: Path, val: Path, out: Path, **extra) -> list:
+    opts = {"checkpoint": "none", "image_size": 64, "num_workers": 0, "train_dir": train, "val_dir": val,
+            "model_type": "vit_t", "output_dir": out, "epoch": 1, **extra}
+    return [x for k, v in opts.items() for x in (f"--{k}", str(v))]
+
+
+def run(args: list) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+
+
+def children(pid: int) -> list:
+    """Direct children of pid (Linux /proc)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        out += [int(c) for c in task.read_text().split()]
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killing_the_launcher_ends_its_workers(data, tmp_path):
+    out = tmp_path / "run"
+    # SIGINT ignored, as for `python run.py ... &` in a script: then torch's own parent-death SIGINT does nothing.
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *flags(*data, out, epoch=10000, world_size=2)],
+                            cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    workers = []
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (out / "metrics.jsonl").exists():  # both workers are training
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.2)
+        workers = [p for p in children(proc.pid) if alive(p)]
+        workers = [p for p in workers if "spawn" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(workers) == 2, workers
+        proc.kill()  # SIGKILL: the launcher cannot tell its workers anything
+        proc.wait()
+        deadline = time.monotonic() + 60  # generous: the point is that they go, not how fast
+        while any(alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in workers), "workers still running after the launcher died"
+    finally:
+        for p in workers:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_port_in_use_is_one_line_naming_the_flag(data, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = run(flags(*data, tmp_path / "run", world_size=2, port=port))
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"error: --port {port} is in use on 127.0.0.1 (another run?); pass another " \
+                                    "--port, or leave --port out to use a free one", result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_text_file_as_checkpoint_stops_before_any_worker_and_leaves_no_folder(data, tmp_path):
+    weights = tmp_path / "weights.pth"
+    weights.write_text("a note, not weights\n")
+    out = tmp_path / "run"
+    result = run(flags(*data, out, world_size=2, checkpoint=weights))
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"--checkpoint {weights} is not a PyTorch checkpoint" in result.stderr
+    assert not out.exists()
+
+
+def test_two_process_run_logs_quietly_to_a_pipe(data, tmp_path):
+    """Not a terminal: no carriage-return bars, no deprecation warning per rank, the model table and the
+    skipped files in train.log only, threads per process = cores / processes (the default)."""
+    train, val = data
+    empty = np.zeros((40, 40), np.uint8)
+    cv2.imwrite(str(train / "images" / "blank.png"), np.full((40, 40, 3), 90, np.uint8))
+    cv2.imwrite(str(train / "labels" / "blank.png"), empty)
+    try:
+        out = tmp_path / "run"
+        result = run(flags(train, val, out, world_size=2))
+    finally:
+        (train / "images" / "blank.png").unlink()
+        (train / "labels" / "blank.png").unlink()
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr + result.stdout
+    assert "Warning" not in result.stderr, result.stderr
+    log = (out / "train.log").read_text()
+    assert "Total params" in log and "Total params" not in result.stdout
+    assert f"skipped (empty mask): {train / 'labels' / 'blank.png'}" in log and "blank.png" not in result.stdout
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"2 process(es) on cpu ({threads} CPU threads each)" in log
+
+
+def test_a_run_that_fails_before_its_first_epoch_leaves_no_folder(data, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure while building the model")
+
+    monkeypatch.setattr(engine.Training, "build", broken)
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            launcher.main(flags(*data, out, dist="no", threads=1))
+        assert torch.get_num_threads() == 1  # --threads
+    finally:
+        torch.set_num_threads(threads)
+    assert not out.exists()
+    existing = tmp_path / "empty_before"
+    existing.mkdir()
+    with pytest.raises(RuntimeError, match="injected"):
+        launcher.main(flags(*data, existing, dist="no"))
+    assert existing.is_dir() and not any(existing.iterdir())  # reusable: what the run wrote is gone
+
+
+def test_help_shows_each_default_once():
+    text = TrainConfig.parser().format_help()
+    blocks = text.split("\n  --")[1:]
+    assert len(blocks) > 15
+    for block in blocks:
+        assert block.lower().count("default") <= 1, block
+    assert "(default: None)" not in text
+
+
+class CountingLoss:
+    """Stands in for a device tensor and counts host reads (each .item() is a GPU sync)."""
+
+    reads = 0
+
+    def detach(self):
+        return self
+
+    def item(self) -> float:
+        CountingLoss.reads += 1
+        return 0.5
+
+
+def test_progress_reads_the_loss_rarely_and_writes_plain_lines_off_a_terminal(caplog):
+    stream = io.StringIO()
+    bar = Progress(total=100, desc="epoch 1/1", every=10, interval=3600, terminal=True, stream=stream)
+    for _ in range(25):
+        bar.step(4, CountingLoss())
+    bar.close()
+    assert CountingLoss.reads == 2  # steps 10 and 20, not 25
+    assert "img/s" in stream.getvalue()
+
+    CountingLoss.reads = 0
+    silent = Progress(total=100, desc="epoch 1/1", enabled=False)
+    for _ in range(25):
+        silent.step(4, CountingLoss())
+    assert CountingLoss.reads == 0  # ranks other than 0
+
+    import logging
+    logger = logging.getLogger("sam_finetune")
+    logger.addHandler(caplog.handler)
+    try:
+        plain = Progress(total=8, desc="epoch 2/3", interval=0, terminal=False, stream=io.StringIO())
+        plain.step(4, CountingLoss())
+        plain.step(4, CountingLoss())
+    finally:
+        logger.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[1].startswith("epoch 2/3 | 8/8 img | loss 0.5000 | ") and lines[1].endswith(" img/s")

@@ -1,34 +1,51 @@
 """Segment one image with stock SAM plus our fine-tuned mask decoder ("partial weights").
 
-    python load_model_ex.py --model_type vit_b --checkpoint sam_vit_b_01ec64.pth \
-        --weights runs/<run>/best.pth --image photo.jpg --output mask.png
+    python load_model_ex.py --checkpoint sam_vit_b_01ec64.pth --weights runs/<run>/best.pth \
+        --image photo.jpg --output mask.png
 
-Works with this repository's segment_anything and with Meta's (pip install segment-anything).
-Python puts this script's folder first on sys.path, so inside the repository ours is imported;
-`python -P load_model_ex.py ...` (Python 3.11+) leaves it out and uses the installed package.
+The model type and input size are read from best.pth (a --model_type or --image_size that
+disagrees with the file is an error); a run's last.pth is accepted too (it holds the latest
+epoch's parameters, best.pth the best epoch's).
+Works with this repository's segment_anything and with Meta's (pip install segment-anything),
+which runs only vit_b/l/h at 1024 px. Python puts this script's folder first on sys.path, so
+inside the repository ours is imported; `python -P load_model_ex.py ...` (Python 3.11+) leaves it
+out and uses the installed package.
 """
 
 import argparse
+import importlib
 import importlib.util
+import inspect
+import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from segment_anything import SamPredictor, sam_model_registry
 
-try:
-    from segment_anything.utils.save_weight import load_partial_weight
-except ImportError:  # Meta's stock package has no save_weight: load ours from its file (torch-only)
-    _file = Path(__file__).resolve().parent / "segment_anything" / "utils" / "save_weight.py"
-    _spec = importlib.util.spec_from_file_location("save_weight", _file)
-    _module = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_module)
-    load_partial_weight = _module.load_partial_weight
+
+def ours(name: str):
+    """Our utils module `name`; next to Meta's stock package (which has none) it is loaded from its
+    file beside this script (these modules need only torch)."""
+    try:
+        return importlib.import_module(f"segment_anything.utils.{name}")
+    except ImportError:
+        file = Path(__file__).resolve().parent / "segment_anything" / "utils" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+save_weight, weights = ours("save_weight"), ours("weights")
+MODEL_TYPES = sorted(set(sam_model_registry) - {"default"})
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--model_type", default="vit_b", choices=sorted(set(sam_model_registry) - {"default"}))
 parser.add_argument("--checkpoint", required=True, help="official SAM weights, e.g. sam_vit_b_01ec64.pth")
-parser.add_argument("--weights", required=True, help="partial weights saved by training (best.pth)")
+parser.add_argument("--weights", required=True, help="partial weights saved by training (best.pth), or a run's last.pth")
+parser.add_argument("--model_type", choices=MODEL_TYPES, help="default: the model type stored in --weights")
+parser.add_argument("--image_size", type=int, help="encoder input side in pixels; default: the size stored in --weights")
 parser.add_argument("--image", required=True)
 parser.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
                     help="prompt box in pixels (default: the image minus a 10%% margin)")
@@ -36,10 +53,46 @@ parser.add_argument("--output", default="mask.png")
 parser.add_argument("--device", default="cpu")
 args = parser.parse_args()
 
-sam = sam_model_registry[args.model_type](checkpoint=args.checkpoint)  # the official weights
-meta = load_partial_weight(sam, args.weights, expected_model_type=args.model_type)  # then our tuned part
-if meta.get("image_size", sam.image_encoder.img_size) != sam.image_encoder.img_size:
-    print(f"warning: trained at image_size {meta['image_size']}, running at {sam.image_encoder.img_size}")
+
+def pick(flag: str, given, stored, fallback=None):
+    """A flag's value: the file's, unless the flag was given; a flag that disagrees with the file is an error."""
+    if given is not None and stored is not None and given != stored:
+        raise SystemExit(f"error: --{flag} {given}, but {args.weights} was trained with {flag} {stored}; "
+                         f"leave --{flag} out to use the file's")
+    value = given if given is not None else stored if stored is not None else fallback
+    if value is None:
+        raise SystemExit(f"error: {args.weights} does not say which {flag} it was trained for; pass --{flag}")
+    return value
+
+
+try:
+    info = weights.inspect_weights(args.weights)
+except FileNotFoundError as err:
+    raise SystemExit(f"error: --weights {err}")
+if info.kind not in ("partial", "resume", "full"):
+    raise SystemExit(f"error: --weights {args.weights} is {info.describe()}; expected a best.pth written by run.py")
+model_type = pick("model_type", args.model_type, info.model_type)
+image_size = pick("image_size", args.image_size, info.image_size, fallback=1024)
+weights_file = Path(args.weights)
+if info.kind == "resume":
+    print(f"note: {args.weights} is a run's resume file (last.pth, after epoch {info.metadata.get('epoch')}); "
+          "using the parameters it holds (best.pth holds the best epoch's)")
+    state = torch.load(args.weights, map_location="cpu", weights_only=False)  # it holds numpy RNG states
+    scratch = tempfile.TemporaryDirectory()  # removed at exit
+    weights_file = Path(scratch.name) / "from_last.pth"
+    torch.save({"format": save_weight.FORMAT, "model": state["model"]}, weights_file)
+
+if model_type not in sam_model_registry:
+    raise SystemExit(f"error: {args.weights} is for {model_type}, which this segment_anything does not have")
+builder = sam_model_registry[model_type]
+if "image_size" in inspect.signature(builder).parameters:
+    sam = builder(checkpoint=args.checkpoint, image_size=image_size)  # the official weights, adapted to the size
+elif image_size == 1024:
+    sam = builder(checkpoint=args.checkpoint)
+else:
+    raise SystemExit(f"error: {args.weights} was trained at image_size {image_size}; this segment_anything "
+                     "(Meta's) runs only at 1024: use this repository's package")
+save_weight.load_partial_weight(sam, weights_file, expected_model_type=model_type)  # then our tuned part
 predictor = SamPredictor(sam.to(args.device))
 
 bgr = cv2.imread(args.image)
@@ -52,4 +105,4 @@ masks, iou, _ = predictor.predict(box=box, multimask_output=False)
 
 if not cv2.imwrite(args.output, masks[0].astype(np.uint8) * 255):
     raise SystemExit(f"cannot write {args.output}")
-print(f"predicted IoU {iou[0]:.3f}; mask written to {args.output}")
+print(f"{model_type} at {image_size} px: predicted IoU {iou[0]:.3f}; mask written to {args.output}")

@@ -1,0 +1,33 @@
+"""pyproject.toml (issue 13 §5): runtime dependencies are requirements.txt, extras pinned as in
+requirements-dev.txt, every console command points at a main() that exists. The install itself is
+checked by .ci/check_install (pip install -e . into a fresh virtual environment)."""
+
+import importlib
+import tomllib
+
+from conftest import REPO
+
+
+def requirement_lines(name: str) -> set:
+    lines = (REPO / name).read_text().splitlines()
+    return {line.split("#")[0].strip() for line in lines if line.split("#")[0].strip() and not line.startswith("-r")}
+
+
+def test_dependencies_and_extras_follow_the_requirements_files():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["tool"]["setuptools"]["dynamic"]["dependencies"] == {"file": ["requirements.txt"]}
+    assert "dependencies" in project["project"]["dynamic"]
+    dev_pins = requirement_lines("requirements-dev.txt") | requirement_lines("requirements.txt")
+    extras = project["project"]["optional-dependencies"]
+    assert {"train", "coco", "onnx", "dev"} <= set(extras)
+    for name, pins in extras.items():
+        assert set(pins) <= dev_pins, (name, set(pins) - dev_pins)
+    assert set(extras["dev"]) == requirement_lines("requirements-dev.txt")
+
+
+def test_console_commands_point_at_existing_functions():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["sam-train"] == "segment_anything.tools.train:main"
+    for target in scripts.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), target

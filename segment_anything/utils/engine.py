@@ -268,6 +268,8 @@ def start_run_folder(cfg: TrainConfig, out_dir: Path, data: RunData) -> None:
     if data.skipped:  # --skip_bad: the samples left out, one per line
         (out_dir / "skipped.txt").write_text("\n".join(data.skipped) + "\n")
         log.warning(f"{data.skip_summary}; full list in {out_dir / 'skipped.txt'}")
+        for line in data.skipped:  # named in train.log too, not on the console
+            log.info(f"skipped: {line}", extra=FILE_ONLY)
 
 
 def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path]] = None) -> Dict[str, float]:

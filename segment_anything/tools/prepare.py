@@ -5,9 +5,9 @@
 
 Writes OUT/images/<stem>.png (decoded: EXIF applied, 8-bit RGB), OUT/masks/<stem>_<k>.png (one
 binary mask per object, 0/255), OUT/objects.json (per image: size, source and each object's box
-xyxy in pixels, category, area in pixels) and with --visualize OUT/overlays/<stem>.png (every
-object's outline and box on the photo, in its own colour, plus sampled points where the prompt
-module is available). Bad samples stop the tool with every problem listed, as in training; with
+xyxy in pixels, category, area in pixels, sampled points [x, y, label]) and with --visualize
+OUT/overlays/<stem>.png (every object's outline, box and points on the photo, in its own colour;
+points drawn as training draws them: --prompt, --num_points, --point_mode, --negative_points). Bad samples stop the tool with every problem listed, as in training; with
 --skip_bad they are left out and listed in OUT/skipped.txt.
 """
 
@@ -24,7 +24,8 @@ from ..utils.config import DATA_FORMATS, INSTANCE_MODES
 from ..utils.data.checks import DataError, raise_problems, summary
 from ..utils.data.formats import DataOptions
 from ..utils.data.prepare import describe, load_split
-from ..utils.data.records import Record, mask_to_box
+from ..utils.data.prompts import POINT_MODES, PROMPTS, PromptConfig, object_prompts
+from ..utils.data.records import Record
 
 
 def colours(n: int) -> np.ndarray:
@@ -33,8 +34,9 @@ def colours(n: int) -> np.ndarray:
     return cv2.cvtColor(hsv[None], cv2.COLOR_HSV2RGB)[0]
 
 
-def overlay(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray, points=None) -> np.ndarray:
-    """RGB uint8 (H, W, 3): each object's outline, box and points (N, K, 2) drawn in its colour."""
+def overlay(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray, points=None, labels=None) -> np.ndarray:
+    """RGB uint8 (H, W, 3): each object's outline, box and points (N, K, 2) drawn in its colour;
+    positive points (label 1) filled with a white ring, negative ones (0) black-filled, padding (-1) not drawn."""
     out = image.copy()
     width = max(1, round(max(image.shape[:2]) / 400))
     for mask, box, colour in zip(masks, boxes, colours(len(masks)).tolist()):
@@ -43,10 +45,13 @@ def overlay(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray, points=None
         x0, y0, x1, y1 = (int(round(v)) for v in box)
         cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), colour, width)
     if points is not None:
-        for obj_points, colour in zip(points, colours(len(masks)).tolist()):
-            for x, y in obj_points:
-                cv2.circle(out, (int(round(x)), int(round(y))), 2 * width + 1, colour, -1)
-                cv2.circle(out, (int(round(x)), int(round(y))), 2 * width + 1, (255, 255, 255), 1)
+        for obj_points, obj_labels, colour in zip(points, labels, colours(len(masks)).tolist()):
+            for (x, y), label in zip(obj_points, obj_labels):
+                if label < 0:
+                    continue
+                centre, r = (int(round(x)), int(round(y))), 2 * width + 1
+                cv2.circle(out, centre, r, colour if label > 0 else (0, 0, 0), -1)
+                cv2.circle(out, centre, r, (255, 255, 255) if label > 0 else colour, max(1, width // 2))
     return out
 
 
@@ -62,23 +67,27 @@ def _write(path: Path, rgb_or_mask: np.ndarray) -> None:
     path.write_bytes(data.tobytes())  # write_bytes: non-ASCII paths work everywhere
 
 
-def export(records: List[Record], out: Path, visualize: bool = False) -> List[dict]:
-    """Write images, masks, overlays for records into out; returns the objects.json entries."""
+def export(records: List[Record], out: Path, visualize: bool = False, prompts: PromptConfig = PromptConfig(),
+           seed: int = 0) -> List[dict]:
+    """Write images, masks, overlays for records into out; returns the objects.json entries.
+    Points are drawn as training draws them, from a generator seeded by (seed, image index)."""
     for sub in ("images", "masks") + (("overlays",) if visualize else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
     entries, used = [], {}
-    for record in records:
+    for index, record in enumerate(records):
         stem = _stem(record, used)
         image, masks = record.load_image(), record.load_masks()
-        boxes = np.stack([mask_to_box(m) for m in masks])
+        rng = np.random.default_rng([seed, index])
+        boxes, points, labels = (np.stack(v) for v in zip(*(object_prompts(m, prompts, rng) for m in masks)))
         _write(out / "images" / f"{stem}.png", image)
         objects = []
         for k, (mask, box, category) in enumerate(zip(masks, boxes, record.categories)):
             _write(out / "masks" / f"{stem}_{k}.png", mask * 255)
             objects.append({"mask": f"masks/{stem}_{k}.png", "box": [float(v) for v in box],
-                            "category": category, "area": int(mask.sum())})
+                            "category": category, "area": int(mask.sum()),
+                            "points": [[float(x), float(y), int(lab)] for (x, y), lab in zip(points[k], labels[k]) if lab >= 0]})
         if visualize:
-            _write(out / "overlays" / f"{stem}.png", overlay(image, masks, boxes))
+            _write(out / "overlays" / f"{stem}.png", overlay(image, masks, boxes, points, labels))
         entries.append({"image": f"images/{stem}.png", "original": record.image, "source": record.source,
                         "size": list(record.size), "objects": objects})
     return entries
@@ -100,6 +109,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground_values", help="mask values that are the object, comma-separated")
     p.add_argument("--intensity_range", default="auto", help="16-bit images: auto or LO,HI")
     p.add_argument("--skip_bad", action="store_true", help="leave bad samples out (listed in skipped.txt)")
+    p.add_argument("--prompt", default="box+point", choices=list(PROMPTS), help="prompts to sample and draw")
+    p.add_argument("--num_points", type=int, default=1, help="positive points per object")
+    p.add_argument("--point_mode", default="center", choices=list(POINT_MODES))
+    p.add_argument("--negative_points", type=int, default=0, help="background points per object, from its box")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random points")
     return p
 
 
@@ -120,7 +134,8 @@ def main(argv=None) -> int:
             raise DataError(f"{loaded.source}: no usable images ({loaded.total} listed)")
     except DataError as err:
         sys.exit(f"error: {err}")
-    entries = export(loaded.records, out, args.visualize)
+    prompts = PromptConfig(args.prompt, args.num_points, args.point_mode, args.negative_points)
+    entries = export(loaded.records, out, args.visualize, prompts, args.seed)
     info = {"source": loaded.source, "format": loaded.fmt, "instance_mode": args.instance_mode,
             "dropped": dict(loaded.drops), "images": entries}
     (out / "objects.json").write_text(json.dumps(info, indent=1))

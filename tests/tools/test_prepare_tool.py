@@ -28,6 +28,8 @@ def test_prepare_writes_one_mask_per_object_and_overlays(tmp_path):
             np.testing.assert_array_equal(written, mask * 255)
             ys, xs = np.nonzero(mask)
             assert obj["box"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] and obj["area"] == mask.sum()
+            ((x, y, label),) = obj["points"]  # default: one centre point, inside its object
+            assert label == 1 and mask[int(y), int(x)] == 1
         drawn = cv2.imread(str(out / "overlays" / entry["image"].split("/")[1]))
         x0, y0 = (int(v) for v in entry["objects"][0]["box"][:2])
         assert (drawn[y0, x0:x0 + 3] != cv2.cvtColor(image, cv2.COLOR_RGB2BGR)[y0, x0:x0 + 3]).any()  # the box edge

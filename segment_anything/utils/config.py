@@ -49,6 +49,8 @@ def adapt_errors(cfg: "TrainConfig") -> List[str]:
         errors.append(f"--lora_rank must be >= 0, got {cfg.lora_rank}")
     if not cfg.lora_alpha > 0:
         errors.append(f"--lora_alpha must be > 0, got {cfg.lora_alpha}")
+    if cfg.min_region_area < 0:
+        errors.append(f"--min_region_area must be >= 0, got {cfg.min_region_area}")
     if cfg.accumulate < 1:
         errors.append(f"--accumulate must be >= 1, got {cfg.accumulate}")
     if "train" in parsed and "lora_targets" in parsed:
@@ -132,6 +134,7 @@ class TrainConfig:
                            choices=["merged", "adapters"])
     grad_checkpoint: bool = _flag(False, "recompute the image encoder's blocks in the backward pass (less memory when the encoder trains)")
     accumulate: int = _flag(1, "accumulate gradients over this many steps (K steps of batch B train as one of batch K*B)")
+    min_region_area: int = _flag(0, "validation also reports IoU/Dice after filling holes and removing islands smaller than this (pixels; 0 = off)")
     loss_size: str = _flag("original", "compute the loss at each image's original size or on the decoder's low-resolution grid",
                            choices=["original", "low_res"])
     # Output

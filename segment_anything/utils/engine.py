@@ -224,10 +224,11 @@ def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler) 
                               run.amp_dtype, run.loss_spec, progress=bar, accumulate=cfg.accumulate)
     bar.close()
     train_s = time.perf_counter() - t0
-    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec)
+    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec, cfg.min_region_area)
+    terms_post = {f"val_{k}": val_m[k] for k in ("iou_post", "dice_post") if k in val_m}
     terms = {f"{split}_{k}": m[k] for split, m in (("train", train_m), ("val", val_m)) for k in run.loss_spec.keys()[1:]}
     return {"epoch": run.epoch + 1, "train_loss": train_m["loss"], "train_iou": train_m["iou"],
-            "val_loss": val_m["loss"], "val_iou": val_m["iou"], "val_dice": val_m["dice"], **terms,
+            "val_loss": val_m["loss"], "val_iou": val_m["iou"], "val_dice": val_m["dice"], **terms, **terms_post,
             "images_per_sec": train_m["images"] / train_s, "seconds": time.perf_counter() - t0,
             "lr": run.scheduler.get_last_lr()[0], "_val": val_m}
 
@@ -248,8 +249,9 @@ def save_epoch(run: Training, out_dir: Path, record: Dict, improved: bool, rng: 
     get_logger().info(
         f"epoch {run.epoch}/{run.cfg.epoch} | train loss {record['train_loss']:.4f}{f' ({parts})' if parts else ''} "
         f"| val loss {record['val_loss']:.4f} "
-        f"IoU {record['val_iou']:.4f} Dice {record['val_dice']:.4f}{' (best)' if improved else ''} | "
-        f"{record['images_per_sec']:.1f} img/s | {record['seconds']:.1f} s"
+        f"IoU {record['val_iou']:.4f} Dice {record['val_dice']:.4f}{' (best)' if improved else ''}"
+        + (f" (post-processed IoU {record['val_iou_post']:.4f} Dice {record['val_dice_post']:.4f})" if "val_iou_post" in record else "")
+        + f" | {record['images_per_sec']:.1f} img/s | {record['seconds']:.1f} s"
     )
 
 

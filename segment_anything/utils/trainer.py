@@ -21,6 +21,7 @@ from .accumulate import global_count
 from .distributed import get_world_size
 from .losses import DEFAULT_LOSS_SPEC, LossSpec, low_res_pair
 from .metrics import Meter, mask_dice, mask_iou
+from .postprocess import clean_masks
 from .trainable import set_train_mode
 from .transforms import ResizeLongestSide
 
@@ -155,9 +156,13 @@ def prepare_batch(items: List[dict], sam: Sam, device: torch.device) -> Batch:
 METRIC_KEYS = ("iou", "dice")  # of the thresholded mask; apart from the loss terms
 
 
+POST_KEYS = ("iou_post", "dice_post")  # the same after clean_masks (--min_region_area)
+
+
 def score(sam: Sam, batch: Batch, low_res: torch.Tensor, iou_pred: torch.Tensor, loss: LossSpec = DEFAULT_LOSS_SPEC,
-          metrics_at_original: bool = False) -> Dict[str, torch.Tensor]:
-    """Per-prompt loss terms (loss.keys()) and metrics (METRIC_KEYS); dict of (P,) tensors.
+          metrics_at_original: bool = False, min_region_area: int = 0) -> Dict[str, torch.Tensor]:
+    """Per-prompt loss terms (loss.keys()) and metrics (METRIC_KEYS, plus POST_KEYS with a
+    min_region_area); dict of (P,) tensors.
 
     The loss is computed at each image's original size, or on the low-resolution grid with
     loss.size == 'low_res'; metrics where the loss is, or at the original size when
@@ -180,6 +185,9 @@ def score(sam: Sam, batch: Batch, low_res: torch.Tensor, iou_pred: torch.Tensor,
         pred, truth = (full, masks) if full is not None else (logits, target)
         pred = pred.detach() > sam.mask_threshold
         out["iou"], out["dice"] = mask_iou(pred, truth), mask_dice(pred, truth)
+        if min_region_area > 0:
+            cleaned = clean_masks(pred, min_region_area)  # holes filled, islands removed, as the predictor's option
+            out["iou_post"], out["dice_post"] = mask_iou(cleaned, truth), mask_dice(cleaned, truth)
         for key, value in out.items():
             terms.setdefault(key, []).append(value)
         start += n
@@ -262,19 +270,20 @@ def _embed_once(sam: Sam, batch: Batch, keys: List, cache: Dict) -> torch.Tensor
 @torch.no_grad()
 def evaluate(
     sam: Sam, loader: Iterable, device: torch.device, amp_dtype: Optional[torch.dtype],
-    loss_spec: LossSpec = DEFAULT_LOSS_SPEC,
+    loss_spec: LossSpec = DEFAULT_LOSS_SPEC, min_region_area: int = 0,
 ) -> Dict[str, float]:
     """Validation on this rank's shard with the bare model (no DDP forward, so no collective
     inside the loop and no deadlock when shards differ in length), then one global reduction.
     Items that are chunks of one image (key `index` repeated) share one encoder pass."""
     sam.eval()
     step = SamTrainStep(sam)
-    meter = Meter(loss_spec.keys() + METRIC_KEYS)
+    meter = Meter(loss_spec.keys() + METRIC_KEYS + (POST_KEYS if min_region_area > 0 else ()))
     cache: Dict = {}
     for items in loader:
         batch = prepare_batch(items, sam, device)
         with autocast_context(device, amp_dtype):
             embeddings = _embed_once(sam, batch, [it.get("index") for it in items], cache)
             low_res, iou_pred = step.decode(embeddings, *batch.prompts())
-        meter.add(score(sam, batch, low_res, iou_pred, loss_spec, metrics_at_original=True), batch.num_images)
+        meter.add(score(sam, batch, low_res, iou_pred, loss_spec, metrics_at_original=True,
+                        min_region_area=min_region_area), batch.num_images)
     return meter.reduce(device)

@@ -4,6 +4,7 @@
 Helpers and the synthetic-data fixtures come from tests/test_run.py.
 """
 
+import json
 import shutil
 
 import cv2
@@ -33,7 +34,7 @@ def test_vit_t_encoder_training_under_two_processes(data, tmp_path):
     BatchNorm statistics (rank 0's, which DDP broadcasts to every rank at each forward)."""
     out = tmp_path / "enc"
     run_ok(base_flags(*data, out, batch_size=2, epoch=1, world_size=2, port=free_port(), grad_checkpoint="true")
-           + ["--train", "image_encoder"])
+           + ["--train", "image_encoder", "--min_region_area", "20", "--loss", "focal=20,dice=1,iou_head=1"])
     best = torch.load(out / "best.pth", map_location="cpu", weights_only=True)["model"]
     torch.manual_seed(21)
     init = sam_model_registry["vit_t"](checkpoint=None, image_size=SIZE).state_dict()
@@ -42,6 +43,9 @@ def test_vit_t_encoder_training_under_two_processes(data, tmp_path):
     assert stats and all(not torch.equal(best[k], init[k]) for k in stats)
     log = (out / "train.log").read_text()
     assert "image_encoder            trainable" in log and "2 process(es) on cpu" in log
+    assert "post-processed IoU" in log and "(focal " in log
+    line = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][0]
+    assert 0 <= line["val_iou_post"] <= 1 and 0 <= line["val_dice_post"] <= 1 and "train_loss_focal" in line
 
 
 def nails_subset(root, n_train=2, n_val=2):

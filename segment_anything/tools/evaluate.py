@@ -1,0 +1,244 @@
+"""Base vs fine-tuned SAM on exactly the same prompts: IoU, Dice, boundary IoU, corrective clicks,
+and a forgetting check on a second data set.
+
+    python -m segment_anything.tools.evaluate --model_type vit_b --checkpoint sam_vit_b_01ec64.pth \
+        --weights runs/<run>/best.pth --data_dir data/val [--prompt box|point|box+point] \
+        [--clicks 1,3,5] [--reference_data coco/instances_val2017.json --reference_images coco/val2017] \
+        --output_dir eval/
+
+Writes per_object.csv (one row per object and model), summary.json (means with 95 % bootstrap
+intervals over images, and the paired difference fine-tuned - base) and compare.png (the
+objects that gained and lost most), and prints the table.
+"""
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..predictor import SamPredictor
+from ..utils.clicks import click_session
+from ..utils.data import DataOptions, Record, load_records, split_records
+from ..utils.data.prompts import PROMPTS, PromptConfig, object_prompts
+from ..utils.metrics import boundary_iou, mask_dice, mask_iou
+from ..utils.postprocess import clean_masks
+from . import _draw
+from ._model import add_model_args, cli, load_model, weights_metadata
+from ._stats import bootstrap_mean, format_ci
+
+MODELS = ("base", "tuned")
+METRICS = ("iou", "dice", "boundary_iou")
+
+
+def parse_clicks(text: Optional[str]) -> List[int]:
+    if not text:
+        return []
+    try:
+        clicks = sorted({int(v) for v in text.split(",")})
+    except ValueError:
+        raise ValueError(f"--clicks takes click counts like 1,3,5, got {text!r}") from None
+    if clicks[0] < 1:
+        raise ValueError(f"--clicks counts must be >= 1, got {text!r}")
+    return clicks
+
+
+def read_data(path: str, fmt: str, images: Optional[str], split: str, val_fraction: float, seed: int,
+              max_images: int = 0) -> List[Record]:
+    """Checked records of a data set (a COCO JSON needs its image folder); ``split`` val/train
+    reproduces run.py's seeded split of a training folder."""
+    if path.endswith(".json") or fmt == "coco":
+        if not images:
+            raise ValueError(f"{path}: a COCO JSON needs the folder of its images (--data_images / --reference_images)")
+        fmt = "coco"
+    records = load_records(path, fmt, DataOptions(fmt), images)
+    if split != "all":
+        train, val = split_records(records, val_fraction, seed)
+        records = val if split == "val" else train
+    return records[:max_images] if max_images else records
+
+
+def object_prompt_list(records: List[Record], cfg: PromptConfig, seed: int) -> List[dict]:
+    """One prompt per object, seeded by (seed, image, object): both models see exactly these."""
+    out = []
+    for i, record in enumerate(records):
+        for j, mask in enumerate(record.load_masks()):
+            rng = np.random.default_rng([seed, i, j])
+            box, points, labels = object_prompts(mask, cfg, rng)
+            real = labels >= 0  # drop padding slots: the predictor pads by itself
+            out.append({"image_index": i, "object": j, "box": box if cfg.uses_box else None,
+                        "points": points[real] if real.any() else None, "labels": labels[real] if real.any() else None})
+    return out
+
+
+def score_model(sam, records: List[Record], prompts: List[dict], clicks: List[int], min_area: int) -> List[dict]:
+    """Metrics of one model for every prompt; masks kept as packed bits for the comparison picture."""
+    predictor = SamPredictor(sam)
+    rows, by_image = [], {}
+    for p in prompts:
+        by_image.setdefault(p["image_index"], []).append(p)
+    for i, image_prompts in sorted(by_image.items()):
+        record = records[i]
+        predictor.set_image(record.load_image())
+        targets = record.load_masks([p["object"] for p in image_prompts]).astype(bool)
+        for p, target in zip(image_prompts, targets):
+            rows.append(score_prompt(predictor, p, target, clicks, min_area, record))
+    return rows
+
+
+def score_prompt(predictor: SamPredictor, p: dict, target: np.ndarray, clicks: List[int], min_area: int, record: Record) -> dict:
+    def predict(points, labels, logits):
+        masks, scores, low_res = predictor.predict(points, labels, p["box"], logits, multimask_output=False)
+        return clean_masks(masks[0], min_area), low_res
+
+    mask, low_res = predict(p["points"], p["labels"], None)
+    pred_t, target_t = torch.from_numpy(mask[None]), torch.from_numpy(target[None])
+    row = {"image": record.image, "object": p["object"], "category": record.categories[p["object"]],
+           "iou": mask_iou(pred_t, target_t).item(), "dice": mask_dice(pred_t, target_t).item(),
+           "boundary_iou": boundary_iou(pred_t, target_t).item(), "mask": np.packbits(mask)}
+    if clicks:
+        points = p["points"] if p["points"] is not None else np.zeros((0, 2), np.float32)
+        labels = p["labels"] if p["labels"] is not None else np.zeros((0,), np.float32)
+        session = click_session(predict, target, points, labels, mask, low_res, max(clicks))
+        for k in clicks:
+            row[f"iou_click{k}"] = mask_iou(torch.from_numpy(session[k - 1][None]), target_t).item()
+    return row
+
+
+def summarize(results: Dict[str, List[dict]], metrics: List[str], n_resamples: int, seed: int) -> dict:
+    groups = [r["image"] for r in results["base"]]
+    out = {"objects": len(groups), "images": len(set(groups))}
+    for name in MODELS:
+        out[name] = {m: bootstrap_mean([r[m] for r in results[name]], groups, n_resamples, seed) for m in metrics}
+    out["difference"] = {
+        m: bootstrap_mean([t[m] - b[m] for b, t in zip(results["base"], results["tuned"])], groups, n_resamples, seed)
+        for m in metrics
+    }
+    return out
+
+
+def table(summary: dict, metrics: List[str], title: str) -> str:
+    lines = [f"{title}: {summary['objects']} objects in {summary['images']} images, mean [95% CI]", "",
+             "| metric | base | fine-tuned | fine-tuned - base |", "|---|---|---|---|"]
+    for m in metrics:
+        lines.append(f"| {m} | {format_ci(summary['base'][m])} | {format_ci(summary['tuned'][m])} | "
+                     f"{format_ci(summary['difference'][m], signed=True)} |")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, results: Dict[str, Dict[str, List[dict]]], metrics: List[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["dataset", "model", "image", "object", "category"] + metrics)
+        for dataset, by_model in results.items():
+            for model in MODELS:
+                for r in by_model[model]:
+                    writer.writerow([dataset, model, r["image"], r["object"], r["category"]] + [f"{r[m]:.6f}" for m in metrics])
+
+
+def compare_picture(records: List[Record], prompts: List[dict], results: Dict[str, List[dict]], count: int) -> np.ndarray:
+    """Rows: the ``count`` objects with the largest IoU gain, then the ``count`` with the largest
+    loss; columns: image with the prompt, ground truth, base, fine-tuned (cropped around the object)."""
+    gains = np.array([t["iou"] - b["iou"] for b, t in zip(results["base"], results["tuned"])])
+    order = np.argsort(-gains, kind="stable")
+    chosen = list(order[:count]) + [i for i in order[::-1][:count] if i not in order[:count]]
+    rows, labels = [], []
+    for i in chosen:
+        p, record = prompts[i], records[prompts[i]["image_index"]]
+        image = record.load_image()
+        target = record.load_masks([p["object"]])[0].astype(bool)
+        shape = target.shape
+        masks = [np.unpackbits(results[m][i]["mask"])[: target.size].reshape(shape).astype(bool) for m in MODELS]
+        y0, x0, y1, x1 = crop_around(target, p["box"])
+        prompted = _draw.draw_prompt(image, p["box"], p["points"], p["labels"])
+        pictures = [prompted] + [_draw.overlay(image, [m], [color]) for m, color in
+                                 zip([target, *masks], [_draw.GREEN, _draw.BLUE, _draw.RED])]
+        rows.append([pic[y0:y1, x0:x1] for pic in pictures])
+        labels.append(f"IoU {results['base'][i]['iou']:.2f} -> {results['tuned'][i]['iou']:.2f}")
+    return _draw.grid(rows, ["image + prompt", "ground truth", "base", "fine-tuned"], labels)
+
+
+def crop_around(target: np.ndarray, box: Optional[np.ndarray], margin: float = 0.75):
+    """(y0, x0, y1, x1): the object (and its prompt box) grown by ``margin`` of its size on each
+    side, so small objects are visible; the predictions are shown inside this window."""
+    ys, xs = np.nonzero(target)
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    if box is not None:
+        x0, y0, x1, y1 = min(x0, box[0]), min(y0, box[1]), max(x1, box[2]), max(y1, box[3])
+    dy, dx = int((y1 - y0) * margin) + 8, int((x1 - x0) * margin) + 8
+    h, w = target.shape
+    return int(max(0, y0 - dy)), int(max(0, x0 - dx)), int(min(h, y1 + dy)), int(min(w, x1 + dx))
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    clicks = parse_clicks(args.clicks)
+    metrics = list(METRICS) + [f"iou_click{k}" for k in clicks]
+    cfg = PromptConfig(prompt=args.prompt, num_points=args.num_points)
+    # Every input is read and checked before any model is built.
+    datasets = {"data": read_data(args.data_dir, args.data_format, args.data_images, args.split, args.val_fraction,
+                                  args.seed, args.max_images)}
+    if args.reference_data:
+        datasets["reference"] = read_data(args.reference_data, args.reference_format, args.reference_images, "all", 0,
+                                          args.seed, args.max_images)
+    prompts = {name: object_prompt_list(recs, cfg, args.prompt_seed) for name, recs in datasets.items()}
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # Both models at the fine-tuned model's input size (a base at 1024 would not be the same model).
+    args.image_size = args.image_size or weights_metadata(args.weights).get("image_size") or 1024
+    results: Dict[str, Dict[str, List[dict]]] = {name: {} for name in datasets}
+    for model_name, weights in (("base", None), ("tuned", args.weights)):
+        sam = load_model(args, weights)
+        for name, recs in datasets.items():
+            results[name][model_name] = score_model(sam, recs, prompts[name], clicks, args.min_region_area)
+        del sam
+    summary = {"prompt": args.prompt, "num_points": args.num_points, "prompt_seed": args.prompt_seed, "clicks": clicks,
+               "model_type": args.model_type, "checkpoint": args.checkpoint, "weights": args.weights}
+    for name in datasets:
+        summary[name] = summarize(results[name], metrics, args.bootstrap, args.seed)
+        print(table(summary[name], metrics, f"{'reference (forgetting check)' if name == 'reference' else 'data'} {args.reference_data if name == 'reference' else args.data_dir}"))
+        print()
+    if "reference" in summary:
+        summary["forgetting"] = {m: summary["reference"]["difference"][m] for m in metrics}
+        lost = summary["forgetting"]["iou"]
+        print(f"forgetting check: IoU on the reference data changed by {format_ci(lost, signed=True)} (negative = lost)")
+    write_csv(out_dir / "per_object.csv", results, metrics)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    picture = compare_picture(datasets["data"], prompts["data"], results["data"], args.compare_count)
+    _draw.save_rgb(out_dir / "compare.png", picture)
+    print(f"wrote {out_dir}/per_object.csv, summary.json, compare.png")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(parser, weights=False)
+    parser.add_argument("--weights", required=True, help="fine-tuned partial weights (best.pth)")
+    parser.add_argument("--data_dir", required=True, help="data folder (any --data_format), or a COCO JSON")
+    parser.add_argument("--data_format", default="auto", help="auto, folder, objects, instance_map, labelme or coco")
+    parser.add_argument("--data_images", help="COCO: the folder of the images")
+    parser.add_argument("--split", default="all", choices=["all", "val", "train"],
+                        help="val/train: run.py's seeded split of --data_dir (--val_fraction, --seed)")
+    parser.add_argument("--val_fraction", type=float, default=0.2)
+    parser.add_argument("--max_images", type=int, default=0, help="use only the first N images of each data set (0 = all)")
+    parser.add_argument("--prompt", default="box", choices=list(PROMPTS))
+    parser.add_argument("--num_points", type=int, default=1, help="positive points per object for point prompts")
+    parser.add_argument("--prompt_seed", type=int, default=0, help="seed of the prompts (per image and object)")
+    parser.add_argument("--clicks", help="IoU after these numbers of corrective clicks, e.g. 1,3,5")
+    parser.add_argument("--reference_data", help="forgetting check: a second, generic data set (folder or COCO JSON)")
+    parser.add_argument("--reference_format", default="auto")
+    parser.add_argument("--reference_images", help="COCO: the folder of the reference images")
+    parser.add_argument("--min_region_area", type=int, default=0, help="fill holes / remove islands below this (pixels) first")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals")
+    parser.add_argument("--compare_count", type=int, default=3, help="objects per direction in compare.png")
+    parser.add_argument("--output_dir", required=True)
+    return parser
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -39,8 +39,9 @@ def free_port() -> int:
 
 
 def base_flags(train: Path, val: Path, out: Path = None, **extra) -> list:
+    # eval_base off: these runs compare training epochs; the epoch-0 record is tested on nails below.
     flags = {"checkpoint": "none", "image_size": SIZE, "num_workers": 0, "train_dir": train, "val_dir": val,
-             "seed": SEED, "model_type": "vit_t", **extra}
+             "seed": SEED, "model_type": "vit_t", "eval_base": False, **extra}
     if out is not None:
         flags["output_dir"] = out
     return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
@@ -185,8 +186,10 @@ def test_torchrun_two_gloo_processes_on_the_nails_dataset(tmp_path):
     assert best["epoch"] in (1, 2) and best["metrics"]["epoch"] == best["epoch"]
     assert best["args"]["train_dir"] == str(nails) and best["args"]["epoch"] == 2
 
-    lines = metrics(out)
-    assert [m["epoch"] for m in lines] == [1, 2]
+    base, *lines = metrics(out)
+    assert [m["epoch"] for m in [base, *lines]] == [0, 1, 2]  # --eval_base (default): the starting model first
+    assert 0 <= base["val_iou"] <= 1 and np.isfinite(base["val_loss"]) and "train_loss" not in base
+    assert "epoch 0 (base model)" in (out / "train.log").read_text()
     for m in lines:
         for key in ("train_loss", "val_loss", "val_iou", "val_dice", "images_per_sec", "seconds"):
             assert np.isfinite(m[key]), (key, m)

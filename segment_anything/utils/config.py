@@ -137,6 +137,8 @@ class TrainConfig:
     min_region_area: int = _flag(0, "validation also reports IoU/Dice after filling holes and removing islands smaller than this (pixels; 0 = off)")
     loss_size: str = _flag("original", "compute the loss at each image's original size or on the decoder's low-resolution grid",
                            choices=["original", "low_res"])
+    # Evaluation (issue 11; the evaluate tool is segment_anything/tools/evaluate.py)
+    eval_base: bool = _flag(True, "score the starting model on the validation set before the first epoch (epoch 0 in metrics.jsonl)")
     # Output
     output_dir: Optional[str] = _flag(None, "run folder (default: runs/<timestamp>); an existing run is never overwritten")
     resume: Optional[str] = _flag(None, "continue from a last.pth (or a run folder holding one)")

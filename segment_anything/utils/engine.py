@@ -233,6 +233,23 @@ def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler) 
             "lr": run.scheduler.get_last_lr()[0], "_val": val_m}
 
 
+def evaluate_base(run: Training, info: DistInfo, val_loader, out_dir: Path) -> Dict:
+    """Validation of the starting model (epoch 0 in metrics.jsonl), so every run shows its gain
+    over the base; it does not count as a best epoch (best.pth only ever holds trained weights)."""
+    t0 = time.perf_counter()
+    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec, run.cfg.min_region_area)
+    record = {"epoch": 0, "val_loss": val_m["loss"], "val_iou": val_m["iou"], "val_dice": val_m["dice"],
+              **{f"val_{k}": val_m[k] for k in run.loss_spec.keys()[1:]},
+              **{f"val_{k}": val_m[k] for k in ("iou_post", "dice_post") if k in val_m},
+              "seconds": time.perf_counter() - t0}
+    if info.is_main:
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        get_logger().info(f"epoch 0 (base model) | val loss {record['val_loss']:.4f} IoU {record['val_iou']:.4f} "
+                          f"Dice {record['val_dice']:.4f} | {record['seconds']:.1f} s")
+    return record
+
+
 def save_epoch(run: Training, out_dir: Path, record: Dict, improved: bool, rng: List[Dict]) -> None:
     """Rank 0: metrics line, best.pth when improved, last.pth always (each written atomically)."""
     with open(out_dir / "metrics.jsonl", "a") as f:
@@ -289,6 +306,9 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
     if info.is_main:
         start_run_folder(cfg, out_dir, data)
     train_loader, val_loader, sampler = make_loaders(cfg, info, data)
+    # Seeded again right before the model is built, so a --checkpoint none model depends on the
+    # seed alone and the tools (evaluate, predict) can rebuild the exact starting model.
+    torch.manual_seed(cfg.seed)
     run = Training.build(cfg, info, math.ceil(len(train_loader) / cfg.accumulate))  # optimizer steps per epoch
     if cfg.resume:
         run.restore(find_resume_file(cfg.resume), info)
@@ -296,6 +316,8 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
     if info.is_main:
         log_summary(run.sam, cfg, info, data)
 
+    if cfg.eval_base and run.epoch == 0:
+        evaluate_base(run, info, val_loader, out_dir)
     while run.epoch < cfg.epoch:
         record = run_epoch(run, info, train_loader, val_loader, sampler)
         val_m = record.pop("_val")

@@ -10,6 +10,7 @@ into stock SAM), last.pth (resume state), metrics.jsonl, args.json and train.log
 
 import gc
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional, Tuple
@@ -33,7 +34,7 @@ def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_
     # CPU processes share the cores; more threads than cores makes every rank crawl.
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     torch.set_num_threads(cfg.threads or default_threads(local_world))
-    info = init_distributed(device_type, rank, local_rank, world_size, init_method)
+    info = init_distributed(device_type, rank, local_rank, world_size, init_method, cfg.dist_timeout)
     try:
         prepared = setup_run(cfg, info, prepared)
         out_dir = prepared[1]
@@ -77,11 +78,32 @@ def main(argv=None) -> None:
     out_dir = prepared[1]
     existed = out_dir.exists()
     try:
-        mp.spawn(worker, args=(cfg, device_type, world_size, f"tcp://127.0.0.1:{port}", prepared),
-                 nprocs=world_size, join=True)
+        spawn_workers(world_size, (cfg, device_type, world_size, f"tcp://127.0.0.1:{port}", prepared))
     except BaseException:
         discard_unstarted_run(out_dir, existed)  # a worker killed by a signal cannot clean up itself
         raise
+
+
+def spawn_workers(world_size: int, args: tuple) -> None:
+    """Start the workers and wait. SIGINT/SIGTERM to this launcher go to every worker, which saves
+    last.pth and stops; a worker that fails ends the others (torch's clean-up) and this launcher
+    with its exit code, without a second traceback (the worker's log says what happened)."""
+    context = mp.start_processes(worker, args=args, nprocs=world_size, join=False, start_method="spawn")
+
+    def forward(signum, frame):
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as err:
+        sys.exit(err.exit_code if err.exit_code and err.exit_code > 0 else 1)
+    except mp.ProcessRaisedException as err:
+        sys.exit(f"error: a worker failed:\n{err}")
 
 
 if __name__ == "__main__":

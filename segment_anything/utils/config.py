@@ -141,7 +141,14 @@ class TrainConfig:
     eval_base: bool = _flag(True, "score the starting model on the validation set before the first epoch (epoch 0 in metrics.jsonl)")
     # Output
     output_dir: Optional[str] = _flag(None, "run folder (default: runs/<timestamp>); an existing run is never overwritten")
-    resume: Optional[str] = _flag(None, "continue from a last.pth (or a run folder holding one)")
+    resume: Optional[str] = _flag(
+        None, "continue from a last.pth, a run folder holding one, or 'auto' (--output_dir's); alone, it takes the run's saved flags")
+    # Fault tolerance (utils/checkpoint.py, utils/faults.py)
+    save_every: int = _flag(0, "also write last.pth every N optimizer steps (0 = only by time and at epoch ends)")
+    save_every_minutes: float = _flag(10.0, "also write last.pth every M minutes of training (0 = off)")
+    resume_relaxed: bool = _flag(False, "allow --resume with another world size: schedule recomputed, data order and RNG not reproduced")
+    max_bad_steps: int = _flag(10, "stop when more than this many optimizer steps in a row have a non-finite loss or gradient")
+    dist_timeout: float = _flag(1800.0, "seconds a collective waits for a dead or hung rank before every rank stops")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -182,6 +189,12 @@ class TrainConfig:
         if self.patience < 0:
             errors.append(f"--patience must be >= 0, got {self.patience}")
         errors.extend(adapt_errors(self))
+        if self.save_every < 0 or self.save_every_minutes < 0:
+            errors.append(f"--save_every and --save_every_minutes must be >= 0, got {self.save_every}, {self.save_every_minutes}")
+        if self.max_bad_steps < 0:
+            errors.append(f"--max_bad_steps must be >= 0, got {self.max_bad_steps}")
+        if not self.dist_timeout > 0:
+            errors.append(f"--dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
 
@@ -224,6 +237,16 @@ class TrainConfig:
     def from_args(cls, argv: Optional[List[str]] = None) -> "TrainConfig":
         parser = cls.parser()
         args = parser.parse_args(argv)
+        if args.resume:
+            # --resume RUN alone continues with the run's saved flags; flags given beside it win
+            # and then go through the resume checks (checkpoint.check_resume).
+            from .checkpoint import saved_args
+
+            try:
+                parser.set_defaults(**saved_args(args.resume, args.output_dir))
+            except (OSError, ValueError) as err:
+                parser.error(str(err))
+            args = parser.parse_args(argv)
         try:
             return cls(**vars(args))
         except ValueError as err:

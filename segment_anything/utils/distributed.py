@@ -45,11 +45,13 @@ def pick_device(name: str = "auto") -> str:
 
 
 def init_distributed(
-    device_type: str, rank: int, local_rank: int, world_size: int, init_method: Optional[str] = None
+    device_type: str, rank: int, local_rank: int, world_size: int, init_method: Optional[str] = None,
+    timeout_s: float = 1800.0,
 ) -> DistInfo:
     """Join the process group (when world_size > 1) and bind this process to its device.
 
     NCCL on CUDA, gloo otherwise. init_method None means env:// (torchrun's MASTER_ADDR/PORT).
+    timeout_s: how long a collective waits for a rank that died or hangs before it fails.
     """
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
@@ -57,6 +59,9 @@ def init_distributed(
     else:
         device = torch.device(device_type)
     if world_size > 1:
+        # NCCL only honours the timeout with asynchronous error handling (a hung collective
+        # otherwise blocks forever); 1 = abort the communicator and raise.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         if device_type == "mps":
             raise RuntimeError("several processes on one Apple GPU are not supported; use --world_size 1")
         dist.init_process_group(
@@ -64,7 +69,7 @@ def init_distributed(
             init_method=init_method or "env://",
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(minutes=30),
+            timeout=datetime.timedelta(seconds=timeout_s),
             **({"device_id": device} if device_type == "cuda" else {}),
         )
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)

@@ -17,50 +17,33 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from ..build_sam import sam_model_registry
+from .checkpoint import ResumableSampler, ResumeError, check_resume, check_world_size, find_resume_file, load_state, make_state, restore, rng_state
 from .config import TrainConfig
 from .data import DataError, MaskDataset, RunData, collate, prepare_data
 from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object
+from .faults import StepGuard, faults_to_exit, stop_signals
 from .log import FILE_ONLY, add_log_file, get_logger
 from .losses import LossSpec
 from .progress import Progress
-from .save_weight import atomic_save, save_partial_weight, strip_prefixes
-from .trainable import TrainPlan, configure, export_weights, lora_metadata, parameter_report, trained_state_dict
+from .save_weight import atomic_save, save_partial_weight
+from .trainable import TrainPlan, configure, export_weights, lora_metadata, parameter_report
 from .trainer import SamTrainStep, evaluate, train_one_epoch
 from .weights import check_checkpoint
 
-RESUME_FORMAT = "sam-resume-v1"
 
 
 def resolve_output_dir(cfg: TrainConfig) -> Path:
     """The run folder. A resumed run continues in its own folder; a new run never reuses a
     folder that already holds files, so nothing of an earlier run is overwritten."""
     if cfg.resume:
-        check_resume(cfg)
-        resume = Path(cfg.resume)
-        return resume if resume.is_dir() else resume.parent
+        return check_resume(cfg)
     out = Path(cfg.output_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already holds files; choose another --output_dir or continue it with --resume {out}")
     return out
-
-
-RESUME_MUST_MATCH = ("model_type", "image_size", "epoch", "batch_size", "lr")
-
-
-def check_resume(cfg: TrainConfig) -> None:
-    """A resumed run must continue the same schedule: the cosine learning rate spans --epoch,
-    and model type, input size, batch size and learning rate define what was trained."""
-    path = find_resume_file(cfg.resume)
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("format") != RESUME_FORMAT:
-        raise ValueError(f"--resume: {path} is not a resume file (last.pth) written by run.py")
-    changed = [f"--{k} {state['args'][k]} (now {getattr(cfg, k)})" for k in RESUME_MUST_MATCH
-               if state["args"].get(k) != getattr(cfg, k)]
-    if changed:
-        raise ValueError(f"--resume: {path} was made with " + ", ".join(changed) + "; resume with the same flags")
 
 
 PREFLIGHT_ERRORS = (DataError, FileExistsError, FileNotFoundError, ValueError)
@@ -118,7 +101,8 @@ def make_loaders(cfg: TrainConfig, info: DistInfo, data: RunData):
     train_ds = MaskDataset(data.train, cfg.image_size)
     val_ds = MaskDataset(data.val, cfg.image_size)
     # Explicit replicas/rank: the same sampler (same permutation) for 1 process and for N.
-    sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
+    sampler = ResumableSampler(train_ds, cfg.batch_size, cfg.accumulate, num_replicas=info.world_size, rank=info.rank,
+                               shuffle=True, seed=cfg.seed)
     common = dict(batch_size=cfg.batch_size, collate_fn=collate, num_workers=workers,
                   pin_memory=info.device.type == "cuda", persistent_workers=workers > 0)
     train = DataLoader(train_ds, sampler=sampler, **common)
@@ -126,29 +110,6 @@ def make_loaders(cfg: TrainConfig, info: DistInfo, data: RunData):
     val_idx = list(range(info.rank, len(val_ds), info.world_size))
     val = DataLoader(torch.utils.data.Subset(val_ds, val_idx), shuffle=False, **common)
     return train, val, sampler
-
-
-def rng_state() -> Dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def find_resume_file(path: str) -> Path:
-    p = Path(path)
-    p = p / "last.pth" if p.is_dir() else p
-    if not p.is_file():
-        raise FileNotFoundError(f"--resume: {p} does not exist")
-    return p
 
 
 @dataclass
@@ -164,6 +125,9 @@ class Training:
     amp_dtype: Optional[torch.dtype]
     loss_spec: LossSpec
     epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps done in the current epoch (skipped ones included)
+    bad_steps: int = 0  # non-finite steps in a row
+    skipped: int = 0  # non-finite steps skipped in the current epoch
     best: Dict = field(default_factory=lambda: {"iou": -1.0})
     stale: int = 0  # epochs since the best validation IoU
 
@@ -186,27 +150,20 @@ class Training:
         scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
         return cls(cfg, sam, model, optimizer, scheduler, scaler, amp_dtype, LossSpec.from_config(cfg))
 
-    def state_dict(self, rng: List[Dict]) -> Dict:
-        return {"format": RESUME_FORMAT, "model": trained_state_dict(self.sam), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
-                "best": self.best, "stale": self.stale, "rng": rng, "args": self.cfg.to_dict()}
-
-    def restore(self, path: Path, info: DistInfo) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        with torch.no_grad():
-            own = self.sam.state_dict()
-            for key, value in strip_prefixes(state["model"]).items():
-                own[key].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.best, self.stale = state["epoch"], state["best"], state["stale"]
-        if len(state["rng"]) == info.world_size:
-            set_rng_state(state["rng"][info.rank])
+    def restore(self, cfg: TrainConfig, info: DistInfo, sampler: ResumableSampler) -> Optional[torch.Tensor]:
+        """Continue from --resume: checks, then the state; returns the partial epoch's meter sums."""
+        path = find_resume_file(cfg.resume, cfg.output_dir)
+        state = load_state(path)
+        warning = check_world_size(state, info.world_size, cfg.resume_relaxed, path)
+        if warning:
+            get_logger().warning(warning)
+        sums = restore(self, state, path, sampler, info.rank)
+        return None if sums is None else sums.to(info.device)
 
     def end_epoch(self, val_iou: float, val_metrics: Dict) -> bool:
         """Count the epoch; True when validation IoU improved."""
         self.epoch += 1
+        self.step = self.skipped = 0
         if val_iou > self.best["iou"]:
             self.best, self.stale = dict(val_metrics, epoch=self.epoch), 0
             return True
@@ -214,14 +171,15 @@ class Training:
         return False
 
 
-def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler) -> Dict:
-    """Train and validate one epoch; returns the metrics.jsonl record."""
+def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler, guard: StepGuard) -> Dict:
+    """Train (from run.step on: the batches before it are skipped unread) and validate one epoch;
+    returns the metrics.jsonl record."""
     cfg = run.cfg
-    sampler.set_epoch(run.epoch)
+    sampler.set_epoch(run.epoch, start=run.step)
     t0 = time.perf_counter()
     bar = Progress(total=len(sampler) * info.world_size, desc=f"epoch {run.epoch + 1}/{cfg.epoch}", enabled=info.is_main)
     train_m = train_one_epoch(run.model, run.sam, train_loader, run.optimizer, run.scheduler, run.scaler, info.device,
-                              run.amp_dtype, run.loss_spec, progress=bar, accumulate=cfg.accumulate)
+                              run.amp_dtype, run.loss_spec, progress=bar, accumulate=cfg.accumulate, guard=guard)
     bar.close()
     train_s = time.perf_counter() - t0
     val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec, cfg.min_region_area)
@@ -230,7 +188,7 @@ def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler) 
     return {"epoch": run.epoch + 1, "train_loss": train_m["loss"], "train_iou": train_m["iou"],
             "val_loss": val_m["loss"], "val_iou": val_m["iou"], "val_dice": val_m["dice"], **terms, **terms_post,
             "images_per_sec": train_m["images"] / train_s, "seconds": time.perf_counter() - t0,
-            "lr": run.scheduler.get_last_lr()[0], "_val": val_m}
+            "lr": run.scheduler.get_last_lr()[0], "skipped_steps": run.skipped, "_val": val_m}
 
 
 def evaluate_base(run: Training, info: DistInfo, val_loader, out_dir: Path) -> Dict:
@@ -250,8 +208,18 @@ def evaluate_base(run: Training, info: DistInfo, val_loader, out_dir: Path) -> D
     return record
 
 
-def save_epoch(run: Training, out_dir: Path, record: Dict, improved: bool, rng: List[Dict]) -> None:
-    """Rank 0: metrics line, best.pth when improved, last.pth always (each written atomically)."""
+def save_last(run: Training, sampler: ResumableSampler, out_dir: Path, info: DistInfo,
+              meter_sums: Optional[torch.Tensor] = None) -> None:
+    """Every rank at the same step (RNG states and epoch sums are per rank); rank 0 writes last.pth."""
+    sums = None if meter_sums is None else meter_sums.detach().cpu()
+    gathered = all_gather_objects((rng_state(), sums))
+    if info.is_main:
+        rng, meters = zip(*gathered)
+        atomic_save(make_state(run, sampler, list(meters), list(rng)), out_dir / "last.pth")
+
+
+def save_epoch(run: Training, out_dir: Path, record: Dict, improved: bool) -> None:
+    """Rank 0: metrics line and best.pth when improved (each written atomically)."""
     with open(out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     if improved:
@@ -259,16 +227,16 @@ def save_epoch(run: Training, out_dir: Path, record: Dict, improved: bool, rng: 
                 "metrics": record, "args": run.cfg.to_dict()}
         meta.update(lora_metadata(TrainPlan.from_config(run.cfg), run.cfg.lora_save))
         save_partial_weight(run.sam, out_dir / "best.pth", metadata=meta, weights=export_weights(run.sam, run.cfg.lora_save))
-    atomic_save(run.state_dict(rng), out_dir / "last.pth")
     # The named terms only when there is more than one: "(bce 0.41 iou 0.62 iou_head 0.05)".
     names = run.loss_spec.keys()[1:]
     parts = " ".join(f"{k[5:]} {record['train_' + k]:.3f}" for k in names) if len(names) > 1 else ""
+    skipped = f" | {record['skipped_steps']} non-finite step(s) skipped" if record["skipped_steps"] else ""
     get_logger().info(
         f"epoch {run.epoch}/{run.cfg.epoch} | train loss {record['train_loss']:.4f}{f' ({parts})' if parts else ''} "
         f"| val loss {record['val_loss']:.4f} "
         f"IoU {record['val_iou']:.4f} Dice {record['val_dice']:.4f}{' (best)' if improved else ''}"
         + (f" (post-processed IoU {record['val_iou_post']:.4f} Dice {record['val_dice_post']:.4f})" if "val_iou_post" in record else "")
-        + f" | {record['images_per_sec']:.1f} img/s | {record['seconds']:.1f} s"
+        + f" | {record['images_per_sec']:.1f} img/s | {record['seconds']:.1f} s{skipped}"
     )
 
 
@@ -309,26 +277,32 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
     # Seeded again right before the model is built, so a --checkpoint none model depends on the
     # seed alone and the tools (evaluate, predict) can rebuild the exact starting model.
     torch.manual_seed(cfg.seed)
-    run = Training.build(cfg, info, math.ceil(len(train_loader) / cfg.accumulate))  # optimizer steps per epoch
+    run = Training.build(cfg, info, sampler.steps_per_epoch)
+    guard = StepGuard(run, info, lambda sums: save_last(run, sampler, out_dir, info, sums),
+                      resume_hint=f"python run.py --resume {out_dir}")
     if cfg.resume:
-        run.restore(find_resume_file(cfg.resume), info)
-        log.info(f"resumed from {cfg.resume} after epoch {run.epoch}")
+        try:
+            guard.resumed_sums = run.restore(cfg, info, sampler)
+        except ResumeError as err:
+            raise PreflightError(str(err)) from err
+        log.info(f"resumed from {cfg.resume} at epoch {run.epoch + 1}, step {run.step}")
     if info.is_main:
         log_summary(run.sam, cfg, info, data)
-
-    if cfg.eval_base and run.epoch == 0:
+    if cfg.eval_base and run.epoch == 0 and run.step == 0:
         evaluate_base(run, info, val_loader, out_dir)
-    while run.epoch < cfg.epoch:
-        record = run_epoch(run, info, train_loader, val_loader, sampler)
-        val_m = record.pop("_val")
-        improved = run.end_epoch(val_m["iou"], val_m)
-        rng = all_gather_objects(rng_state())
-        if info.is_main:
-            save_epoch(run, out_dir, record, improved, rng)
-        if cfg.patience and run.stale >= cfg.patience:
-            log.info(f"early stop: no better validation IoU for {run.stale} epochs")
-            break
-    barrier()
+    with stop_signals(guard), faults_to_exit(info):
+        while run.epoch < cfg.epoch:
+            record = run_epoch(run, info, train_loader, val_loader, sampler, guard)
+            val_m = record.pop("_val")
+            improved = run.end_epoch(val_m["iou"], val_m)
+            if info.is_main:
+                save_epoch(run, out_dir, record, improved)
+            save_last(run, sampler, out_dir, info)
+            guard.end_epoch()
+            if cfg.patience and run.stale >= cfg.patience:
+                log.info(f"early stop: no better validation IoU for {run.stale} epochs")
+                break
+        barrier()
     log.info(f"best validation IoU {run.best['iou']:.4f} (epoch {run.best.get('epoch')}); weights in {out_dir / 'best.pth'}")
     return run.best
 

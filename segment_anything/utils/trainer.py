@@ -222,15 +222,20 @@ def train_one_epoch(
     loss_spec: LossSpec = DEFAULT_LOSS_SPEC,
     progress=None,
     accumulate: int = 1,
+    guard=None,
 ) -> Dict[str, float]:
     """One pass over this rank's shard. model is the DDP wrapper (or the bare SamTrainStep).
-    accumulate: micro-batches per optimizer step (see utils.accumulate)."""
+    accumulate: micro-batches per optimizer step (see utils.accumulate).
+    guard (faults.StepGuard): skips non-finite steps on every rank, saves and stops mid-epoch."""
     set_train_mode(sam)
     meter = Meter(loss_spec.keys() + METRIC_KEYS)
+    if guard is not None:  # resumed mid-epoch: the sums of the batches before
+        meter.sums = guard.take_resumed_sums()
     for group in accumulation.groups(loader, accumulate):
         batches = [prepare_batch(items, sam, device) for items in group]
         count = global_count(sum(b.image_index.numel() for b in batches), device) if accumulate > 1 else None
         optimizer.zero_grad(set_to_none=True)
+        sums_before = meter.sums
         for i, batch in enumerate(batches):
             with accumulation.sync_unless(model, last=i == len(batches) - 1):
                 with autocast_context(device, amp_dtype):
@@ -241,9 +246,14 @@ def train_one_epoch(
             meter.add(terms, batch.num_images)
             if progress is not None:
                 progress.step(batch.num_images * get_world_size(), loss)  # counts all ranks; reads the loss now and then
-        scaler.step(optimizer)
-        scaler.update()
+        if guard is None or guard.check(loss, optimizer, scaler):
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            meter.sums = sums_before  # a skipped step's non-finite terms stay out of the epoch means
         scheduler.step()
+        if guard is not None:
+            guard.end_step(meter.sums)
     return meter.reduce(device)
 
 

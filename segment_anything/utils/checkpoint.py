@@ -1,0 +1,267 @@
+"""The resume state (last.pth): what it holds, how it is checked, and how a run continues from it.
+
+last.pth is written by rank 0 (atomically) at every epoch end and in the middle of an epoch
+(--save_every steps, --save_every_minutes of wall time). It holds everything a run changes:
+
+    format       RESUME_FORMAT
+    model        the trained parameters and trained BatchNorm statistics (trainable.trained_state_dict)
+    optimizer, scheduler, scaler   their state dicts
+    epoch        epochs completed;  step  optimizer steps done in the current epoch
+    world_size, batch_size, accumulate, steps_per_epoch   the geometry that step counts refer to
+    data_order   the current epoch's global sample order (dataset indices)
+    meter        every rank's running sums of the current epoch (so its metrics cover all of it)
+    rng          every rank's RNG states; both lists indexed by rank
+    best, stale, bad_steps   early stopping and non-finite step counters
+    args         the run's TrainConfig as a dict
+
+A resumed run skips the batches already seen without loading them (ResumableSampler starts at
+an offset), so with the same world size it trains exactly as an uninterrupted run would.
+"""
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler
+
+from .config import TrainConfig
+from .save_weight import strip_prefixes, unwrap_model
+from .trainable import trained_state_dict
+
+RESUME_FORMAT = "sam-resume-v2"
+# What defines the schedule and the model: a resumed run may not change these (what trains
+# is checked through the keys of the resume file).
+RESUME_MUST_MATCH = ("model_type", "image_size", "epoch", "batch_size", "lr", "accumulate")
+# Flags that --resume RUN never takes from the saved run: they say where to continue.
+NOT_INHERITED = ("resume", "output_dir")
+
+
+class ResumeError(ValueError):
+    """last.pth cannot be used for this run; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------- finding and reading
+
+
+def find_resume_file(resume: str, output_dir: Optional[str] = None) -> Path:
+    """--resume PATH|auto -> the last.pth to read. auto: the --output_dir's last.pth."""
+    if resume == "auto":
+        if not output_dir:
+            raise ResumeError("--resume auto continues the run in --output_dir; give --output_dir too")
+        p = Path(output_dir) / "last.pth"
+    else:
+        p = Path(resume)
+        p = p / "last.pth" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"--resume: {p} does not exist")
+    return p
+
+
+def run_folder(resume: str, output_dir: Optional[str] = None) -> Path:
+    return find_resume_file(resume, output_dir).parent
+
+
+def load_state(path: Path) -> Dict:
+    """Read last.pth; a clear error for a truncated file or another kind of file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated zip, not a torch file: torch's wording varies
+        raise ResumeError(f"--resume: cannot read {path} ({type(err).__name__}: {err}); it may be truncated") from err
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ResumeError(f"--resume: {path} is not a resume file of this version (format {found!r}, "
+                          f"expected {RESUME_FORMAT!r} as written by run.py into last.pth)")
+    return state
+
+
+def saved_args(resume: str, output_dir: Optional[str] = None) -> Dict:
+    """The flags of the run to continue: its newest args file (args.json, or the args.resume-*.json
+    of a later resume), else the args inside last.pth. Fields this version does not know are dropped."""
+    folder = run_folder(resume, output_dir)
+    files = sorted(folder.glob("args.resume-*.json")) or [folder / "args.json"]
+    if files[-1].is_file():
+        args = json.loads(files[-1].read_text())
+    else:
+        args = load_state(find_resume_file(resume, output_dir))["args"]
+    known = TrainConfig.__dataclass_fields__
+    return {k: v for k, v in args.items() if k in known and k not in NOT_INHERITED}
+
+
+def check_resume(cfg: TrainConfig) -> Path:
+    """Before any worker starts: the resume file is readable and continues the same schedule
+    (the cosine learning rate spans --epoch; model type, input size, batch size and learning rate
+    define what was trained). Returns the run folder."""
+    path = find_resume_file(cfg.resume, cfg.output_dir)
+    state = load_state(path)
+    changed = [f"--{k} {state['args'][k]} (now {getattr(cfg, k)})" for k in RESUME_MUST_MATCH
+               if state["args"].get(k) != getattr(cfg, k)]
+    if changed:
+        raise ResumeError(f"--resume: {path} was made with " + ", ".join(changed) + "; resume with the same flags")
+    return path.parent
+
+
+def check_world_size(state: Dict, world_size: int, relaxed: bool, path: Path) -> Optional[str]:
+    """None when the run continues exactly; a warning text with --resume_relaxed; else ResumeError."""
+    old = state["world_size"]
+    if old == world_size:
+        return None
+    if not relaxed:
+        raise ResumeError(
+            f"--resume: {path} was written by a run with world size {old}, this run has world size {world_size}; "
+            f"the global batch and the steps per epoch would change. Resume with {old} processes, or add "
+            "--resume_relaxed True to continue with the schedule recomputed from the global step")
+    return (f"resuming a world-size-{old} run with world size {world_size} (--resume_relaxed): the learning-rate "
+            "schedule is recomputed from the samples seen; data order and random numbers are NOT reproduced")
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> Dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch after its first `start` batches.
+
+    The skipped indices are never yielded, so their samples are never loaded. The order is the
+    parent's (seeded by seed + epoch), identical for every world size split.
+    """
+
+    def __init__(self, dataset, batch_size: int, accumulate: int = 1, **kw) -> None:
+        super().__init__(dataset, **kw)
+        self.batch_size, self.accumulate = batch_size, accumulate
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """start: optimizer steps of this epoch already trained (by every rank)."""
+        super().set_epoch(epoch)
+        self.start = start
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps: batches per epoch over --accumulate (the last group may be short)."""
+        return math.ceil(math.ceil(self.num_samples / self.batch_size) / self.accumulate)
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.batch_size * self.accumulate
+
+    def global_order(self, epoch: int) -> List[int]:
+        """An epoch's order over all ranks (before sharding), for the resume file."""
+        g = torch.Generator()
+        g.manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.dataset), generator=g).tolist() if self.shuffle else list(range(len(self.dataset)))
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start * self.samples_per_step:])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.start * self.samples_per_step, 0)
+
+
+# ----------------------------------------------------------------------------- state dict
+
+
+def make_state(run, sampler: ResumableSampler, meters: List[Optional[torch.Tensor]], rng: List[Dict]) -> Dict:
+    """The resume state of a Training (engine.Training) at its current epoch and step; meters and
+    rng are every rank's epoch sums and RNG states, indexed by rank."""
+    return {
+        "format": RESUME_FORMAT, "model": trained_state_dict(run.sam), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+        "epoch": run.epoch, "step": run.step, "world_size": sampler.num_replicas, "batch_size": sampler.batch_size, "accumulate": sampler.accumulate,
+        "steps_per_epoch": sampler.steps_per_epoch, "data_order": sampler.global_order(run.epoch),
+        "meter": meters,
+        "rng": rng, "best": run.best, "stale": run.stale, "bad_steps": run.bad_steps, "skipped": run.skipped,
+        "args": run.cfg.to_dict(),
+    }
+
+
+def _listing(title: str, keys) -> str:
+    keys = sorted(keys)
+    return f"{title} ({len(keys)}): " + ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
+
+
+def check_model_keys(saved: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor], path: Path) -> None:
+    """Every trained tensor present, nothing extra, every shape equal; else one ResumeError."""
+    problems = []
+    if saved.keys() - own.keys():
+        problems.append(_listing("in the file but not trained by this run", saved.keys() - own.keys()))
+    if own.keys() - saved.keys():
+        problems.append(_listing("trained by this run but missing from the file", own.keys() - saved.keys()))
+    shapes = [f"{k} {tuple(saved[k].shape)} (model {tuple(own[k].shape)})" for k in sorted(saved.keys() & own.keys())
+              if saved[k].shape != own[k].shape]
+    if shapes:
+        problems.append(_listing("with another shape", shapes))
+    if problems:
+        raise ResumeError(f"--resume: {path} does not fit this model: " + "; ".join(problems))
+
+
+def check_optimizer(saved: Dict, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Same parameter count per group and moment tensors of the parameters' shapes."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    counts = [len(g["params"]) for g in saved["param_groups"]]
+    if counts != [len(g["params"]) for g in optimizer.param_groups]:
+        raise ResumeError(f"--resume: {path} holds an optimizer for {sum(counts)} parameter tensors, this run trains {len(params)}")
+    for index, p in enumerate(params):
+        for name, value in saved["state"].get(index, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                raise ResumeError(f"--resume: {path}: optimizer {name} of parameter {index} has shape "
+                                  f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
+
+
+def restore(run, state: Dict, path: Path, sampler: ResumableSampler, rank: int) -> Optional[torch.Tensor]:
+    """Load a checked resume state into run (engine.Training); returns the epoch's meter sums.
+
+    With another world size (--resume_relaxed, checked before) the position in the epoch is
+    mapped through the number of samples seen and the schedule recomputed from it."""
+    own = trained_state_dict(run.sam)
+    saved = strip_prefixes(state["model"])
+    check_model_keys(saved, own, path)
+    check_optimizer(state["optimizer"], run.optimizer, path)
+    same_world = state["world_size"] == sampler.num_replicas
+    if same_world and sampler.global_order(state["epoch"]) != state["data_order"]:
+        raise ResumeError(f"--resume: the training set is not the one {path} was trained on "
+                          f"({len(state['data_order'])} samples then, {len(sampler.dataset)} now, or another order)")
+    with torch.no_grad():
+        entries = unwrap_model(run.sam).state_dict()  # parameters and trained BatchNorm statistics
+        for key, value in saved.items():
+            entries[key].copy_(value)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.epoch, run.best, run.stale = state["epoch"], state["best"], state["stale"]
+    run.bad_steps, run.skipped = state["bad_steps"], state["skipped"]
+    if same_world:
+        run.step = state["step"]
+        set_rng_state(state["rng"][rank])
+        return state["meter"][rank]
+    steps = sampler.steps_per_epoch
+    seen = state["step"] * state["world_size"] * state["batch_size"] * state["accumulate"]
+    run.step = min(seen // (sampler.num_replicas * sampler.samples_per_step), steps)
+    run.scheduler.last_epoch = run.epoch * steps + run.step
+    # What LambdaLR.step() would set at that step.
+    lrs = [base * f(run.scheduler.last_epoch) for base, f in zip(run.scheduler.base_lrs, run.scheduler.lr_lambdas)]
+    for group, lr in zip(run.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    run.scheduler._last_lr = lrs
+    return None  # the partial epoch's sums belong to another sharding

@@ -1,0 +1,239 @@
+"""Unit tests for utils/checkpoint.py (resume state, sampler offsets, checks) and the StepGuard
+of utils/faults.py across two gloo ranks. In-process, tiny models; the end-to-end kill, signal
+and dead-rank runs are in tests/test_faults.py."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import REPO
+from segment_anything.utils.checkpoint import (
+    RESUME_FORMAT, ResumableSampler, ResumeError, check_model_keys, check_resume, check_world_size, load_state,
+    make_state, restore,
+)
+from segment_anything.utils.config import TrainConfig
+from segment_anything.utils.faults import _test_fault
+
+
+def test_sampler_skips_the_first_batches_without_yielding_them():
+    data = list(range(11))
+    full = [list(ResumableSampler(data, 2, num_replicas=2, rank=r, shuffle=True, seed=3)) for r in range(2)]
+    for rank in range(2):
+        sampler = ResumableSampler(data, 2, num_replicas=2, rank=rank, shuffle=True, seed=3)
+        sampler.set_epoch(0, start=2)
+        assert list(sampler) == full[rank][4:] and len(sampler) == len(full[rank]) - 4
+        assert sampler.steps_per_epoch == 3  # 6 samples per rank (padded), batches of 2
+    # The global order is what the shards are cut from (DistributedSampler: rank::world).
+    order = ResumableSampler(data, 2, num_replicas=2, rank=0, seed=3).global_order(0)
+    assert sorted(order) == data and full[0][:5] == order[0:10:2] and full[1][:5] == order[1:10:2]
+    later = ResumableSampler(data, 2, num_replicas=2, rank=0, seed=3)
+    later.set_epoch(1)
+    assert later.global_order(1) != order and list(later)[:5] == later.global_order(1)[0:10:2]
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(2, 2)
+        self.b.requires_grad_(False)
+
+
+def tiny_run(steps_per_epoch: int = 4, epochs: int = 2):
+    """What checkpoint needs of engine.Training: a model, optimizer, cosine schedule, counters."""
+    torch.manual_seed(0)
+    sam = Tiny()
+    opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=0.1)
+    total = steps_per_epoch * epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / total)).item()))
+    cfg = TrainConfig(checkpoint="none", train_dir="x")
+    return SimpleNamespace(cfg=cfg, sam=sam, optimizer=opt, scheduler=sched, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                           epoch=0, step=0, best={"iou": -1.0}, stale=0, bad_steps=0, skipped=0)
+
+
+def train_steps(run, n):
+    for _ in range(n):
+        run.optimizer.zero_grad()
+        run.sam.b(run.sam.a(torch.ones(1, 3))).sum().backward()
+        run.optimizer.step()
+        run.scheduler.step()
+        run.step += 1
+
+
+def saved_state(world: int, batch: int = 1, epoch: int = 0, step: int = 3):
+    run = tiny_run()
+    train_steps(run, step)
+    run.epoch = epoch
+    sampler = ResumableSampler(list(range(8)), batch, num_replicas=world, rank=0, seed=1)
+    meters = [torch.tensor([float(r)]) for r in range(world)]
+    return run, make_state(run, sampler, meters, [{"r": r} for r in range(world)])
+
+
+def test_restore_with_the_same_world_size_is_exact():
+    run, state = saved_state(world=2)
+    fresh = tiny_run()
+    sampler = ResumableSampler(list(range(8)), 1, num_replicas=2, rank=1, seed=1)
+    with pytest.MonkeyPatch.context() as mp:
+        restored_rng = []
+        mp.setattr("segment_anything.utils.checkpoint.set_rng_state", restored_rng.append)
+        sums = restore(fresh, state, "last.pth", sampler, rank=1)
+    assert restored_rng == [{"r": 1}] and sums.item() == 1.0  # rank 1's own RNG and epoch sums
+    assert fresh.step == 3 and fresh.scheduler.last_epoch == 3
+    for a, b in zip(run.sam.parameters(), fresh.sam.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    train_steps(run, 1), train_steps(fresh, 1)  # the optimizer moments came back too
+    torch.testing.assert_close(run.sam.a.weight, fresh.sam.a.weight, rtol=0, atol=0)
+
+
+def test_relaxed_resume_maps_the_position_through_the_samples_seen():
+    _, state = saved_state(world=2, epoch=1, step=1)  # 1 step x 2 ranks x batch 1 = 2 samples of epoch 2
+    fresh = tiny_run(steps_per_epoch=8)
+    sampler = ResumableSampler(list(range(8)), 1, num_replicas=1, rank=0, seed=1)
+    assert restore(fresh, state, "last.pth", sampler, rank=0) is None
+    assert fresh.step == 2 and fresh.epoch == 1 and fresh.scheduler.last_epoch == 8 + 2
+    expected = 0.1 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 10 / 16)).item())
+    assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_world_size_change_is_refused_naming_both_sizes_unless_relaxed():
+    _, state = saved_state(world=2)
+    with pytest.raises(ResumeError, match="world size 2, this run has world size 1.*--resume_relaxed"):
+        check_world_size(state, 1, relaxed=False, path="run/last.pth")
+    assert "NOT reproduced" in check_world_size(state, 1, relaxed=True, path="run/last.pth")
+    assert check_world_size(state, 2, relaxed=False, path="run/last.pth") is None
+
+
+def test_every_key_and_shape_is_checked():
+    own = {"a.weight": torch.zeros(2, 3), "a.bias": torch.zeros(2)}
+    check_model_keys(dict(own), own, "f")
+    with pytest.raises(ResumeError, match=r"missing from the file \(1\): a.bias"):
+        check_model_keys({"a.weight": torch.zeros(2, 3)}, own, "f")
+    with pytest.raises(ResumeError, match=r"not trained by this run \(1\): x"):
+        check_model_keys(dict(own, x=torch.zeros(1)), own, "f")
+    with pytest.raises(ResumeError, match=r"a.weight \(3, 3\) \(model \(2, 3\)\)"):
+        check_model_keys(dict(own, **{"a.weight": torch.zeros(3, 3)}), own, "f")
+
+
+def test_changed_data_is_refused():
+    _, state = saved_state(world=2)
+    sampler = ResumableSampler(list(range(9)), 1, num_replicas=2, rank=0, seed=1)
+    with pytest.raises(ResumeError, match="training set is not the one"):
+        restore(tiny_run(), state, "last.pth", sampler, rank=0)
+
+
+def test_truncated_or_foreign_resume_files_are_named(tmp_path):
+    _, state = saved_state(world=1)
+    torch.save(state, tmp_path / "last.pth")
+    data = (tmp_path / "last.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ResumeError, match="cut.pth.*truncated"):
+        load_state(tmp_path / "cut.pth")
+    torch.save({"model": {}}, tmp_path / "best.pth")
+    with pytest.raises(ResumeError, match="best.pth is not a resume file"):
+        load_state(tmp_path / "best.pth")
+
+
+def write_run(folder, **args):
+    folder.mkdir()
+    saved = dict(TrainConfig(checkpoint="none", train_dir="t").to_dict(), **args)
+    (folder / "args.json").write_text(json.dumps(saved))
+    torch.save({"format": RESUME_FORMAT, "args": saved}, folder / "last.pth")
+
+
+def test_resume_alone_takes_the_saved_flags_and_flags_beside_it_are_checked(tmp_path):
+    run = tmp_path / "run"
+    write_run(run, image_size=64, epoch=3, train_dir="data/train", output_dir=str(run))
+    cfg = TrainConfig.from_args(["--resume", str(run)])
+    assert (cfg.image_size, cfg.epoch, cfg.checkpoint, cfg.train_dir) == (64, 3, "none", "data/train")
+    assert cfg.resume == str(run) and check_resume(cfg) == run
+    # auto: the --output_dir's last.pth
+    assert TrainConfig.from_args(["--resume", "auto", "--output_dir", str(run)]).image_size == 64
+    changed = TrainConfig.from_args(["--resume", str(run), "--epoch", "5", "--num_workers", "2"])
+    assert changed.num_workers == 2
+    with pytest.raises(ResumeError, match=r"--epoch 3 \(now 5\)"):
+        check_resume(changed)
+
+
+def test_resume_auto_needs_an_output_dir(capsys):
+    with pytest.raises(SystemExit):
+        TrainConfig.from_args(["--resume", "auto"])
+    assert "--resume auto continues the run in --output_dir" in capsys.readouterr().err
+
+
+def test_test_fault_spec():
+    os.environ["SAM_TEST_FAULT"] = "nan:1:2,hang:0:5+"
+    try:
+        assert [_test_fault(1, s) for s in range(4)] == [None, None, "nan", None]
+        assert [_test_fault(0, s) for s in (4, 5, 9)] == [None, "hang", "hang"]
+    finally:
+        del os.environ["SAM_TEST_FAULT"]
+
+
+GUARD_SCRIPT = textwrap.dedent(
+    """
+    import datetime, json, sys
+    from types import SimpleNamespace
+    import torch, torch.distributed as dist
+    from torch import nn
+    from segment_anything.utils.config import TrainConfig
+    from segment_anything.utils.distributed import DistInfo
+    from segment_anything.utils.faults import StepGuard
+
+    rank, port = int(sys.argv[1]), int(sys.argv[2])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Linear(2, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    cfg = TrainConfig(checkpoint="none", train_dir="x", max_bad_steps=5, save_every=0, save_every_minutes=0)
+    run = SimpleNamespace(cfg=cfg, scheduler=sched, step=0, bad_steps=0, skipped=0, epoch=0)
+    guard = StepGuard(run, DistInfo(rank=rank, world_size=2), save=lambda s: None, resume_hint="")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    decisions = []
+    for step in range(3):
+        opt.zero_grad()
+        loss = model(torch.ones(1, 2)).sum()
+        loss.backward()
+        if rank == 1 and step == 1:  # after DDP's averaging: only this rank's gradient is bad
+            model.module.weight.grad[0, 0] = float("nan")
+        ok = guard.check(loss, opt, scaler)
+        if ok:
+            opt.step()
+        sched.step()
+        guard.end_step(None)
+        decisions.append(ok)
+    print("RESULT " + json.dumps({"ok": decisions, "weight": model.module.weight.tolist(), "skipped": run.skipped}))
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    from test_trainer import free_port
+
+    script = tmp_path / "guard.py"
+    script.write_text(GUARD_SCRIPT)
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
+            results.append(json.loads(out.split("RESULT ", 1)[1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert results[0]["ok"] == results[1]["ok"] == [True, False, True]
+    assert results[0]["skipped"] == results[1]["skipped"] == 1
+    assert results[0]["weight"] == results[1]["weight"]  # the ranks did not diverge

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import cv2
 import pytest
 import torch
 
@@ -74,6 +75,23 @@ def straight(data, tmp_path_factory):
     proc = run_py(flags(data, out))
     assert proc.returncode == 0, output(proc)
     return out
+
+
+def test_a_run_shows_what_it_does(straight):
+    """The run's first lines, TensorBoard events and pictures (also: validation with an empty shard on rank 1)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    head = (straight / "train.log").read_text().splitlines()[:4]
+    assert any("8 pairs, 0 with an empty mask skipped" in line for line in head)
+    assert any(f"world size 2: rank 0 cpu, rank 1 cpu | run folder {straight}" in line for line in head)
+    for name, shape in (("curves.png", (340, 900, 3)), ("samples.png", (260, 750, 3))):  # 1 validation image
+        picture = cv2.imread(str(straight / name))
+        assert picture.shape == shape and picture.std() > 20, name
+    events = EventAccumulator(str(straight / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()
+    assert {"train_step/total", "train_step/lr", "epoch/val_iou", "epoch/val_dice"} <= set(tags["scalars"])
+    assert tags["images"] == ["validation_samples"]
 
 
 def global_step(s) -> int:

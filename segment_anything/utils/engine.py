@@ -32,6 +32,7 @@ from .save_weight import atomic_save, save_partial_weight
 from .trainable import TrainPlan, configure, export_weights, lora_metadata, parameter_report
 from .trainer import SamTrainStep, evaluate, train_one_epoch
 from .weights import check_checkpoint
+from .visualize import RunWriter, device_label
 
 
 
@@ -271,8 +272,11 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     data, out_dir = setup_run(cfg, info, prepared)
+    devices = all_gather_objects(device_label(info.device))
     if info.is_main:
         start_run_folder(cfg, out_dir, data)
+        log.info(f"world size {info.world_size}: " + ", ".join(f"rank {r} {d}" for r, d in enumerate(devices))
+                 + f" | run folder {out_dir}")
     train_loader, val_loader, sampler = make_loaders(cfg, info, data)
     # Seeded again right before the model is built, so a --checkpoint none model depends on the
     # seed alone and the tools (evaluate, predict) can rebuild the exact starting model.
@@ -280,6 +284,9 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
     run = Training.build(cfg, info, sampler.steps_per_epoch)
     guard = StepGuard(run, info, lambda sums: save_last(run, sampler, out_dir, info, sums),
                       resume_hint=f"python run.py --resume {out_dir}")
+    writer = RunWriter(out_dir, val_loader.dataset.dataset, cfg.batch_size * info.world_size) if info.is_main else None
+    if writer is not None:
+        guard.on_step = writer.step
     if cfg.resume:
         try:
             guard.resumed_sums = run.restore(cfg, info, sampler)
@@ -297,12 +304,15 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
             improved = run.end_epoch(val_m["iou"], val_m)
             if info.is_main:
                 save_epoch(run, out_dir, record, improved)
+                writer.epoch(record, run.sam, improved)
             save_last(run, sampler, out_dir, info)
             guard.end_epoch()
             if cfg.patience and run.stale >= cfg.patience:
                 log.info(f"early stop: no better validation IoU for {run.stale} epochs")
                 break
         barrier()
+    if writer is not None:
+        writer.close()
     log.info(f"best validation IoU {run.best['iou']:.4f} (epoch {run.best.get('epoch')}); weights in {out_dir / 'best.pth'}")
     return run.best
 

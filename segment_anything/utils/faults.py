@@ -75,6 +75,7 @@ class StepGuard:
         self.last_save, self.steps_since_save = time.monotonic(), 0
         self._save_now = self._stop_now = False
         self.resumed_sums: Optional[torch.Tensor] = None  # the interrupted epoch's meter sums
+        self.on_step: Optional[Callable] = None  # (global step, terms, lr) after every finite step
 
     def take_resumed_sums(self) -> Optional[torch.Tensor]:
         sums, self.resumed_sums = self.resumed_sums, None
@@ -115,8 +116,11 @@ class StepGuard:
             self.run.bad_steps = 0
         return not bad
 
-    def end_step(self, meter_sums: Optional[torch.Tensor]) -> None:
-        """After the step: count it, save last.pth when due, stop when asked to."""
+    def end_step(self, meter_sums: Optional[torch.Tensor], terms: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """After the step: report it, count it, save last.pth when due, stop when asked to.
+        terms: the step's per-prompt loss terms and metrics, for on_step (TensorBoard)."""
+        if self.on_step is not None and terms is not None and self.run.bad_steps == 0:
+            self.on_step(self.global_step, terms, self.run.scheduler.get_last_lr()[0])
         self.run.step += 1
         self.steps_since_save += 1
         too_many = self.run.bad_steps > self.cfg.max_bad_steps

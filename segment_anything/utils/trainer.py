@@ -253,7 +253,7 @@ def train_one_epoch(
             meter.sums = sums_before  # a skipped step's non-finite terms stay out of the epoch means
         scheduler.step()
         if guard is not None:
-            guard.end_step(meter.sums)
+            guard.end_step(meter.sums, terms)
     return meter.reduce(device)
 
 

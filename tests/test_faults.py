@@ -90,7 +90,8 @@ def test_a_run_shows_what_it_does(straight):
     events = EventAccumulator(str(straight / "tensorboard"))
     events.Reload()
     tags = events.Tags()
-    assert {"train_step/total", "train_step/lr", "epoch/val_iou", "epoch/val_dice"} <= set(tags["scalars"])
+    assert {"train_step/loss", "train_step/loss_bce", "train_step/iou", "train_step/dice", "train_step/lr",
+            "train_step/images_per_sec", "epoch/val_iou", "epoch/val_dice", "epoch/train_loss_bce"} <= set(tags["scalars"])
     assert tags["images"] == ["validation_samples"]
 
 

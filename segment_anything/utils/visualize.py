@@ -168,9 +168,9 @@ class RunWriter:
         if improved:
             cv2.imwrite(str(self.out_dir / "samples.png"), picture[..., ::-1])
         if self.tb is not None:
-            for key in ("train_loss", "train_iou", "val_loss", "val_iou", "val_dice", "lr", "images_per_sec", "skipped_steps"):
-                if key in record:
-                    self.tb.add_scalar(f"epoch/{key}", record[key], record["epoch"])
+            for key, value in record.items():  # every number of the metrics.jsonl line, loss terms included
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"epoch/{key}", value, record["epoch"])
             self.tb.add_image("validation_samples", picture, record["epoch"], dataformats="HWC")
             self.tb.flush()
 

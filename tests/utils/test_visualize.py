@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from segment_anything import sam_model_registry
-from segment_anything.utils.data import MaskDataset, check_dataset, find_pairs, make_synthetic_dataset
+from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import MaskDataset, load_records
 from segment_anything.utils.log import LOGGER_NAME
 from segment_anything.utils.visualize import RunWriter, figure_array, plot_curves, predict_samples, samples_figure
 
@@ -28,8 +29,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def val_set(tmp_path_factory):
     root = make_synthetic_dataset(tmp_path_factory.mktemp("vis") / "val", n=3, size_range=(40, 90), seed=7)
-    pairs, _ = check_dataset(find_pairs(root))
-    return MaskDataset(pairs, SIZE)
+    return MaskDataset(load_records(root), SIZE)
 
 
 @pytest.fixture(scope="module")

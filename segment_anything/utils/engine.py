@@ -284,7 +284,7 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
     run = Training.build(cfg, info, sampler.steps_per_epoch)
     guard = StepGuard(run, info, lambda sums: save_last(run, sampler, out_dir, info, sums),
                       resume_hint=f"python run.py --resume {out_dir}")
-    writer = RunWriter(out_dir, val_loader.dataset.dataset, cfg.batch_size * info.world_size) if info.is_main else None
+    writer = RunWriter(out_dir, val_loader.dataset.dataset, cfg.batch_size * cfg.accumulate * info.world_size) if info.is_main else None
     if writer is not None:
         guard.on_step = writer.step
     if cfg.resume:

@@ -36,12 +36,14 @@ def plot_curves(records: Sequence[Dict], path: Path) -> None:
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    epochs = [r["epoch"] for r in records]
+    def series(key):  # epoch 0 (the base model, --eval_base) has validation values only
+        return [r["epoch"] for r in records if key in r], [r[key] for r in records if key in r]
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
-    left.plot(epochs, [r["train_loss"] for r in records], "o-", label="train loss")
-    left.plot(epochs, [r["val_loss"] for r in records], "s-", label="val loss")
-    right.plot(epochs, [r["val_iou"] for r in records], "o-", label="val IoU")
-    right.plot(epochs, [r["val_dice"] for r in records], "s-", label="val Dice")
+    left.plot(*series("train_loss"), "o-", label="train loss")
+    left.plot(*series("val_loss"), "s-", label="val loss")
+    right.plot(*series("val_iou"), "o-", label="val IoU")
+    right.plot(*series("val_dice"), "s-", label="val Dice")
     right.set_ylim(0, 1)
     for ax, title in ((left, "loss"), (right, "validation")):
         ax.set_xlabel("epoch")
@@ -133,7 +135,7 @@ class RunWriter:
     def __init__(self, out_dir: Path, val_dataset, images_per_step: int, n_samples: int = N_SAMPLES) -> None:
         self.out_dir, self.val_dataset, self.images_per_step = Path(out_dir), val_dataset, images_per_step
         self.n_samples = n_samples
-        metrics = self.out_dir / "metrics.jsonl"  # a resumed run's curves start at its first epoch
+        metrics = self.out_dir / "metrics.jsonl"  # a resumed run's curves start at its first epoch; epoch 0 comes later
         self.records: List[Dict] = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
         self.last_time: Optional[float] = None
         try:

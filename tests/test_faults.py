@@ -112,8 +112,9 @@ def test_sigkill_mid_epoch_then_resume_alone_ends_with_the_straight_runs_weights
     diff = max_diff(state(out)["model"], state(straight)["model"])
     assert diff <= 1e-6, f"killed and resumed run differs from the straight run by {diff:.3g}"
     for a, b in zip(metrics(out), metrics(straight)):
-        assert a.get("train_loss") == pytest.approx(b.get("train_loss"), rel=1e-5)
-        assert a["epoch"] == b["epoch"]
+        assert a["epoch"] == b["epoch"] and a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+        if a["epoch"] > 0:  # epoch 0 is the base model: validation only
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
     assert [m["epoch"] for m in metrics(out)] == [0, 1, 2]  # epoch 0: the base model (--eval_base)
 
 

@@ -18,6 +18,18 @@ if str(REPO) not in sys.path:
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_embedding_cache(tmp_path_factory):
+    """Runs in tests (and their subprocesses) use a fresh embedding cache, never ~/.cache."""
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref|."""
     ours, ref = ours.detach().float(), ref.detach().float()

@@ -139,6 +139,10 @@ class TrainConfig:
                            choices=["original", "low_res"])
     # Evaluation (issue 11; the evaluate tool is segment_anything/tools/evaluate.py)
     eval_base: bool = _flag(True, "score the starting model on the validation set before the first epoch (epoch 0 in metrics.jsonl)")
+    # Embedding cache (issue 7): frozen-encoder embeddings computed once, read in later epochs and runs
+    cache_dir: Optional[str] = _flag(None, "embedding cache folder (default: $XDG_CACHE_HOME/sam_finetune/embeddings, i.e. ~/.cache/sam_finetune/embeddings)")
+    cache_dtype: str = _flag("fp16", "precision of cached embeddings: fp16, bf16 or fp32", choices=["fp16", "bf16", "fp32"])
+    no_cache: bool = _flag(False, "compute the image embedding on every step (no embedding cache)")
     # Output
     output_dir: Optional[str] = _flag(None, "run folder (default: runs/<timestamp>); an existing run is never overwritten")
     resume: Optional[str] = _flag(

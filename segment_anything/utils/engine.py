@@ -23,6 +23,7 @@ from ..build_sam import sam_model_registry
 from .checkpoint import ResumableSampler, ResumeError, check_resume, check_world_size, find_resume_file, load_state, make_state, restore, rng_state
 from .config import TrainConfig
 from .data import DataError, MaskDataset, RunData, collate, prepare_data
+from .data.cache import EmbeddingCache, open_cache
 from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 from .faults import StepGuard, faults_to_exit, stop_signals
 from .log import FILE_ONLY, add_log_file, get_logger
@@ -97,10 +98,21 @@ def build_model(cfg: TrainConfig):
     return sam
 
 
-def make_loaders(cfg: TrainConfig, info: DistInfo, data: RunData):
+def attach_cache(run, cfg: TrainConfig, info: DistInfo, *loaders) -> None:
+    """Open the embedding cache (its key hashes the loaded encoder weights, so it comes after
+    the model) and hand it to the loaders' datasets before their first iteration."""
+    run.cache = open_cache(cfg, run.sam, run.amp_dtype, log=info.is_main)
+    for loader in loaders:
+        ds = loader.dataset
+        while isinstance(ds, torch.utils.data.Subset):
+            ds = ds.dataset
+        ds.cache = run.cache
+
+
+def make_loaders(cfg: TrainConfig, info: DistInfo, data: RunData, cache: Optional[EmbeddingCache] = None):
     workers = cfg.num_workers if cfg.num_workers is not None else (4 if info.device.type == "cuda" else 0)
-    train_ds = MaskDataset(data.train, cfg.image_size)
-    val_ds = MaskDataset(data.val, cfg.image_size)
+    train_ds = MaskDataset(data.train, cfg.image_size, cache=cache)
+    val_ds = MaskDataset(data.val, cfg.image_size, cache=cache)
     # Explicit replicas/rank: the same sampler (same permutation) for 1 process and for N.
     sampler = ResumableSampler(train_ds, cfg.batch_size, cfg.accumulate, num_replicas=info.world_size, rank=info.rank,
                                shuffle=True, seed=cfg.seed)
@@ -125,6 +137,7 @@ class Training:
     scaler: torch.amp.GradScaler
     amp_dtype: Optional[torch.dtype]
     loss_spec: LossSpec
+    cache: Optional[EmbeddingCache] = None  # set after build (its key hashes the loaded weights)
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps done in the current epoch (skipped ones included)
     bad_steps: int = 0  # non-finite steps in a row
@@ -180,16 +193,20 @@ def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler, 
     t0 = time.perf_counter()
     bar = Progress(total=len(sampler) * info.world_size, desc=f"epoch {run.epoch + 1}/{cfg.epoch}", enabled=info.is_main)
     train_m = train_one_epoch(run.model, run.sam, train_loader, run.optimizer, run.scheduler, run.scaler, info.device,
-                              run.amp_dtype, run.loss_spec, progress=bar, accumulate=cfg.accumulate, guard=guard)
+                              run.amp_dtype, run.loss_spec, progress=bar, accumulate=cfg.accumulate, guard=guard, cache=run.cache)
     bar.close()
     train_s = time.perf_counter() - t0
-    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec, cfg.min_region_area)
+    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec, cfg.min_region_area, cache=run.cache)
     terms_post = {f"val_{k}": val_m[k] for k in ("iou_post", "dice_post") if k in val_m}
     terms = {f"{split}_{k}": m[k] for split, m in (("train", train_m), ("val", val_m)) for k in run.loss_spec.keys()[1:]}
-    return {"epoch": run.epoch + 1, "train_loss": train_m["loss"], "train_iou": train_m["iou"],
-            "val_loss": val_m["loss"], "val_iou": val_m["iou"], "val_dice": val_m["dice"], **terms, **terms_post,
-            "images_per_sec": train_m["images"] / train_s, "seconds": time.perf_counter() - t0,
-            "lr": run.scheduler.get_last_lr()[0], "skipped_steps": run.skipped, "_val": val_m}
+    record = {"epoch": run.epoch + 1, "train_loss": train_m["loss"], "train_iou": train_m["iou"],
+              "val_loss": val_m["loss"], "val_iou": val_m["iou"], "val_dice": val_m["dice"], **terms, **terms_post,
+              "images_per_sec": train_m["images"] / train_s, "seconds": time.perf_counter() - t0,
+              "lr": run.scheduler.get_last_lr()[0], "skipped_steps": run.skipped, "_val": val_m}
+    if run.cache is not None:  # global counts (all ranks); a miss is an encoder call and a store
+        record.update(cache_hits=train_m["cache_hits"], cache_misses=train_m["images"] - train_m["cache_hits"],
+                      val_cache_hits=val_m["cache_hits"], val_cache_misses=val_m["images"] - val_m["cache_hits"])
+    return record
 
 
 def evaluate_base(run: Training, info: DistInfo, val_loader, out_dir: Path) -> Dict:
@@ -282,6 +299,7 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
     # seed alone and the tools (evaluate, predict) can rebuild the exact starting model.
     torch.manual_seed(cfg.seed)
     run = Training.build(cfg, info, sampler.steps_per_epoch)
+    attach_cache(run, cfg, info, train_loader, val_loader)
     guard = StepGuard(run, info, lambda sums: save_last(run, sampler, out_dir, info, sums),
                       resume_hint=f"python run.py --resume {out_dir}")
     writer = RunWriter(out_dir, val_loader.dataset.dataset, cfg.batch_size * cfg.accumulate * info.world_size) if info.is_main else None

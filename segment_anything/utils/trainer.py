@@ -9,7 +9,7 @@ prompt of every image in one decoder call, brings the masks back to each image's
 """
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 from ..modeling import Sam
 from . import accumulate as accumulation
 from .accumulate import global_count
+from .data.cache import EmbeddingCache
 from .distributed import get_world_size
 from .losses import DEFAULT_LOSS_SPEC, LossSpec, low_res_pair
 from .metrics import Meter, mask_dice, mask_iou
@@ -44,19 +45,22 @@ class SamTrainStep(nn.Module):
         image_index: torch.Tensor,
         points: Optional[torch.Tensor] = None,
         point_labels: Optional[torch.Tensor] = None,
+        embeddings: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
-            images: (B, 3, S, S) normalised, padded encoder inputs.
+            images: (B, 3, S, S) normalised, padded encoder inputs (unused with embeddings).
             boxes: (P, 4) xyxy box prompts in the resized frame, or None (points only).
             image_index: (P,) which image each prompt belongs to.
             points: (P, K, 2) xy point prompts in the resized frame, or None (boxes only).
             point_labels: (P, K) 1 positive, 0 negative, -1 padding (with points).
+            embeddings: (B, C, g, g) image embeddings (from the cache): the encoder is skipped.
         Returns:
             low-resolution mask logits (P, 1, 4g, 4g) and IoU predictions (P, 1).
         """
-        with _grad_if_trained(self.sam.image_encoder):
-            embeddings = self.sam.image_encoder(images)
+        if embeddings is None:
+            with _grad_if_trained(self.sam.image_encoder):
+                embeddings = self.sam.image_encoder(images)
         return self.decode(embeddings, boxes, image_index, points, point_labels)
 
     def decode(
@@ -85,7 +89,7 @@ class SamTrainStep(nn.Module):
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (B, 3, S, S)
+    images: Optional[torch.Tensor]  # (M, 3, S, S): the items without a cached embedding (None if M = 0)
     boxes: Optional[torch.Tensor]  # (P, 4) resized frame; None when prompts are points only
     image_index: torch.Tensor  # (P,)
     masks: List[torch.Tensor]  # per image (N_i, H_i, W_i) in {0, 1}
@@ -94,10 +98,16 @@ class Batch:
     points: Optional[torch.Tensor] = None  # (P, K, 2) resized frame; None when no item has points
     point_labels: Optional[torch.Tensor] = None  # (P, K): 1 positive, 0 negative, -1 padding
     new_images: Optional[int] = None  # items that start an image (an image split into chunks counts once)
+    cached: List[Optional[torch.Tensor]] = field(default_factory=list)  # per item: (C, g, g) or None
+    cache_keys: List[Optional[str]] = field(default_factory=list)  # per item, from a cache-aware dataset
 
     @property
     def num_images(self) -> int:
         return len(self.masks) if self.new_images is None else self.new_images
+
+    @property
+    def num_cached(self) -> int:
+        return sum(emb is not None for emb in self.cached)
 
     def prompts(self) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(boxes, image_index, points, point_labels): SamTrainStep's prompt arguments."""
@@ -128,7 +138,11 @@ def _batch_points(items: List[dict], transform: ResizeLongestSide) -> Tuple[torc
 def prepare_batch(items: List[dict], sam: Sam, device: torch.device) -> Batch:
     """Dataset items -> tensors on device, boxes and points mapped into the resized frame."""
     transform = ResizeLongestSide(sam.image_encoder.img_size)
-    images = torch.stack([sam.preprocess(it["image"].to(device, non_blocking=True).float()) for it in items])
+    cached = [it.get("embedding") for it in items]
+    to_encode = [it["image"] for it, emb in zip(items, cached) if emb is None]
+    images = None
+    if to_encode:
+        images = torch.stack([sam.preprocess(im.to(device, non_blocking=True).float()) for im in to_encode])
     kind = _prompt_kind(items)
     boxes = None
     if kind != "point":
@@ -150,7 +164,38 @@ def prepare_batch(items: List[dict], sam: Sam, device: torch.device) -> Batch:
         points=points,
         point_labels=labels,
         new_images=sum(1 for it in items if it.get("first_chunk", True)),
+        cached=[None if emb is None else emb.to(device, non_blocking=True) for emb in cached],
+        cache_keys=[it.get("cache_key") for it in items],
     )
+
+
+@torch.no_grad()
+def batch_embeddings(sam: Sam, batch: Batch, cache: EmbeddingCache, amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """(B, C, g, g) float32 embeddings: cached ones as stored, the others from one encoder call
+    (frozen encoder, no grad; chunks of one image in the batch are encoded once), stored and
+    rounded to the cache dtype exactly as a later hit will read them."""
+    fresh: Dict[Optional[str], torch.Tensor] = {}
+    if batch.images is not None:
+        with autocast_context(batch.images.device, amp_dtype):
+            encoded = sam.image_encoder(batch.images).float()
+        missing = [key for emb, key in zip(batch.cached, batch.cache_keys) if emb is None]
+        for j, key in enumerate(missing):
+            if key not in fresh:
+                fresh[key] = encoded[j]
+                if key is not None:
+                    cache.store(key, encoded[j])
+    out = [cache.round_trip(fresh[key] if emb is None else emb) for emb, key in zip(batch.cached, batch.cache_keys)]
+    # Both encoders return channels-last tensors; the decoder then picks the same kernels as
+    # without the cache, so an fp32 cache trains bit for bit like no cache.
+    return torch.stack(out).contiguous(memory_format=torch.channels_last)
+
+
+def forward_step(model: nn.Module, sam: Sam, batch: Batch, cache: Optional[EmbeddingCache],
+                 amp_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The model call of a step: from embeddings (cache on) or from images (encoder inside)."""
+    embeddings = batch_embeddings(sam, batch, cache, amp_dtype) if cache is not None else None
+    with autocast_context(batch.image_index.device, amp_dtype):
+        return model(batch.images, *batch.prompts(), embeddings=embeddings)
 
 
 METRIC_KEYS = ("iou", "dice")  # of the thresholded mask; apart from the loss terms
@@ -223,14 +268,18 @@ def train_one_epoch(
     progress=None,
     accumulate: int = 1,
     guard=None,
+    cache: Optional[EmbeddingCache] = None,
 ) -> Dict[str, float]:
     """One pass over this rank's shard. model is the DDP wrapper (or the bare SamTrainStep).
     accumulate: micro-batches per optimizer step (see utils.accumulate).
-    guard (faults.StepGuard): skips non-finite steps on every rank, saves and stops mid-epoch."""
+    guard (faults.StepGuard): skips non-finite steps on every rank, saves and stops mid-epoch.
+    With a cache, the step starts from embeddings (see forward_step); the result then counts
+    'cache_hits' (all ranks)."""
     set_train_mode(sam)
     meter = Meter(loss_spec.keys() + METRIC_KEYS)
     if guard is not None:  # resumed mid-epoch: the sums of the batches before
         meter.sums = guard.take_resumed_sums()
+    hits = 0
     for group in accumulation.groups(loader, accumulate):
         batches = [prepare_batch(items, sam, device) for items in group]
         count = global_count(sum(b.image_index.numel() for b in batches), device) if accumulate > 1 else None
@@ -238,12 +287,12 @@ def train_one_epoch(
         sums_before = meter.sums
         for i, batch in enumerate(batches):
             with accumulation.sync_unless(model, last=i == len(batches) - 1):
-                with autocast_context(device, amp_dtype):
-                    low_res, iou_pred = model(batch.images, *batch.prompts())
+                low_res, iou_pred = forward_step(model, sam, batch, cache, amp_dtype)
                 terms = score(sam, batch, low_res, iou_pred, loss_spec)
                 loss = step_loss(terms, device, count)
                 scaler.scale(loss).backward()
             meter.add(terms, batch.num_images)
+            hits += batch.num_cached
             if progress is not None:
                 progress.step(batch.num_images * get_world_size(), loss)  # counts all ranks; reads the loss now and then
         if guard is None or guard.check(loss, optimizer, scaler):
@@ -254,7 +303,7 @@ def train_one_epoch(
         scheduler.step()
         if guard is not None:
             guard.end_step(meter.sums, terms)
-    return meter.reduce(device)
+    return dict(meter.reduce(device), cache_hits=int(global_count(hits, device).item()))
 
 
 def _embed_once(sam: Sam, batch: Batch, keys: List, cache: Dict) -> torch.Tensor:
@@ -281,19 +330,27 @@ def _embed_once(sam: Sam, batch: Batch, keys: List, cache: Dict) -> torch.Tensor
 def evaluate(
     sam: Sam, loader: Iterable, device: torch.device, amp_dtype: Optional[torch.dtype],
     loss_spec: LossSpec = DEFAULT_LOSS_SPEC, min_region_area: int = 0,
+    cache: Optional[EmbeddingCache] = None,
 ) -> Dict[str, float]:
     """Validation on this rank's shard with the bare model (no DDP forward, so no collective
     inside the loop and no deadlock when shards differ in length), then one global reduction.
-    Items that are chunks of one image (key `index` repeated) share one encoder pass."""
+    Items that are chunks of one image (key `index` repeated) share one encoder pass; with an
+    embedding cache, embeddings come from it (see batch_embeddings)."""
     sam.eval()
     step = SamTrainStep(sam)
     meter = Meter(loss_spec.keys() + METRIC_KEYS + (POST_KEYS if min_region_area > 0 else ()))
-    cache: Dict = {}
+    last: Dict = {}
+    hits = 0
     for items in loader:
         batch = prepare_batch(items, sam, device)
+        if cache is not None:
+            embeddings = batch_embeddings(sam, batch, cache, amp_dtype)
+            hits += batch.num_cached
+        else:
+            with autocast_context(device, amp_dtype):
+                embeddings = _embed_once(sam, batch, [it.get("index") for it in items], last)
         with autocast_context(device, amp_dtype):
-            embeddings = _embed_once(sam, batch, [it.get("index") for it in items], cache)
             low_res, iou_pred = step.decode(embeddings, *batch.prompts())
         meter.add(score(sam, batch, low_res, iou_pred, loss_spec, metrics_at_original=True,
                         min_region_area=min_region_area), batch.num_images)
-    return meter.reduce(device)
+    return dict(meter.reduce(device), cache_hits=int(global_count(hits, device).item()))

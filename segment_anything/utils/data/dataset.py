@@ -25,31 +25,39 @@ class MaskDataset(Dataset):
       boxes          float32 (N, 4) xyxy in original pixels, from `mask_to_box`
       points         float32 (N, 0, 2); point_labels float32 (N, 0): no point prompts here
       path           the image path; index: the dataset index
+    With an embedding cache (data.cache.EmbeddingCache), items also carry `cache_key`, and a hit
+    carries `embedding` (C, g, g) in the cache dtype instead of `image` (the image is not decoded).
     """
 
-    def __init__(self, records: Sequence[Record], image_size: int):
+    def __init__(self, records: Sequence[Record], image_size: int, cache=None):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self.records, self.image_size = list(records), image_size
         self.transform = ResizeLongestSide(image_size)
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
-        image, masks = record.load_image(), record.load_masks()
-        # The predictor's own resize, so fine-tuning inputs are exactly what inference sees.
-        resized = self.transform.apply_image(image)
-        h, w = resized.shape[:2]
+        masks = record.load_masks()
+        key = self.cache.key_for(record.image) if self.cache is not None else None
+        embedding = self.cache.lookup(key) if key is not None else None
+        pixels = {"embedding": embedding, "cache_key": key} if key is not None else {}
+        if embedding is None:
+            # The predictor's own resize, so fine-tuning inputs are exactly what inference sees.
+            pixels["image"] = torch.from_numpy(np.ascontiguousarray(
+                self.transform.apply_image(record.load_image()).transpose(2, 0, 1)))
+        h, w = ResizeLongestSide.get_preprocess_shape(masks.shape[1], masks.shape[2], self.image_size)
         try:
             boxes = np.stack([mask_to_box(m) for m in masks])
         except (DataError, ValueError) as err:
             raise DataError(f"{record.source}: {err}") from err
         n = len(masks)
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))),
-            "original_size": (int(image.shape[0]), int(image.shape[1])),
+            **pixels,
+            "original_size": (int(masks.shape[1]), int(masks.shape[2])),
             "input_size": (h, w),
             "masks": torch.from_numpy(np.ascontiguousarray(masks)),
             "boxes": torch.from_numpy(boxes),

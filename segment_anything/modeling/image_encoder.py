@@ -217,7 +217,10 @@ def rel_pos_attention(
         samples, head_step, rows = 1, 1, max(1, max_bias_elements // N)
     samples = min(samples, B)
     reuse = not (torch.is_grad_enabled() and (q.requires_grad or rel_pos_h.requires_grad))
-    buffer = q.new_empty(samples, head_step, rows, H, W) if reuse else None
+    explicit = reuse and q.device.type == "cpu" and q.dtype in LOW_PRECISION_EXPLICIT
+    if explicit:  # scores from plain matrix products; see LOW_PRECISION_EXPLICIT
+        k = (k * scale).transpose(-1, -2)
+    buffer = q.new_empty(samples, head_step, rows, H, W) if reuse and not explicit else None
     out = q.new_empty(B, N, heads, C)
     for b in range(0, B, samples):
         b1 = min(B, b + samples)
@@ -226,13 +229,25 @@ def rel_pos_attention(
             for r in range(0, N, rows):
                 r1 = min(N, r + rows)
                 a, c = rel_h[b:b1, h:h1, r:r1], rel_w[b:b1, h:h1, r:r1]
-                bias = torch.add(a, c, out=buffer[: b1 - b, :, : r1 - r]) if reuse else a + c
-                part = F.scaled_dot_product_attention(
-                    q[b:b1, h:h1, r:r1], k[b:b1, h:h1], v[b:b1, h:h1],
-                    attn_mask=bias.reshape(b1 - b, h1 - h, r1 - r, N), scale=scale,
-                )
+                if explicit:
+                    scores = torch.matmul(q[b:b1, h:h1, r:r1], k[b:b1, h:h1])
+                    scores.view(b1 - b, h1 - h, r1 - r, H, W).add_(a).add_(c)
+                    part = torch.matmul(torch.softmax(scores, -1), v[b:b1, h:h1])
+                else:
+                    bias = torch.add(a, c, out=buffer[: b1 - b, :, : r1 - r]) if reuse else a + c
+                    part = F.scaled_dot_product_attention(
+                        q[b:b1, h:h1, r:r1], k[b:b1, h:h1], v[b:b1, h:h1],
+                        attn_mask=bias.reshape(b1 - b, h1 - h, r1 - r, N), scale=scale,
+                    )
                 out[b:b1, r:r1, h:h1] = part.transpose(1, 2)
     return out
+
+
+# On CPU, the fused attention kernel runs bf16 at about the float32 rate, while bf16 matrix
+# products (oneDNN, AVX512-BF16 / AMX) run 2-3x faster. Without autograd, scores as explicit
+# products on cache-sized chunks (the same chunks as the fused path) are then faster in bf16
+# (measured 1.6-1.8x on a 4096-token global block); in float32 the fused kernel stays ahead.
+LOW_PRECISION_EXPLICIT = {torch.bfloat16}
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:

@@ -1,0 +1,176 @@
+"""Training speed: the reference loop vs our trainer's cold and warm epochs, same data and weights.
+
+    python bench/train.py                          # vit_b at 1024 on ../shared/data/nails
+    python bench/train.py --model_type vit_t --images 8
+
+(a) reference: the official modules (mobile_sam, Meta's modeling code), one image per step,
+    the image encoder under no_grad on every step, the decoder once per image, as the seed
+    reference project does; (b) ours, first epoch: the embedding cache is empty, every image is
+    encoded once and stored; (c) ours, later epochs: every embedding comes from the cache.
+Every phase runs in its own process (same random weights, same images, one box per image from
+its mask, the same loss and AdamW), so each peak RSS is that phase's own. Prints a Markdown
+table: images per second, peak memory (RSS on CPU, max allocated on CUDA) and the ratios.
+"""
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from segment_anything import sam_model_registry  # noqa: E402
+from segment_anything.utils.config import TrainConfig  # noqa: E402
+from segment_anything.utils.data import MaskDataset, check_dataset, find_pairs  # noqa: E402
+from segment_anything.utils.data.cache import open_cache  # noqa: E402
+from segment_anything.utils.losses import sam_loss  # noqa: E402
+from segment_anything.utils.random_weights import randomize_  # noqa: E402
+from segment_anything.utils.trainer import SamTrainStep, freeze, train_one_epoch  # noqa: E402
+from segment_anything.utils.transforms import ResizeLongestSide  # noqa: E402
+
+
+def our_model(args, device):
+    sam = sam_model_registry[args.model_type](checkpoint=None, image_size=args.image_size)
+    randomize_(sam, seed=0)
+    freeze(sam)
+    return sam.to(device)
+
+
+def reference_model(args, device):
+    warnings.filterwarnings("ignore")  # mobile_sam re-registers timm models on import
+    import mobile_sam
+
+    sam = mobile_sam.sam_model_registry[args.model_type]()
+    sam.load_state_dict(our_model(args, torch.device("cpu")).state_dict(), strict=True)
+    sam.image_encoder.eval().requires_grad_(False)  # eval again after loading (TinyViT caches biases)
+    sam.prompt_encoder.eval().requires_grad_(False)
+    sam.mask_decoder.train()
+    return sam.to(device)
+
+
+def dataset(args, cache=None):
+    pairs, _ = check_dataset(find_pairs(args.data))
+    return MaskDataset(pairs[: args.images], args.image_size, cache=cache)
+
+
+def optimizer(sam):
+    return torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=1e-5)
+
+
+def reference_epoch(sam, ds, device) -> float:
+    """The seed project's loop: per image, encoder under no_grad, then prompt + decoder + loss."""
+    opt = optimizer(sam)
+    transform = ResizeLongestSide(sam.image_encoder.img_size)
+    start = time.perf_counter()
+    for i in range(len(ds)):
+        item = ds[i]
+        image = sam.preprocess(item["image"].to(device).float())[None]
+        with torch.no_grad():
+            embedding = sam.image_encoder(image)
+            box = transform.apply_boxes_torch(item["boxes"], item["original_size"]).to(device)
+            sparse, dense = sam.prompt_encoder(points=None, boxes=box, masks=None)
+        low_res, iou_pred = sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                             multimask_output=False)
+        logits = sam.postprocess_masks(low_res, item["input_size"], item["original_size"])
+        loss = sam_loss(logits[:, 0], item["masks"].to(device), iou_pred[:, 0], 1.0)["total"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def our_epochs(args, device, warm: bool) -> list:
+    """Seconds per epoch of train_one_epoch: one cold epoch, or --warm_epochs from a warm cache."""
+    sam = our_model(args, device)
+    cfg = TrainConfig(model_type=args.model_type, checkpoint="none", image_size=args.image_size,
+                      cache_dir=args.cache_dir, cache_dtype=args.cache_dtype)
+    cache = open_cache(cfg, sam, None, log=False)
+    ds = dataset(args, cache)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, collate_fn=list, num_workers=args.workers)
+    opt = optimizer(sam)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    times = []
+    for _ in range(args.warm_epochs if warm else 1):
+        start = time.perf_counter()
+        m = train_one_epoch(SamTrainStep(sam), sam, loader, opt, sched, scaler, device, None, 1.0, cache=cache)
+        times.append(time.perf_counter() - start)
+        expected = len(ds) if warm else 0
+        assert m["cache_hits"] == expected, f"{m['cache_hits']} cache hits, expected {expected}"
+    return times
+
+
+def peak_memory(device) -> float:
+    """MB: max allocated on CUDA, else this process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_phase(args) -> None:
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    if args.phase == "reference":
+        sam, ds = reference_model(args, device), dataset(args)
+        times = [reference_epoch(sam, ds, device)]
+    else:
+        times = our_epochs(args, device, warm=args.phase == "warm")
+    print(json.dumps({"seconds": min(times), "images": args.images, "peak_mb": peak_memory(device)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "vit_t"])
+    parser.add_argument("--image_size", type=int, default=1024)
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "nails"))
+    parser.add_argument("--images", type=int, default=6, help="images per epoch (the first N of the data)")
+    parser.add_argument("--batch_size", type=int, default=1, help="our trainer's images per step")
+    parser.add_argument("--workers", type=int, default=0, help="our trainer's DataLoader workers")
+    parser.add_argument("--warm_epochs", type=int, default=3, help="warm epochs; the best one counts")
+    parser.add_argument("--cache_dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--phase", choices=["reference", "cold", "warm"], help=argparse.SUPPRESS)
+    parser.add_argument("--cache_dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        return run_phase(args)
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_train_cache.") as cache_dir:
+        for phase in ("reference", "cold", "warm"):
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--phase", phase, "--cache_dir", cache_dir]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{phase} phase failed:\n{proc.stderr[-4000:]}")
+            results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    memory = "max allocated" if args.device.startswith("cuda") else "peak RSS"
+    gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
+    print(f"command: python bench/{Path(__file__).name} " + " ".join(sys.argv[1:]))
+    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads{gpu}, torch {torch.__version__}")
+    print(f"model: {args.model_type} at {args.image_size}, {args.images} images of {Path(args.data).name}, one box each; "
+          f"our batch {args.batch_size}, cache {args.cache_dtype}; warm: best of {args.warm_epochs} epochs\n")
+    print(f"| loop | images / s | vs reference | {memory} MB | vs reference |")
+    print("|---|---:|---:|---:|---:|")
+    ref = results["reference"]
+    names = {"reference": "reference (stock modules, encoder every step)", "cold": "ours, first epoch (cold cache)",
+             "warm": "ours, later epochs (warm cache)"}
+    for phase, r in results.items():
+        ips = r["images"] / r["seconds"]
+        print(f"| {names[phase]} | {ips:.3g} | {ips / (ref['images'] / ref['seconds']):.2f}x | "
+              f"{r['peak_mb']:,.0f} | {r['peak_mb'] / ref['peak_mb']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -32,7 +32,7 @@ from segment_anything import sam_model_registry  # noqa: E402
 from segment_anything.utils.config import TrainConfig  # noqa: E402
 from segment_anything.utils.data import MaskDataset, check_dataset, find_pairs  # noqa: E402
 from segment_anything.utils.data.cache import open_cache  # noqa: E402
-from segment_anything.utils.losses import sam_loss  # noqa: E402
+from segment_anything.utils.losses import DEFAULT_LOSS_SPEC  # noqa: E402
 from segment_anything.utils.random_weights import randomize_  # noqa: E402
 from segment_anything.utils.trainer import SamTrainStep, freeze, train_one_epoch  # noqa: E402
 from segment_anything.utils.transforms import ResizeLongestSide  # noqa: E402
@@ -82,7 +82,7 @@ def reference_epoch(sam, ds, device) -> float:
                                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                              multimask_output=False)
         logits = sam.postprocess_masks(low_res, item["input_size"], item["original_size"])
-        loss = sam_loss(logits[:, 0], item["masks"].to(device), iou_pred[:, 0], 1.0)["total"].mean()
+        loss = DEFAULT_LOSS_SPEC(logits[:, 0], item["masks"].to(device), iou_pred[:, 0])["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -103,7 +103,7 @@ def our_epochs(args, device, warm: bool) -> list:
     times = []
     for _ in range(args.warm_epochs if warm else 1):
         start = time.perf_counter()
-        m = train_one_epoch(SamTrainStep(sam), sam, loader, opt, sched, scaler, device, None, 1.0, cache=cache)
+        m = train_one_epoch(SamTrainStep(sam), sam, loader, opt, sched, scaler, device, None, cache=cache)
         times.append(time.perf_counter() - start)
         expected = len(ds) if warm else 0
         assert m["cache_hits"] == expected, f"{m['cache_hits']} cache hits, expected {expected}"

@@ -30,18 +30,19 @@ sys.path.insert(0, str(REPO))
 
 from segment_anything import sam_model_registry  # noqa: E402
 from segment_anything.utils.config import TrainConfig  # noqa: E402
-from segment_anything.utils.data import MaskDataset, check_dataset, find_pairs  # noqa: E402
+from segment_anything.utils.data import MaskDataset, load_records  # noqa: E402
 from segment_anything.utils.data.cache import open_cache  # noqa: E402
 from segment_anything.utils.losses import DEFAULT_LOSS_SPEC  # noqa: E402
 from segment_anything.utils.random_weights import randomize_  # noqa: E402
-from segment_anything.utils.trainer import SamTrainStep, freeze, train_one_epoch  # noqa: E402
+from segment_anything.utils.trainable import TrainPlan, configure  # noqa: E402
+from segment_anything.utils.trainer import SamTrainStep, train_one_epoch  # noqa: E402
 from segment_anything.utils.transforms import ResizeLongestSide  # noqa: E402
 
 
 def our_model(args, device):
     sam = sam_model_registry[args.model_type](checkpoint=None, image_size=args.image_size)
     randomize_(sam, seed=0)
-    freeze(sam)
+    configure(sam, TrainPlan())
     return sam.to(device)
 
 
@@ -58,8 +59,7 @@ def reference_model(args, device):
 
 
 def dataset(args, image_size, cache=None):
-    pairs, _ = check_dataset(find_pairs(args.data))
-    return MaskDataset(pairs[: args.images], image_size, cache=cache)
+    return MaskDataset(load_records(args.data)[: args.images], image_size, cache=cache)
 
 
 def optimizer(sam):

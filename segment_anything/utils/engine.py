@@ -5,6 +5,7 @@ restore a resume state. Rank 0 checks the data and writes every file; all ranks 
 validate their own shards.
 """
 
+import copy
 import json
 import math
 import random
@@ -103,9 +104,12 @@ def attach_cache(run, cfg: TrainConfig, info: DistInfo, *loaders) -> None:
     the model) and hand it to the loaders' datasets before their first iteration."""
     run.cache = open_cache(cfg, run.sam, run.amp_dtype, log=info.is_main)
     for loader in loaders:
-        ds = loader.dataset
+        holder, ds = None, loader.dataset
         while isinstance(ds, torch.utils.data.Subset):
-            ds = ds.dataset
+            holder, ds = ds, ds.dataset
+        if holder is not None:  # a copy: the sample pictures read images from the original
+            ds = copy.copy(ds)
+            holder.dataset = ds
         ds.cache = run.cache
 
 
@@ -213,7 +217,7 @@ def evaluate_base(run: Training, info: DistInfo, val_loader, out_dir: Path) -> D
     """Validation of the starting model (epoch 0 in metrics.jsonl), so every run shows its gain
     over the base; it does not count as a best epoch (best.pth only ever holds trained weights)."""
     t0 = time.perf_counter()
-    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec, run.cfg.min_region_area)
+    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec, run.cfg.min_region_area, cache=run.cache)
     record = {"epoch": 0, "val_loss": val_m["loss"], "val_iou": val_m["iou"], "val_dice": val_m["dice"],
               **{f"val_{k}": val_m[k] for k in run.loss_spec.keys()[1:]},
               **{f"val_{k}": val_m[k] for k in ("iou_post", "dice_post") if k in val_m},
@@ -299,10 +303,10 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
     # seed alone and the tools (evaluate, predict) can rebuild the exact starting model.
     torch.manual_seed(cfg.seed)
     run = Training.build(cfg, info, sampler.steps_per_epoch)
-    attach_cache(run, cfg, info, train_loader, val_loader)
     guard = StepGuard(run, info, lambda sums: save_last(run, sampler, out_dir, info, sums),
                       resume_hint=f"python run.py --resume {out_dir}")
     writer = RunWriter(out_dir, val_loader.dataset.dataset, cfg.batch_size * cfg.accumulate * info.world_size) if info.is_main else None
+    attach_cache(run, cfg, info, train_loader, val_loader)
     if writer is not None:
         guard.on_step = writer.step
     if cfg.resume:

@@ -72,6 +72,21 @@ class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def interactive_errors(cfg: "TrainConfig") -> List[str]:
+    """validate() messages for the interactive-training flags."""
+    from .interactive import parse_prompt_probs, parse_val_clicks
+
+    errors = []
+    for parse, value in ((parse_prompt_probs, cfg.prompt_probs), (parse_val_clicks, cfg.val_clicks)):
+        try:
+            parse(value)
+        except ValueError as err:
+            errors.append(str(err))
+    if cfg.click_rounds < 0:
+        errors.append(f"--click_rounds must be >= 0, got {cfg.click_rounds}")
+    return errors
+
+
 def _flag(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -143,6 +158,19 @@ class TrainConfig:
     cache_dir: Optional[str] = _flag(None, "embedding cache folder (default: $XDG_CACHE_HOME/sam_finetune/embeddings, i.e. ~/.cache/sam_finetune/embeddings)")
     cache_dtype: str = _flag("fp16", "precision of cached embeddings: fp16, bf16 or fp32", choices=["fp16", "bf16", "fp32"])
     no_cache: bool = _flag(False, "compute the image embedding on every step (no embedding cache)")
+    # Interactive training (issue 8; logic in utils/interactive.py, utils/click_eval.py)
+    prompt_probs: str = _flag("box=0.5,point=0.5", "--prompt mixed: per object a box or 1..--num_points positive points, "
+                              "with these probabilities")
+    multimask: bool = _flag(True, "single-point prompts train the three multimask outputs, back-propagating the one with "
+                            "the lowest loss (SAM's training); ignored (false) when no prompt is a single point")
+    click_rounds: int = _flag(0, "after the first prediction, up to this many corrective clicks per step (drawn per step), "
+                              "the previous logits as mask prompt, then one round with the mask prompt only (0 = off)")
+    click_mode: str = _flag("center", "corrective click at the deepest pixel of the larger error region, or a random pixel of it",
+                            choices=["center", "random"])
+    click_grad: str = _flag("all", "every click round back-propagates its loss, or only the last (less memory)",
+                            choices=["all", "last"])
+    val_clicks: str = _flag("1,3,5", "validation IoU after these numbers of corrective clicks, from a point and from a box "
+                            "(metrics.jsonl val_point_click<k>_iou, val_box_click<k>_iou); empty = off")
     # Output
     output_dir: Optional[str] = _flag(None, "run folder (default: runs/<timestamp>); an existing run is never overwritten")
     resume: Optional[str] = _flag(
@@ -155,7 +183,11 @@ class TrainConfig:
     dist_timeout: float = _flag(1800.0, "seconds a collective waits for a dead or hung rank before every rank stops")
 
     def __post_init__(self) -> None:
+        from .interactive import single_point_prompts  # here: it imports torch
+
         self.validate()
+        # Stored as it acts: the multimask heads train (utils/trainable.py) only when it is true.
+        self.multimask = bool(self.multimask) and single_point_prompts(self)
 
     def validate(self) -> None:
         errors: List[str] = []
@@ -199,6 +231,7 @@ class TrainConfig:
             errors.append(f"--max_bad_steps must be >= 0, got {self.max_bad_steps}")
         if not self.dist_timeout > 0:
             errors.append(f"--dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        errors.extend(interactive_errors(self))
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
 

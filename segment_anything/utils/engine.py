@@ -28,6 +28,7 @@ from .data.cache import EmbeddingCache, open_cache
 from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 from .faults import StepGuard, faults_to_exit, stop_signals
 from .log import FILE_ONLY, add_log_file, get_logger
+from .interactive import InteractiveSpec, InteractiveStep, parse_val_clicks
 from .losses import LossSpec
 from .progress import Progress
 from .save_weight import atomic_save, save_partial_weight
@@ -152,7 +153,8 @@ class Training:
     @classmethod
     def build(cls, cfg: TrainConfig, info: DistInfo, steps_per_epoch: int) -> "Training":
         sam = build_model(cfg).to(info.device)
-        model = SamTrainStep(sam)
+        spec = InteractiveSpec.from_config(cfg)
+        model = SamTrainStep(sam) if spec is None else InteractiveStep(sam, spec, LossSpec.from_config(cfg))
         if info.world_size > 1:
             # Buffers are synced on every forward only when they train (a training TinyViT's BatchNorm);
             # forward_sync_buffers is the new name of the deprecated broadcast_buffers.
@@ -197,14 +199,17 @@ def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler, 
     t0 = time.perf_counter()
     bar = Progress(total=len(sampler) * info.world_size, desc=f"epoch {run.epoch + 1}/{cfg.epoch}", enabled=info.is_main)
     train_m = train_one_epoch(run.model, run.sam, train_loader, run.optimizer, run.scheduler, run.scaler, info.device,
-                              run.amp_dtype, run.loss_spec, progress=bar, accumulate=cfg.accumulate, guard=guard, cache=run.cache)
+                              run.amp_dtype, run.loss_spec, progress=bar, accumulate=cfg.accumulate, guard=guard, cache=run.cache,
+                              interactive=InteractiveSpec.from_config(cfg), epoch=run.epoch)
     bar.close()
     train_s = time.perf_counter() - t0
-    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec, cfg.min_region_area, cache=run.cache)
+    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec, cfg.min_region_area, cache=run.cache,
+                     clicks=parse_val_clicks(cfg.val_clicks))
     terms_post = {f"val_{k}": val_m[k] for k in ("iou_post", "dice_post") if k in val_m}
     terms = {f"{split}_{k}": m[k] for split, m in (("train", train_m), ("val", val_m)) for k in run.loss_spec.keys()[1:]}
     record = {"epoch": run.epoch + 1, "train_loss": train_m["loss"], "train_iou": train_m["iou"],
               "val_loss": val_m["loss"], "val_iou": val_m["iou"], "val_dice": val_m["dice"], **terms, **terms_post,
+              **{f"val_{k}": v for k, v in val_m.items() if k.endswith("_iou") and "_click" in k},
               "images_per_sec": train_m["images"] / train_s, "seconds": time.perf_counter() - t0,
               "lr": run.scheduler.get_last_lr()[0], "skipped_steps": run.skipped, "_val": val_m}
     if run.cache is not None:  # global counts (all ranks); a miss is an encoder call and a store

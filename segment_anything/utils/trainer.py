@@ -20,6 +20,7 @@ from . import accumulate as accumulation
 from .accumulate import global_count
 from .data.cache import EmbeddingCache
 from .distributed import get_world_size
+from .interactive import object_keys
 from .losses import DEFAULT_LOSS_SPEC, LossSpec, low_res_pair
 from .metrics import Meter, mask_dice, mask_iou
 from .postprocess import clean_masks
@@ -269,26 +270,38 @@ def train_one_epoch(
     accumulate: int = 1,
     guard=None,
     cache: Optional[EmbeddingCache] = None,
+    interactive=None,
+    epoch: int = 0,
 ) -> Dict[str, float]:
     """One pass over this rank's shard. model is the DDP wrapper (or the bare SamTrainStep).
     accumulate: micro-batches per optimizer step (see utils.accumulate).
     guard (faults.StepGuard): skips non-finite steps on every rank, saves and stops mid-epoch.
     With a cache, the step starts from embeddings (see forward_step); the result then counts
-    'cache_hits' (all ranks)."""
+    'cache_hits' (all ranks). interactive: an utils.interactive.InteractiveSpec when model is an
+    InteractiveStep (the round count of each micro-batch is drawn from (seed, epoch, micro-batch
+    number): the same on every rank)."""
+    if interactive is not None and cache is not None:
+        raise ValueError("interactive training (--prompt mixed, --multimask, --click_rounds) does not use the embedding cache yet")
     set_train_mode(sam)
     meter = Meter(loss_spec.keys() + METRIC_KEYS)
     if guard is not None:  # resumed mid-epoch: the sums of the batches before
         meter.sums = guard.take_resumed_sums()
     hits = 0
+    micro = 0
     for group in accumulation.groups(loader, accumulate):
         batches = [prepare_batch(items, sam, device) for items in group]
         count = global_count(sum(b.image_index.numel() for b in batches), device) if accumulate > 1 else None
         optimizer.zero_grad(set_to_none=True)
         sums_before = meter.sums
-        for i, batch in enumerate(batches):
+        for i, (items, batch) in enumerate(zip(group, batches)):
             with accumulation.sync_unless(model, last=i == len(batches) - 1):
-                low_res, iou_pred = forward_step(model, sam, batch, cache, amp_dtype)
-                terms = score(sam, batch, low_res, iou_pred, loss_spec)
+                if interactive is not None:
+                    with autocast_context(device, amp_dtype):
+                        terms = model(batch.images, batch, object_keys(items), epoch, interactive.rounds(epoch, micro))
+                else:
+                    low_res, iou_pred = forward_step(model, sam, batch, cache, amp_dtype)
+                    terms = score(sam, batch, low_res, iou_pred, loss_spec)
+                micro += 1
                 loss = step_loss(terms, device, count)
                 scaler.scale(loss).backward()
             meter.add(terms, batch.num_images)
@@ -330,15 +343,18 @@ def _embed_once(sam: Sam, batch: Batch, keys: List, cache: Dict) -> torch.Tensor
 def evaluate(
     sam: Sam, loader: Iterable, device: torch.device, amp_dtype: Optional[torch.dtype],
     loss_spec: LossSpec = DEFAULT_LOSS_SPEC, min_region_area: int = 0,
-    cache: Optional[EmbeddingCache] = None,
+    cache: Optional[EmbeddingCache] = None, clicks: Sequence[int] = (),
 ) -> Dict[str, float]:
     """Validation on this rank's shard with the bare model (no DDP forward, so no collective
     inside the loop and no deadlock when shards differ in length), then one global reduction.
     Items that are chunks of one image (key `index` repeated) share one encoder pass; with an
-    embedding cache, embeddings come from it (see batch_embeddings)."""
+    embedding cache, embeddings come from it (see batch_embeddings). clicks: also the IoU after these numbers of corrective clicks
+    (utils.click_eval)."""
+    from .click_eval import click_keys, click_metrics  # here: click_eval imports the data package
+
     sam.eval()
     step = SamTrainStep(sam)
-    meter = Meter(loss_spec.keys() + METRIC_KEYS + (POST_KEYS if min_region_area > 0 else ()))
+    meter = Meter(loss_spec.keys() + METRIC_KEYS + (POST_KEYS if min_region_area > 0 else ()) + tuple(click_keys(clicks)))
     last: Dict = {}
     hits = 0
     for items in loader:
@@ -351,6 +367,8 @@ def evaluate(
                 embeddings = _embed_once(sam, batch, [it.get("index") for it in items], last)
         with autocast_context(device, amp_dtype):
             low_res, iou_pred = step.decode(embeddings, *batch.prompts())
-        meter.add(score(sam, batch, low_res, iou_pred, loss_spec, metrics_at_original=True,
-                        min_region_area=min_region_area), batch.num_images)
+        terms = score(sam, batch, low_res, iou_pred, loss_spec, metrics_at_original=True, min_region_area=min_region_area)
+        with autocast_context(device, amp_dtype):
+            terms.update(click_metrics(sam, batch, embeddings, clicks))
+        meter.add(terms, batch.num_images)
     return dict(meter.reduce(device), cache_hits=int(global_count(hits, device).item()))

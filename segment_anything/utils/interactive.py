@@ -1,0 +1,372 @@
+"""Training the way SAM was trained (issue 8): mixed prompts, the minimum loss over the three
+multimask outputs for single-point prompts, and rounds of simulated corrective clicks with the
+previous low-resolution logits fed back as the mask prompt.
+
+Everything random is drawn from numpy Generators seeded by numbers every process agrees on:
+the prompt kind and point count of an object by (seed, epoch, image index, object), a random
+click additionally by the round, and the number of click rounds of a step by (seed, epoch,
+step), so all ranks run the same rounds (no rank waits on a collective another skips) and
+2 processes x batch B train exactly like 1 process x batch 2B.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .clicks import corrective_click
+from .losses import LossSpec, low_res_pair
+from .metrics import mask_dice, mask_iou
+from .transforms import ResizeLongestSide
+
+PROMPT_KINDS = ("box", "point")
+CLICK_MODES = ("center", "random")
+CLICK_GRADS = ("all", "last")
+MIXED_STREAM, CLICK_STREAM, ROUNDS_STREAM = 1, 2, 3  # keep the Generators of different choices apart
+
+
+def parse_prompt_probs(text: str) -> Dict[str, float]:
+    """'box=0.5,point=0.5' -> {'box': 0.5, 'point': 0.5}, normalised to sum 1; ValueError naming
+    what is wrong."""
+    probs: Dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if name not in PROMPT_KINDS or not sep:
+            raise ValueError(f"--prompt_probs takes box=P,point=Q (kinds {', '.join(PROMPT_KINDS)}), got {part!r}")
+        try:
+            probs[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--prompt_probs: probability of {name!r} must be a number, got {value!r}") from None
+        if not probs[name] >= 0:
+            raise ValueError(f"--prompt_probs: probability of {name!r} must be >= 0, got {value!r}")
+    total = sum(probs.values())
+    if not total > 0:
+        raise ValueError(f"--prompt_probs: no kind with a positive probability in {text!r}")
+    return {k: probs.get(k, 0.0) / total for k in PROMPT_KINDS}
+
+
+def parse_val_clicks(text: str) -> Tuple[int, ...]:
+    """'1,3,5' -> (1, 3, 5); '' -> () (off)."""
+    try:
+        clicks = tuple(sorted({int(v) for v in str(text).split(",") if v.strip()}))
+    except ValueError:
+        raise ValueError(f"--val_clicks takes click counts like 1,3,5, got {text!r}") from None
+    if clicks and clicks[0] < 1:
+        raise ValueError(f"--val_clicks counts must be >= 1, got {text!r}")
+    return clicks
+
+
+@dataclass(frozen=True)
+class InteractiveSpec:
+    """What the interactive step does; from_config returns None when none of it is on."""
+
+    seed: int = 0
+    mixed: Optional[Tuple[float, float]] = None  # (P(box), P(point)) per object; None: prompts as given
+    num_points: int = 1  # mixed: an object's point prompt has 1..num_points positive points
+    multimask: bool = True  # single-point prompts: the minimum loss over the three multimask outputs
+    click_rounds: int = 0  # at most this many corrective clicks per step (drawn per step), then a mask-only round
+    click_mode: str = "center"
+    click_grad: str = "all"
+
+    @classmethod
+    def from_config(cls, cfg) -> Optional["InteractiveSpec"]:
+        mixed = None
+        if getattr(cfg, "prompt", "box") == "mixed":
+            p = parse_prompt_probs(cfg.prompt_probs)
+            mixed = (p["box"], p["point"])
+        if mixed is None and not cfg.multimask and cfg.click_rounds == 0:
+            return None
+        return cls(cfg.seed, mixed, getattr(cfg, "num_points", 1), cfg.multimask, cfg.click_rounds, cfg.click_mode, cfg.click_grad)
+
+    def rounds(self, epoch: int, step: int) -> int:
+        """Corrective clicks of this step: uniform in 1..click_rounds from a Generator seeded by
+        (seed, epoch, step) only, so every rank draws the same number (0 when clicks are off)."""
+        if self.click_rounds == 0:
+            return 0
+        return int(np.random.default_rng([self.seed, epoch, step, ROUNDS_STREAM]).integers(1, self.click_rounds + 1))
+
+
+def single_point_prompts(cfg) -> bool:
+    """True when a run can give an object exactly one positive point and nothing else: the
+    prompts SAM answers with three masks."""
+    prompt, negatives = getattr(cfg, "prompt", "box"), getattr(cfg, "negative_points", 0)
+    if prompt == "mixed":
+        return parse_prompt_probs(cfg.prompt_probs)["point"] > 0 and negatives == 0
+    return prompt == "point" and getattr(cfg, "num_points", 1) == 1 and negatives == 0
+
+
+# --- Prompts of one step ---
+
+
+@dataclass
+class Prompts:
+    """Per-prompt state of one step, in the encoder's resized frame; P prompts, K point slots."""
+
+    boxes: torch.Tensor  # (P, 4); rows of prompts without a box are ignored
+    use_box: torch.Tensor  # (P,) bool
+    points: torch.Tensor  # (P, K, 2)
+    labels: torch.Tensor  # (P, K): 1 positive, 0 negative, -1 padding
+    image_index: torch.Tensor  # (P,)
+
+    def single_point(self) -> torch.Tensor:
+        """(P,) bool: no box, one positive point and no other point."""
+        return ~self.use_box & ((self.labels == 1).sum(1) == 1) & ((self.labels == 0).sum(1) == 0)
+
+    def add_points(self, xy: torch.Tensor, labels: torch.Tensor) -> "Prompts":
+        """A new point per prompt appended: xy (P, 2) resized frame, labels (P,) (-1: no click)."""
+        return Prompts(self.boxes, self.use_box, torch.cat([self.points, xy[:, None]], 1),
+                       torch.cat([self.labels, labels[:, None]], 1), self.image_index)
+
+
+def mixed_choice(spec: InteractiveSpec, epoch: int, keys: Sequence[Tuple[int, int]]) -> Tuple[np.ndarray, np.ndarray]:
+    """Per object key (image index, object index): (use_box (P,) bool, positive points (P,) int
+    in 1..num_points, meaningful where use_box is False), each from its object's own Generator."""
+    use_box, count = np.zeros(len(keys), bool), np.ones(len(keys), np.int64)
+    for j, (index, obj) in enumerate(keys):
+        rng = np.random.default_rng([spec.seed, epoch, index, obj + 1, MIXED_STREAM])
+        use_box[j] = rng.random() < spec.mixed[0]
+        count[j] = rng.integers(1, max(spec.num_points, 1) + 1)
+    return use_box, count
+
+
+def step_prompts(batch, spec: InteractiveSpec, epoch: int, keys: Sequence[Tuple[int, int]]) -> Prompts:
+    """The batch's prompts (utils.trainer.Batch), with the mixed choice applied: a box object
+    keeps only its box; a point object keeps its first k positive points (and its negatives)."""
+    p = batch.image_index.numel()
+    device = batch.image_index.device
+    points = batch.points if batch.points is not None else torch.zeros(p, 0, 2, device=device)
+    labels = batch.point_labels if batch.point_labels is not None else torch.zeros(p, 0, device=device)
+    boxes = batch.boxes if batch.boxes is not None else torch.zeros(p, 4, device=device)
+    use_box = torch.full((p,), batch.boxes is not None, device=device)
+    if spec.mixed is not None:
+        box_np, count = mixed_choice(spec, epoch, keys)
+        use_box = torch.from_numpy(box_np).to(device)
+        rank = torch.cumsum((labels == 1).long(), 1)  # 1-based rank of each positive point
+        keep = (labels == 0) | ((labels == 1) & (rank <= torch.from_numpy(count).to(device)[:, None]))
+        labels = torch.where(keep & ~use_box[:, None], labels, torch.full_like(labels, -1.0))
+    return Prompts(boxes, use_box, points, labels, batch.image_index)
+
+
+def decode_all(sam, embeddings: torch.Tensor, prompts: Prompts, mask_input: Optional[torch.Tensor]
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All four mask tokens of every prompt: logits (P, 4, 4g, 4g) and IoU predictions (P, 4).
+
+    One decoder call for the prompts with a box and one for those without (their token counts
+    differ, as at inference: box corners, or points plus the padding point). Point slots that
+    are padding in every prompt of a group are left out. The decoder computes every token's mask
+    in any case, so all its parameters are in the graph whichever masks reach the loss."""
+    outs, order = [], []
+    pe = sam.prompt_encoder.get_dense_pe()
+    for with_box in (True, False):
+        idx = torch.nonzero(prompts.use_box == with_box).flatten()
+        if idx.numel() == 0:
+            continue
+        labels = prompts.labels[idx]
+        used = (labels != -1).any(0)
+        points = (prompts.points[idx][:, used], labels[:, used]) if used.any() else None
+        if points is None and not with_box:
+            raise ValueError("a prompt has neither a box nor a point")
+        sparse, dense = sam.prompt_encoder(points=points, boxes=prompts.boxes[idx] if with_box else None,
+                                           masks=None if mask_input is None else mask_input[idx])
+        outs.append(sam.mask_decoder.predict_masks(embeddings[prompts.image_index[idx]], pe, sparse, dense))
+        order.append(idx)
+    inverse = torch.argsort(torch.cat(order))
+    return torch.cat([o[0] for o in outs])[inverse], torch.cat([o[1] for o in outs])[inverse]
+
+
+# --- The minimum loss over multimask outputs ---
+
+
+def min_loss_select(terms: Dict[str, torch.Tensor], multimask: torch.Tensor, weights: Dict[str, float]
+                    ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """Per prompt, the loss of one output token.
+
+    terms: named (P, T) loss terms of every token (T = 4: single-mask token 0, then the three
+    multimask tokens; 'loss' the weighted sum, 'loss_iou_head' if weighted). multimask: (P,)
+    bool. A multimask prompt takes the multimask token with the lowest mask loss (the weighted
+    sum without the IoU-head term), so only that mask gets gradient, while its IoU-head term is
+    the mean over all three tokens (each against its own real IoU), as SAM trained. Other
+    prompts take token 0. Returns ({name: (P,)}, chosen token (P,) long)."""
+    t = terms["loss"].shape[1]
+    head_w = weights.get("iou_head", 0.0)
+    head = terms.get("loss_iou_head", torch.zeros_like(terms["loss"]))
+    choice = torch.zeros(terms["loss"].shape[0], dtype=torch.long, device=terms["loss"].device)
+    if t > 1 and multimask.any():
+        mask_loss = (terms["loss"] - head_w * head)[:, 1:].detach()
+        choice = torch.where(multimask, mask_loss.argmin(1) + 1, choice)
+    out = {k: v.gather(1, choice[:, None])[:, 0] for k, v in terms.items()}
+    if t > 1 and "loss_iou_head" in terms:
+        all_three = head[:, 1:].mean(1)
+        out["loss"] = torch.where(multimask, out["loss"] - head_w * out["loss_iou_head"] + head_w * all_three, out["loss"])
+        out["loss_iou_head"] = torch.where(multimask, all_three, out["loss_iou_head"])
+    return out, choice
+
+
+def token_terms(sam, loss: LossSpec, low: torch.Tensor, iou: torch.Tensor, target: torch.Tensor,
+                input_size, original_size) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """Loss terms of every token of one image's n prompts: low (n, T, L, L), iou (n, T),
+    target (n, H, W). Returns ({name: (n, T)}, logits (n, T, h, w) and target (n, h, w) where the
+    loss is computed: the original size, or the low-resolution grid with loss.size 'low_res')."""
+    n, t = low.shape[:2]
+    if loss.size == "low_res":
+        logits, tgt = low_res_pair(low.float().flatten(0, 1), target.repeat_interleave(t, 0), input_size,
+                                   sam.image_encoder.img_size)
+    else:
+        logits = sam.postprocess_masks(low.float(), input_size, original_size).flatten(0, 1)
+        tgt = target.repeat_interleave(t, 0)
+    out = loss(logits, tgt, iou.flatten(), sam.mask_threshold)
+    return {k: v.view(n, t) for k, v in out.items()}, logits.view(n, t, *logits.shape[-2:]), tgt.view(n, t, *tgt.shape[-2:])[:, 0]
+
+
+def score_round(sam, loss: LossSpec, low: torch.Tensor, iou: torch.Tensor, batch, multimask: torch.Tensor
+                ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """One round's per-prompt terms and metrics ({name: (P,)}), the chosen token (P,), and per
+    image (chosen masks thresholded, target), both (n_i, h, w) bool at the loss's resolution."""
+    tokens = slice(None) if multimask.any() else slice(0, 1)
+    terms: Dict[str, List[torch.Tensor]] = {}
+    choices, preds, start = [], [], 0
+    for i, target in enumerate(batch.masks):
+        n = target.shape[0]
+        rows = slice(start, start + n)
+        per_token, logits, truth = token_terms(sam, loss, low[rows, tokens], iou[rows, tokens], target,
+                                        batch.input_sizes[i], batch.original_sizes[i])
+        out, choice = min_loss_select(per_token, multimask[rows], dict(loss.weights))
+        pred = logits.detach().gather(1, choice.view(n, 1, 1, 1).expand(-1, 1, *logits.shape[-2:]))[:, 0] > sam.mask_threshold
+        out["iou"], out["dice"] = mask_iou(pred, truth), mask_dice(pred, truth)
+        for k, v in out.items():
+            terms.setdefault(k, []).append(v)
+        choices.append(choice)
+        preds.append((pred, truth.bool()))
+        start += n
+    return {k: torch.cat(v) for k, v in terms.items()}, torch.cat(choices), preds
+
+
+# --- Corrective clicks ---
+
+
+def random_click(pred: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> Optional[Tuple[np.ndarray, int]]:
+    """As clicks.corrective_click (same region and label), but at a pixel drawn uniformly from
+    the region rather than its deepest pixel."""
+    pred, target = pred.astype(bool), target.astype(bool)
+    missed, extra = target & ~pred, pred & ~target
+    if not missed.any() and not extra.any():
+        return None
+    positive = missed.sum() >= extra.sum()
+    ys, xs = np.nonzero(missed if positive else extra)
+    j = int(rng.integers(ys.size))
+    return np.array([xs[j], ys[j]], np.float32), int(positive)
+
+
+def next_clicks(preds: List[torch.Tensor], targets: List[torch.Tensor], mode: str,
+                rngs: Optional[List[np.random.Generator]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """One click per prompt from its prediction and target (both per image (n, H, W), same
+    frame). Returns xy (P, 2) float32 in that frame's pixels and labels (P,) (1 positive,
+    0 negative, -1 no click: the prediction is already exact)."""
+    xy, labels, j = [], [], 0
+    for pred, target in zip(preds, targets):
+        for p, t in zip(pred.cpu().numpy(), target.cpu().numpy()):
+            click = corrective_click(p, t) if mode == "center" else random_click(p, t, rngs[j])
+            xy.append(click[0] if click else np.zeros(2, np.float32))
+            labels.append(click[1] if click else -1)
+            j += 1
+    return np.stack(xy).astype(np.float32), np.array(labels, np.float32)
+
+
+def to_input_frame(xy: np.ndarray, batch, frame_sizes: List[Tuple[int, int]], image_size: int) -> torch.Tensor:
+    """Clicks (P, 2) in each image's frame_sizes[i] pixels -> the encoder's resized frame."""
+    transform = ResizeLongestSide(image_size)
+    counts = [m.shape[0] for m in batch.masks]
+    parts, start = [], 0
+    for n, size in zip(counts, frame_sizes):
+        parts.append(transform.apply_coords(xy[start:start + n].copy(), size))
+        start += n
+    return torch.from_numpy(np.concatenate(parts).astype(np.float32)).to(batch.image_index.device)
+
+
+# --- The step ---
+
+
+def object_keys(items: Sequence[dict]) -> List[Tuple[int, int]]:
+    """(image index, object index in its record) of every prompt of a batch's items."""
+    keys = []
+    for it in items:
+        objects = it.get("objects")
+        objects = range(len(it["masks"])) if objects is None else [int(o) for o in objects]
+        keys += [(int(it["index"]), o) for o in objects]
+    return keys
+
+
+@dataclass
+class Round:
+    """What one round fed the decoder and what it chose (kept when InteractiveStep.keep_trace)."""
+
+    mask_input: Optional[torch.Tensor]  # (P, 1, L, L) or None
+    logits: torch.Tensor  # (P, 1, L, L) chosen token's low-resolution logits
+    labels: torch.Tensor  # (P, K) point labels of the round
+
+
+class InteractiveStep(nn.Module):
+    """The module DDP wraps when interactive training is on (as utils.trainer.SamTrainStep
+    otherwise): the first prediction, `rounds` corrective clicks, then one round with only the
+    mask prompt. Returns per-prompt loss terms summed over the rounds that get gradient
+    (click_grad all: every round; last: the last, the others run without gradient) and the
+    first round's metrics (IoU, Dice with the prompt as given)."""
+
+    def __init__(self, sam, spec: InteractiveSpec, loss: LossSpec) -> None:
+        super().__init__()
+        self.sam, self.spec, self.loss = sam, spec, loss
+        self.keep_trace, self.trace = False, []  # tests: every round's mask prompt and output
+
+    def forward(self, images: torch.Tensor, batch, keys: Sequence[Tuple[int, int]], epoch: int, rounds: int
+                ) -> Dict[str, torch.Tensor]:
+        from .trainer import _grad_if_trained  # here: trainer imports this module
+
+        sam, spec = self.sam, self.spec
+        with _grad_if_trained(sam.image_encoder):
+            embeddings = sam.image_encoder(images)
+        prompts = step_prompts(batch, spec, epoch, keys)
+        multimask = prompts.single_point() & spec.multimask
+        plan = ["first"] + ["click"] * rounds + (["mask_only"] if rounds else [])
+        total: Dict[str, torch.Tensor] = {}
+        mask_input, metrics = None, None
+        self.trace = []
+        for r, kind in enumerate(plan):
+            with_grad = spec.click_grad == "all" or r == len(plan) - 1
+            with torch.enable_grad() if with_grad else torch.no_grad():
+                low, iou = decode_all(sam, embeddings, prompts, mask_input)
+                terms, choice, preds = score_round(sam, self.loss, low, iou, batch, multimask & (r == 0))
+            chosen = low.gather(1, choice.view(-1, 1, 1, 1).expand(-1, 1, *low.shape[-2:]))
+            if self.keep_trace:
+                self.trace.append(Round(mask_input, chosen.detach(), prompts.labels))
+            if with_grad:
+                for k in self.loss.keys():
+                    total[k] = total[k] + terms[k] if k in total else terms[k]
+            metrics = metrics or {k: terms[k] for k in ("iou", "dice")}
+            if r + 1 < len(plan) and plan[r + 1] == "click":
+                prompts = self._click(prompts, preds, batch, keys, epoch, r)
+            mask_input = chosen.detach()  # the next round's mask prompt: this round's output logits
+        total.update(metrics)
+        total["loss"] = total["loss"] + self._touch()
+        return total
+
+    def _click(self, prompts: Prompts, preds: List[Tuple[torch.Tensor, torch.Tensor]], batch, keys, epoch: int, r: int) -> Prompts:
+        """Prompts with one corrective click per object, placed from this round's masks."""
+        frames = [tuple(p.shape[-2:]) for p, _ in preds]
+        rngs = None
+        if self.spec.click_mode == "random":
+            rngs = [np.random.default_rng([self.spec.seed, epoch, i, o + 1, CLICK_STREAM, r]) for i, o in keys]
+        xy, labels = next_clicks([p for p, _ in preds], [t for _, t in preds], self.spec.click_mode, rngs)
+        xy_in = to_input_frame(xy, batch, frames, self.sam.image_encoder.img_size)
+        return prompts.add_points(xy_in, torch.from_numpy(labels).to(xy_in.device))
+
+    def _touch(self) -> torch.Tensor:
+        """Zero times every trained prompt-encoder and decoder parameter: a step where some of
+        them are outside the graph (no negative click on this rank, no box, no mask prompt)
+        still gives each a (zero) gradient, so DDP's reducer never waits for one."""
+        params = [p for m in (self.sam.prompt_encoder, self.sam.mask_decoder) for p in m.parameters() if p.requires_grad]
+        if not params:
+            return torch.zeros(())
+        return sum(p.flatten()[0] for p in params) * 0.0

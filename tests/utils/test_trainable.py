@@ -215,3 +215,27 @@ def test_encoder_weights_trained_at_another_size_are_interpolated_on_load(tmp_pa
     spec.loader.exec_module(alone)
     with pytest.raises(ValueError, match="trained at image_size 64"):
         alone.load_partial_weight(sam_model_registry["vit_b"](image_size=128), path)
+
+
+def test_low_res_loss_scores_the_low_res_grid_and_validation_metrics_stay_at_the_original_size():
+    from segment_anything.utils.losses import LossSpec, low_res_pair, parse_loss
+    from segment_anything.utils.metrics import mask_iou
+    from segment_anything.utils.trainer import Batch
+
+    sam = sam_model_registry["vit_t"](checkpoint=None, image_size=64)
+    torch.manual_seed(0)
+    low = torch.randn(1, 1, 16, 16) * 5
+    target = torch.zeros(1, 40, 80)
+    target[:, 5:30, 10:50] = 1  # a 40 x 80 image, resized to 32 x 64 inside the 64 x 64 input
+    batch = Batch(images=torch.zeros(1, 3, 64, 64), boxes=torch.zeros(1, 4), image_index=torch.zeros(1, dtype=torch.long),
+                  masks=[target], input_sizes=[(32, 64)], original_sizes=[(40, 80)])
+    spec = LossSpec(parse_loss("bce=1"), size="low_res")
+    logits, small = low_res_pair(low[:, 0], target, (32, 64), 64)
+    assert logits.shape == (1, 8, 16)
+    train = score(sam, batch, low, torch.zeros(1, 1), spec)
+    torch.testing.assert_close(train["loss"], torch.nn.functional.binary_cross_entropy_with_logits(logits, small).reshape(1))
+    torch.testing.assert_close(train["iou"], mask_iou(logits > 0, small))
+    val = score(sam, batch, low, torch.zeros(1, 1), spec, metrics_at_original=True)
+    full = sam.postprocess_masks(low, (32, 64), (40, 80))[:, 0] > 0
+    torch.testing.assert_close(val["iou"], mask_iou(full, target))
+    torch.testing.assert_close(val["loss"], train["loss"])

@@ -12,7 +12,8 @@ from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.utils.data import MaskDataset, load_image, load_records, make_synthetic_dataset
 from segment_anything.utils.data.prompts import PromptConfig, object_prompts
 from segment_anything.utils.random_weights import randomize_
-from segment_anything.utils.trainer import SamTrainStep, evaluate, freeze, prepare_batch, set_train_mode
+from segment_anything.utils.trainable import TrainPlan, configure, set_train_mode
+from segment_anything.utils.trainer import SamTrainStep, evaluate, prepare_batch
 from segment_anything.utils.transforms import ResizeLongestSide
 
 SIZE = 128
@@ -49,7 +50,7 @@ def new_sam(seed: int = 0):
     torch.manual_seed(seed)
     sam = sam_model_registry["vit_t"](checkpoint=None, image_size=SIZE)
     randomize_(sam.image_encoder, seed=seed)
-    freeze(sam)
+    configure(sam, TrainPlan(prompt="box+point"))
     return sam
 
 

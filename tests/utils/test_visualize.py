@@ -90,7 +90,7 @@ def test_run_writer_writes_scalars_images_and_pictures(tmp_path, sam, val_set):
     assert_picture(tmp_path / "samples.png", 750, 260)
 
 
-def test_without_tensorboard_one_line_and_training_goes_on(tmp_path, sam, val_set, monkeypatch, caplog):
+def test_without_tensorboard_one_line_and_training_goes_on(tmp_path, sam, val_set, monkeypatch):
     real_import = builtins.__import__
 
     def no_tensorboard(name, *args, **kw):
@@ -99,14 +99,23 @@ def test_without_tensorboard_one_line_and_training_goes_on(tmp_path, sam, val_se
         return real_import(name, *args, **kw)
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    # A handler of our own on the project's logger: counts exactly what the code logs, whatever
+    # handlers earlier tests left on the root logger.
+    messages = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
     logger = logging.getLogger(LOGGER_NAME)
-    monkeypatch.setattr(logger, "propagate", True)
-    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
+    monkeypatch.setattr(logger, "propagate", False)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    logger.addHandler(handler)
+    try:
         writer = RunWriter(tmp_path, val_set, images_per_step=1, n_samples=0)
         writer.step(0, {"total": torch.ones(1)}, lr=1.0)
         writer.epoch(RECORDS[0], sam, improved=False)
         writer.close()
-    assert [r.message for r in caplog.records if "tensorboard" in r.message] == [
+    finally:
+        logger.removeHandler(handler)
+    assert [m for m in messages if "tensorboard" in m] == [
         "tensorboard is not installed: no event files (pip install tensorboard); training goes on"]
     assert not (tmp_path / "tensorboard").exists() and (tmp_path / "curves.png").exists()
     assert not (tmp_path / "samples.png").exists()  # only written when the validation IoU improves

@@ -123,7 +123,9 @@ def test_sigterm_saves_last_pth_and_says_how_to_resume(data, tmp_path):
     proc, seen, text = interrupt_mid_epoch(flags(data, out), out, signal.SIGTERM)
     assert proc.returncode != 0, text
     after = state(out)
-    assert global_step(after) > global_step(seen) and after["step"] > 0  # saved at the stop, mid-epoch
+    # Saved at the stop: later than the state seen when the signal was sent. The stop can fall on
+    # an epoch boundary on a fast machine, so the step within the epoch may be 0.
+    assert global_step(after) > global_step(seen)
     log = (out / "train.log").read_text()
     assert "stopped by SIGTERM" in log and f"python run.py --resume {out}" in log
 

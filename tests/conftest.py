@@ -30,6 +30,17 @@ def private_embedding_cache(tmp_path_factory):
         os.environ["XDG_CACHE_HOME"] = before
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (use it with pytestmark = pytest.mark.usefixtures("one_thread")).
+    Tiny tensors gain nothing from a second thread, and on a shared 2-core machine every parallel
+    region waits for the busy core (measured: 2 s instead of 50 ms per encoder call)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref|."""
     ours, ref = ours.detach().float(), ref.detach().float()

@@ -37,14 +37,7 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 MULTIMASK_HEADS = tuple(f"mask_decoder.output_hypernetworks_mlps.{i}." for i in (1, 2, 3))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a shared 2-core machine every
-    parallel region waits for the busy core (measured: 2 s instead of 50 ms per encoder call)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -210,6 +210,9 @@ GUARD_SCRIPT = textwrap.dedent(
         guard.end_step(None)
         decisions.append(ok)
     print("RESULT " + json.dumps({"ok": decisions, "weight": model.module.weight.tolist(), "skipped": run.skipped}))
+    # As run.py's workers do: free DDP before its group goes, or torch can abort at exit.
+    del model, opt, sched, guard, run
+    import gc; gc.collect()
     dist.destroy_process_group()
     """
 )

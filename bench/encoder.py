@@ -13,7 +13,6 @@ and in bf16 (the floor for the bf16 autocast rows).
 """
 
 import argparse
-import platform
 import sys
 import time
 import warnings
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segment_anything import sam_model_registry  # noqa: E402
 from segment_anything.utils.random_weights import randomize_  # noqa: E402
+from bench._machine import machine_line  # noqa: E402
 
 
 def official_encoder(model_type: str) -> torch.nn.Module:
@@ -102,7 +102,7 @@ def main() -> None:
     floor_ms = {bf16: flops / max(r) * 1000 for bf16, r in rates.items()}
 
     print(f"command: python bench/{Path(__file__).name} " + " ".join(sys.argv[1:]))
-    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
+    print(machine_line(args.threads))
     print(f"model: {args.model_type} image encoder, 1 image 1024x1024, best of {args.repeats} interleaved rounds after 1 warm-up round")
     print(f"work: {flops / 1e12:.3f} TFLOP per image (official encoder, windowed padding included)")
     for bf16, name in ((False, "float32"), (True, "bf16")):

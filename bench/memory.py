@@ -13,7 +13,6 @@ optimizer built) subtracted as well; on CUDA it is torch.cuda.max_memory_allocat
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench._machine import machine_line  # noqa: E402
 
 CASES = {  # name -> (TrainPlan keyword arguments, description)
     "full": (dict(parts=("image_encoder", "mask_decoder")), "full encoder + decoder"),
@@ -113,8 +113,7 @@ def main() -> None:
             if name not in best or r["seconds"] < best[name]["seconds"]:
                 best[name] = {**r, "peak_mb": min(r["peak_mb"], best.get(name, r)["peak_mb"])}
     print(f"command: python bench/{Path(__file__).name} " + " ".join(sys.argv[1:]))
-    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
-          f"device {args.device}" + (f", {args.mem_limit_gb:g} GB address-space limit per case"
+    print(machine_line(args.threads) + f", device {args.device}" + (f", {args.mem_limit_gb:g} GB address-space limit per case"
                                      if args.device == "cpu" and args.mem_limit_gb > 0 else ""))
     print(f"model: {args.model_type}, 1 image {args.image_size}x{args.image_size}, one box, one training step "
           f"(forward, backward, AdamW), fresh process per case, best of {args.repeats} interleaved round(s)")

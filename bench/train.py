@@ -14,7 +14,6 @@ table: images per second, peak memory (RSS on CPU, max allocated on CUDA) and th
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from segment_anything.utils.random_weights import randomize_  # noqa: E402
 from segment_anything.utils.trainable import TrainPlan, configure  # noqa: E402
 from segment_anything.utils.trainer import SamTrainStep, train_one_epoch  # noqa: E402
 from segment_anything.utils.transforms import ResizeLongestSide  # noqa: E402
+from bench._machine import machine_line  # noqa: E402
 
 
 def our_model(args, device):
@@ -157,9 +157,8 @@ def main() -> None:
             results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
 
     memory = "max allocated" if args.device.startswith("cuda") else "peak RSS"
-    gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
     print(f"command: python bench/{Path(__file__).name} " + " ".join(sys.argv[1:]))
-    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads{gpu}, torch {torch.__version__}")
+    print(machine_line(args.threads))
     print(f"model: {args.model_type} at {args.image_size} (reference: at 1024, the stock modules' size), {args.images} images of {Path(args.data).name}, one box each; "
           f"our batch {args.batch_size}, cache {args.cache_dtype}; warm: best of {args.warm_epochs} epochs\n")
     print(f"| loop | images / s | vs reference | {memory} MB | vs reference |")

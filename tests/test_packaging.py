@@ -18,6 +18,7 @@ def test_dependencies_and_extras_follow_the_requirements_files():
     assert project["tool"]["setuptools"]["dynamic"]["dependencies"] == {"file": ["requirements.txt"]}
     assert "dependencies" in project["project"]["dynamic"]
     dev_pins = requirement_lines("requirements-dev.txt") | requirement_lines("requirements.txt")
+    dev_pins |= requirement_lines("requirements-ncut.txt")  # installed by .ci/run with --no-deps
     extras = project["project"]["optional-dependencies"]
     assert {"train", "coco", "onnx", "dev"} <= set(extras)
     for name, pins in extras.items():
@@ -31,3 +32,10 @@ def test_console_commands_point_at_existing_functions():
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), target
+
+
+def test_ci_installs_the_ncut_pins_without_dependencies():
+    """ncut-pytorch's declared dependencies (umap-learn and its numba/llvmlite stack, a source-only
+    fpsample) are not wanted: .ci/run installs requirements-ncut.txt with --no-deps."""
+    assert "--no-deps -r requirements-ncut.txt" in (REPO / ".ci" / "run").read_text()
+    assert requirement_lines("requirements-ncut.txt") == {"ncut-pytorch==3.2.0", "fpsample==0.3.3"}

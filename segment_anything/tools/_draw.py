@@ -46,30 +46,35 @@ def draw_prompt(image: np.ndarray, box: Optional[Sequence[float]] = None, points
     return out
 
 
-def fit(image: np.ndarray, side: int) -> np.ndarray:
-    """The image scaled so its longest side is ``side``, padded black to side x side."""
+def fit(image: np.ndarray, side: int, height: Optional[int] = None) -> np.ndarray:
+    """The image scaled to fit inside side x side (or height x side), keeping its aspect ratio,
+    padded black at the bottom and right."""
+    height = side if height is None else height
     h, w = image.shape[:2]
-    scale = side / max(h, w)
+    scale = min(side / w, height / h)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    out = np.zeros((side, side, 3), np.uint8)
+    out = np.zeros((height, side, 3), np.uint8)
     out[:nh, :nw] = resized
     return out
 
 
-def grid(rows: List[List[np.ndarray]], titles: List[str], row_labels: List[str], cell: int = 160) -> np.ndarray:
+def grid(rows: List[List[np.ndarray]], titles: List[str], row_labels: List[str], cell: int = 160,
+         cell_height: Optional[int] = None) -> np.ndarray:
     """A labelled table of pictures: ``titles`` above the columns, ``row_labels`` written in the
-    first cell of each row. Every picture is fitted into a cell x cell square."""
+    first cell of each row. Every picture is fitted into a cell x cell square (cell wide and
+    cell_height high when given: pictures of one landscape image need no square)."""
     header = 22
+    ch = cell if cell_height is None else cell_height
     n_cols = len(titles)
-    out = np.full((header + len(rows) * (cell + 2), n_cols * (cell + 2), 3), 255, np.uint8)
+    out = np.full((header + len(rows) * (ch + 2), n_cols * (cell + 2), 3), 255, np.uint8)
     for c, title in enumerate(titles):
         cv2.putText(out, title, (c * (cell + 2) + 4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     for r, (row, label) in enumerate(zip(rows, row_labels)):
-        top = header + r * (cell + 2)
+        top = header + r * (ch + 2)
         for c, picture in enumerate(row):
-            out[top : top + cell, c * (cell + 2) : c * (cell + 2) + cell] = fit(picture, cell)
-        cv2.putText(out, label, (4, top + cell - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, WHITE, 1, cv2.LINE_AA)
+            out[top : top + ch, c * (cell + 2) : c * (cell + 2) + cell] = fit(picture, cell, ch)
+        cv2.putText(out, label, (4, top + ch - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, WHITE, 1, cv2.LINE_AA)
     return out
 
 

@@ -138,28 +138,36 @@ def spectral_colours(grids: Sequence[torch.Tensor], n_eig: int, device: str) -> 
     return pictures
 
 
-def blow_up(picture: np.ndarray, cell: int) -> np.ndarray:
-    """Nearest-neighbour scale so the longest side is ``cell``: each token stays a visible square."""
-    scale = cell / max(picture.shape[:2])
+def cell_box(image_hw: Tuple[int, int], cell: int) -> Tuple[int, int]:
+    """(height, width) of one grid cell: the image's aspect ratio, longest side ``cell``."""
+    h, w = image_hw
+    return (max(1, round(cell * h / w)), cell) if w >= h else (cell, max(1, round(cell * w / h)))
+
+
+def blow_up(picture: np.ndarray, box: Tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour scale to fit the (height, width) box: each token stays a visible block."""
+    scale = min(box[0] / picture.shape[0], box[1] / picture.shape[1])
     size = (max(1, round(picture.shape[1] * scale)), max(1, round(picture.shape[0] * scale)))
     return cv2.resize(picture, size, interpolation=cv2.INTER_NEAREST)
 
 
-def grid_shape(n_layers: int, n_sizes: int, with_weights: bool, cell: int) -> Tuple[int, int]:
-    """(height, width) in pixels of the PNG: _draw.grid's 22-pixel header, cells with 2-pixel gaps,
-    one image column plus one column per size (two with --weights)."""
+def grid_shape(n_layers: int, n_sizes: int, with_weights: bool, image_hw: Tuple[int, int], cell: int) -> Tuple[int, int]:
+    """(height, width) in pixels of the PNG: _draw.grid's 22-pixel header, cells of cell_box's
+    size with 2-pixel gaps, one image column plus one column per size (two with --weights)."""
     n_cols = 1 + n_sizes * (2 if with_weights else 1)
-    return 22 + n_layers * (cell + 2), n_cols * (cell + 2)
+    ch, cw = cell_box(image_hw, cell)
+    return 22 + n_layers * (ch + 2), n_cols * (cw + 2)
 
 
 def make_picture(args: argparse.Namespace, image: np.ndarray, layers: List[int], sizes: List[int]) -> np.ndarray:
     titles, columns = collect(args, image, layers, sizes)
-    shown = blow_up(image, args.cell)
+    box = cell_box(image.shape[:2], args.cell)
+    shown = blow_up(image, box)
     rows = []
     for i in layers:
         colours = spectral_colours([column[i] for column in columns], args.n_eig, args.device)
-        rows.append([shown] + [blow_up(c, args.cell) for c in colours])
-    return _draw.grid(rows, ["image"] + titles, [f"block {i}" for i in layers], cell=args.cell)
+        rows.append([shown] + [blow_up(c, box) for c in colours])
+    return _draw.grid(rows, ["image"] + titles, [f"block {i}" for i in layers], cell=box[1], cell_height=box[0])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -172,7 +180,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image_sizes", default="1024,256", help="encoder input sizes, comma-separated multiples of 16")
     p.add_argument("--layers", default="2,5,8,11", help="block indices, comma-separated (vit_t: its 12 blocks across stages)")
     p.add_argument("--n_eig", type=int, default=10, help="NCut eigenvectors computed (the colours use the leading three)")
-    p.add_argument("--cell", type=int, default=256, help="side of one picture in the grid, pixels")
+    p.add_argument("--cell", type=int, default=256, help="longest side of one picture in the grid, pixels")
     p.add_argument("--seed", type=int, default=RUN_SEED, help="seed of the random model with --checkpoint none")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default="ncut.png", help="the PNG to write")

@@ -99,19 +99,20 @@ def test_picture_grid_base_and_fine_tuned(tmp_path):
                      "--output", str(tmp_path / "pics" / "ncut.png")])
     picture = cv2.imread(str(out))
     rows, cols = 2, 1 + 2 * 2  # layers; image + (base, fine-tuned) per size
-    assert picture.shape == (22 + rows * (cell + 2), cols * (cell + 2), 3)
-    assert ncut.grid_shape(2, 2, True, cell) == picture.shape[:2]
+    ch, cw = 48, 64  # the 96 x 128 image's aspect, longest side = cell
+    assert picture.shape == (22 + rows * (ch + 2), cols * (cw + 2), 3)
+    assert ncut.grid_shape(2, 2, True, (96, 128), cell) == picture.shape[:2]
+    assert ncut.cell_box((200, 100), cell) == (64, 32)  # portrait: the height is the long side
 
     def cell_at(r, c):
-        top = 22 + r * (cell + 2)
-        return picture[top : top + cell, c * (cell + 2) : c * (cell + 2) + cell].astype(int)
+        top = 22 + r * (ch + 2)
+        return picture[top : top + ch, c * (cw + 2) : c * (cw + 2) + cw].astype(int)
 
-    # The image is 96 x 128, so each token picture fills the top 3/4 of its cell.
     for r in range(rows):
         for c in range(1, cols):
-            token_area = cell_at(r, c)[: cell * 3 // 4 - 1]
-            assert token_area.std() > 10, (r, c)
-            assert (token_area.sum(-1) > 0).mean() > 0.9, (r, c)  # drawn over the whole image part
+            tokens = cell_at(r, c)
+            assert tokens.std() > 10, (r, c)
+            assert (tokens.sum(-1) > 0).mean() > 0.9, (r, c)  # the token picture fills its cell
         assert np.abs(cell_at(r, 1) - cell_at(r, 2)).mean() > 5  # 128 base vs fine-tuned
 
 

@@ -85,8 +85,16 @@ if info.kind == "resume":
 if model_type not in sam_model_registry:
     raise SystemExit(f"error: {args.weights} is for {model_type}, which this segment_anything does not have")
 builder = sam_model_registry[model_type]
+# FFT token mixing (--attention fft) is recorded in best.pth (resume files: in the run's args).
+mixing = info.metadata.get("attention") or {}
+if not mixing and (info.metadata.get("args") or {}).get("attention") == "fft":
+    mixing = {"type": "fft", "blocks": (info.metadata["args"].get("fft_blocks") or "global").split(",")}
+encoder = {"attention": "fft", "fft_blocks": ",".join(map(str, mixing["blocks"]))} if mixing.get("type") == "fft" else {}
+if encoder and "attention" not in inspect.signature(builder).parameters:
+    raise SystemExit(f"error: {args.weights} was trained with FFT token mixing in encoder blocks {mixing['blocks']}; "
+                     "this segment_anything (Meta's) has only standard attention: use this repository's package")
 if "image_size" in inspect.signature(builder).parameters:
-    sam = builder(checkpoint=args.checkpoint, image_size=image_size)  # the official weights, adapted to the size
+    sam = builder(checkpoint=args.checkpoint, image_size=image_size, **encoder)  # the official weights, adapted to the size
 elif image_size == 1024:
     sam = builder(checkpoint=args.checkpoint)
 else:
@@ -105,4 +113,4 @@ masks, iou, _ = predictor.predict(box=box, multimask_output=False)
 
 if not cv2.imwrite(args.output, masks[0].astype(np.uint8) * 255):
     raise SystemExit(f"cannot write {args.output}")
-print(f"{model_type} at {image_size} px: predicted IoU {iou[0]:.3f}; mask written to {args.output}")
+print(f"{model_type} at {image_size} px{' with FFT token mixing' if encoder else ''}: predicted IoU {iou[0]:.3f}; mask written to {args.output}")

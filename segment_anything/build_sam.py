@@ -2,13 +2,14 @@
 
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from .modeling.fft_attention import ATTENTIONS, parse_fft_blocks, use_fft_attention
 from .modeling.image_encoder import resize_rel_pos
 
 PROMPT_EMBED_DIM = 256
@@ -64,25 +65,49 @@ def _tiny_vit_encoder(image_size: int) -> nn.Module:
     return TinyViT(img_size=image_size, in_chans=3, num_classes=1000, **VIT_T_CONFIG)
 
 
+# (width, depth, heads, global-attention blocks) of the ViT encoders.
+VIT_CONFIGS = {
+    "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
+    "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
+    "vit_b": (768, 12, 12, (2, 5, 8, 11)),
+}
 ENCODERS: Dict[str, Callable[[int], nn.Module]] = {
-    "vit_h": partial(_vit_encoder, 1280, 32, 16, [7, 15, 23, 31]),
-    "vit_l": partial(_vit_encoder, 1024, 24, 16, [5, 11, 17, 23]),
-    "vit_b": partial(_vit_encoder, 768, 12, 12, [2, 5, 8, 11]),
+    **{name: partial(_vit_encoder, *config) for name, config in VIT_CONFIGS.items()},
     "vit_t": _tiny_vit_encoder,
 }
 
 
-def _build_sam(model_type: str, checkpoint: Optional[PathLike] = None, image_size: int = 1024) -> Sam:
+def fft_blocks_for(model_type: str, fft_blocks: str = "global") -> Tuple[int, ...]:
+    """The encoder blocks --attention fft replaces; ValueError for vit_t or a bad --fft_blocks.
+
+    vit_t is refused: TinyViT has no global attention, only 7x7 and 14x14 windows (49-196
+    tokens), where an N log N mixer has nothing to save and its attention biases have no place."""
+    if model_type not in VIT_CONFIGS:
+        raise ValueError(f"--attention fft needs a ViT encoder (vit_b, vit_l, vit_h); {model_type}'s TinyViT "
+                         "has only windowed attention, where FFT mixing saves nothing")
+    _, depth, _, global_blocks = VIT_CONFIGS[model_type]
+    return parse_fft_blocks(fft_blocks, depth, global_blocks)
+
+
+def _build_sam(model_type: str, checkpoint: Optional[PathLike] = None, image_size: int = 1024,
+               attention: str = "standard", fft_blocks: str = "global") -> Sam:
     """Assemble a SAM whose encoder takes image_size x image_size inputs and load a checkpoint.
 
     A checkpoint made at another resolution (the official ones are 1024) is adapted by
     checkpoint_filter_fn: position embeddings are interpolated to the new grid.
+    attention="fft" mixes tokens by FFT in the blocks fft_blocks names (modeling/fft_attention.py);
+    the state-dict keys stay the stock ones, so the same checkpoints load.
     """
     if image_size % PATCH_SIZE != 0:
         raise ValueError(f"image_size must be a multiple of {PATCH_SIZE}, got {image_size}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     grid = image_size // PATCH_SIZE
+    image_encoder = ENCODERS[model_type](image_size)
+    if attention == "fft":
+        use_fft_attention(image_encoder, fft_blocks_for(model_type, fft_blocks))
     sam = Sam(
-        image_encoder=ENCODERS[model_type](image_size),
+        image_encoder=image_encoder,
         prompt_encoder=PromptEncoder(
             embed_dim=PROMPT_EMBED_DIM,
             image_embedding_size=(grid, grid),
@@ -146,20 +171,24 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Sam) -> Dic
     return out
 
 
-def build_sam_vit_h(checkpoint: Optional[PathLike] = None, image_size: int = 1024) -> Sam:
-    return _build_sam("vit_h", checkpoint, image_size)
+def build_sam_vit_h(checkpoint: Optional[PathLike] = None, image_size: int = 1024,
+                    attention: str = "standard", fft_blocks: str = "global") -> Sam:
+    return _build_sam("vit_h", checkpoint, image_size, attention, fft_blocks)
 
 
-def build_sam_vit_l(checkpoint: Optional[PathLike] = None, image_size: int = 1024) -> Sam:
-    return _build_sam("vit_l", checkpoint, image_size)
+def build_sam_vit_l(checkpoint: Optional[PathLike] = None, image_size: int = 1024,
+                    attention: str = "standard", fft_blocks: str = "global") -> Sam:
+    return _build_sam("vit_l", checkpoint, image_size, attention, fft_blocks)
 
 
-def build_sam_vit_b(checkpoint: Optional[PathLike] = None, image_size: int = 1024) -> Sam:
-    return _build_sam("vit_b", checkpoint, image_size)
+def build_sam_vit_b(checkpoint: Optional[PathLike] = None, image_size: int = 1024,
+                    attention: str = "standard", fft_blocks: str = "global") -> Sam:
+    return _build_sam("vit_b", checkpoint, image_size, attention, fft_blocks)
 
 
-def build_sam_vit_t(checkpoint: Optional[PathLike] = None, image_size: int = 1024) -> Sam:
-    return _build_sam("vit_t", checkpoint, image_size)
+def build_sam_vit_t(checkpoint: Optional[PathLike] = None, image_size: int = 1024,
+                    attention: str = "standard", fft_blocks: str = "global") -> Sam:
+    return _build_sam("vit_t", checkpoint, image_size, attention, fft_blocks)
 
 
 build_sam = build_sam_vit_h

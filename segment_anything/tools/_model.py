@@ -25,6 +25,10 @@ def add_model_args(parser: argparse.ArgumentParser, weights: bool = True) -> Non
     parser.add_argument("--image_size", type=int, default=None,
                         help="encoder input side; default: the size recorded in --weights, else 1024")
     parser.add_argument("--seed", type=int, default=RUN_SEED, help="seed of the random model with --checkpoint none")
+    parser.add_argument("--attention", choices=["standard", "fft"], default=None,
+                        help="image encoder token mixing; default: what --weights was trained with, else standard")
+    parser.add_argument("--fft_blocks", default=None,
+                        help="with --attention fft: global, all or block indices; default: --weights', else global")
     parser.add_argument("--device", default="cpu")
 
 
@@ -38,12 +42,26 @@ def weights_metadata(path: Optional[str]) -> Dict[str, Any]:
     return {k: v for k, v in obj.items() if k != "model"} if isinstance(obj, dict) and "model" in obj else {}
 
 
-def build_base(model_type: str, checkpoint: str, image_size: int, seed: int = RUN_SEED) -> Sam:
-    """The starting model: official weights, or with 'none' the seeded random initialisation."""
+def build_base(model_type: str, checkpoint: str, image_size: int, seed: int = RUN_SEED, **encoder: str) -> Sam:
+    """The starting model: official weights, or with 'none' the seeded random initialisation.
+    encoder: attention= and fft_blocks= for the builder (FFT token mixing)."""
     if checkpoint.lower() == "none":
         torch.manual_seed(seed)  # run.py seeds before it builds, so this is the same model
-        return sam_model_registry[model_type](checkpoint=None, image_size=image_size)
-    return sam_model_registry[model_type](checkpoint=checkpoint, image_size=image_size)
+        return sam_model_registry[model_type](checkpoint=None, image_size=image_size, **encoder)
+    return sam_model_registry[model_type](checkpoint=checkpoint, image_size=image_size, **encoder)
+
+
+def encoder_options(args: argparse.Namespace, meta: Dict[str, Any]) -> Dict[str, str]:
+    """attention / fft_blocks: the flags when given, else what the weights were trained with."""
+    stored = meta.get("attention") or {}
+    attention = getattr(args, "attention", None) or stored.get("type") or "standard"
+    blocks = getattr(args, "fft_blocks", None)
+    if blocks is None:
+        blocks = ",".join(map(str, stored["blocks"])) if stored.get("blocks") else "global"
+    if attention == "standard" and stored.get("type") == "fft":
+        print(f"note: the weights were trained with FFT token mixing in blocks {stored.get('blocks')}; "
+              "running them with standard attention as --attention standard asks", file=sys.stderr)
+    return {"attention": attention, "fft_blocks": blocks} if attention != "standard" else {}
 
 
 def load_model(args: argparse.Namespace, weights: Optional[str] = None) -> Sam:
@@ -51,7 +69,7 @@ def load_model(args: argparse.Namespace, weights: Optional[str] = None) -> Sam:
     model type is an error naming the keys), in eval mode on args.device."""
     meta = weights_metadata(weights)
     image_size = args.image_size or meta.get("image_size") or 1024
-    sam = build_base(args.model_type, args.checkpoint, image_size, args.seed)
+    sam = build_base(args.model_type, args.checkpoint, image_size, args.seed, **encoder_options(args, meta))
     if weights is not None:
         load_partial_weight(sam, weights, expected_model_type=args.model_type)
     return sam.to(args.device).eval()

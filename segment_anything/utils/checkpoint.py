@@ -35,7 +35,7 @@ from .trainable import trained_state_dict
 RESUME_FORMAT = "sam-resume-v2"
 # What defines the schedule and the model: a resumed run may not change these (what trains
 # is checked through the keys of the resume file).
-RESUME_MUST_MATCH = ("model_type", "image_size", "epoch", "batch_size", "lr", "accumulate")
+RESUME_MUST_MATCH = ("model_type", "image_size", "epoch", "batch_size", "lr", "accumulate", "attention", "fft_blocks")
 # Flags that --resume RUN never takes from the saved run: they say where to continue.
 NOT_INHERITED = ("resume", "output_dir")
 
@@ -97,8 +97,9 @@ def check_resume(cfg: TrainConfig) -> Path:
     define what was trained). Returns the run folder."""
     path = find_resume_file(cfg.resume, cfg.output_dir)
     state = load_state(path)
-    changed = [f"--{k} {state['args'][k]} (now {getattr(cfg, k)})" for k in RESUME_MUST_MATCH
-               if state["args"].get(k) != getattr(cfg, k)]
+    # A flag newer than the run is compared with its default (the value the run had in effect).
+    saved = {k: state["args"].get(k, TrainConfig.__dataclass_fields__[k].default) for k in RESUME_MUST_MATCH}
+    changed = [f"--{k} {saved[k]} (now {getattr(cfg, k)})" for k in RESUME_MUST_MATCH if saved[k] != getattr(cfg, k)]
     if changed:
         raise ResumeError(f"--resume: {path} was made with " + ", ".join(changed) + "; resume with the same flags")
     return path.parent

@@ -87,6 +87,23 @@ def interactive_errors(cfg: "TrainConfig") -> List[str]:
     return errors
 
 
+def attention_errors(cfg: "TrainConfig") -> List[str]:
+    """validate() messages for --attention / --fft_blocks."""
+    if cfg.attention == "standard":
+        return [] if cfg.fft_blocks == "global" else [f"--fft_blocks {cfg.fft_blocks} needs --attention fft"]
+    if cfg.attention != "fft":
+        return [f"--attention must be standard or fft, got {cfg.attention!r}"]
+    if cfg.model_type not in MODEL_TYPES:
+        return []  # reported by validate() already
+    from ..build_sam import fft_blocks_for
+
+    try:
+        fft_blocks_for(cfg.model_type, cfg.fft_blocks)
+    except ValueError as err:
+        return [str(err)]
+    return []
+
+
 def _flag(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -152,6 +169,11 @@ class TrainConfig:
     min_region_area: int = _flag(0, "validation also reports IoU/Dice after filling holes and removing islands smaller than this (pixels; 0 = off)")
     loss_size: str = _flag("original", "compute the loss at each image's original size or on the decoder's low-resolution grid",
                            choices=["original", "low_res"])
+    # FFT token mixing (issue 10 part 1; logic in modeling/fft_attention.py, built by build_sam)
+    attention: str = _flag("standard", "image encoder token mixing: standard self-attention, or fft (an O(N log N) "
+                           "FFT mixer in the --fft_blocks; vit_b/l/h only)", choices=["standard", "fft"])
+    fft_blocks: str = _flag("global", "with --attention fft, the blocks that mix by FFT: global (the global-attention "
+                            "blocks), all, or block indices such as 2,5")
     # Evaluation (issue 11; the evaluate tool is segment_anything/tools/evaluate.py)
     eval_base: bool = _flag(True, "score the starting model on the validation set before the first epoch (epoch 0 in metrics.jsonl)")
     # Embedding cache (issue 7): frozen-encoder embeddings computed once, read in later epochs and runs
@@ -232,6 +254,7 @@ class TrainConfig:
         if not self.dist_timeout > 0:
             errors.append(f"--dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         errors.extend(interactive_errors(self))
+        errors.extend(attention_errors(self))
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
 

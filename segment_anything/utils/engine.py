@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from ..build_sam import sam_model_registry
+from ..modeling.fft_attention import attention_metadata, fft_block_indices
 from .checkpoint import ResumableSampler, ResumeError, check_resume, check_world_size, find_resume_file, load_state, make_state, restore, rng_state
 from .config import TrainConfig
 from .data import DataError, MaskDataset, RunData, collate, prepare_data
@@ -95,7 +96,8 @@ def amp_dtype_for(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtyp
 
 
 def build_model(cfg: TrainConfig):
-    sam = sam_model_registry[cfg.model_type](checkpoint=cfg.checkpoint_path(), image_size=cfg.image_size)
+    sam = sam_model_registry[cfg.model_type](checkpoint=cfg.checkpoint_path(), image_size=cfg.image_size,
+                                             attention=cfg.attention, fft_blocks=cfg.fft_blocks)
     configure(sam, TrainPlan.from_config(cfg))
     return sam
 
@@ -256,6 +258,7 @@ def save_epoch(run: Training, out_dir: Path, record: Dict, improved: bool) -> No
         meta = {"model_type": run.cfg.model_type, "image_size": run.cfg.image_size, "epoch": run.epoch,
                 "metrics": record, "args": run.cfg.to_dict()}
         meta.update(lora_metadata(TrainPlan.from_config(run.cfg), run.cfg.lora_save))
+        meta.update(attention_metadata(run.sam))
         save_partial_weight(run.sam, out_dir / "best.pth", metadata=meta, weights=export_weights(run.sam, run.cfg.lora_save))
     # The named terms only when there is more than one: "(bce 0.41 iou 0.62 iou_head 0.05)".
     names = run.loss_spec.keys()[1:]
@@ -356,6 +359,9 @@ def log_summary(sam, cfg: TrainConfig, info: DistInfo, data: RunData) -> None:
     trained = sum(p.numel() for p in sam.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in sam.parameters() if not p.requires_grad)
     log.info(f"trainable parameters {trained:,} | frozen {frozen:,}\n{parameter_report(sam)}")
+    if fft_block_indices(sam):
+        log.info(f"image encoder: FFT token mixing in blocks {', '.join(map(str, fft_block_indices(sam)))} "
+                 "(their relative-position tables are kept for the stock keys, unused and frozen)")
     log.info(f"{info.world_size} process(es) on {info.device.type} ({torch.get_num_threads()} CPU threads each), "
              f"batch {cfg.batch_size} per process, "
              f"{len(data.train)} train / {len(data.val)} val images")

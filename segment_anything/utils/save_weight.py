@@ -283,4 +283,17 @@ def load_partial_weight(
     with torch.no_grad():
         for key, value in fits.items():
             targets[key].copy_(value)  # in place: keeps the model's dtype, device and optimizer references
+    _warn_other_mixing(unwrap_model(model), metadata, path)
     return metadata
+
+
+def _warn_other_mixing(model: nn.Module, metadata: Dict[str, Any], path: Path) -> None:
+    """A file trained with FFT token mixing (--attention fft) has stock shapes and loads into any
+    SAM, but a model that attends in those blocks computes something else: say so."""
+    trained = sorted((metadata.get("attention") or {}).get("blocks") or [])
+    blocks = getattr(getattr(model, "image_encoder", None), "blocks", [])
+    have = [i for i, blk in enumerate(blocks) if type(getattr(blk, "attn", None)).__name__ == "FFTAttention"]
+    if trained and trained != have:  # by class name: this module must not import the package (load_model_ex.py)
+        warnings.warn(f"{path} was trained with FFT token mixing in image encoder blocks {trained}, but this model "
+                      f"mixes by FFT in {have or 'no block'}; build it with attention='fft' "
+                      f"(fft_blocks='{','.join(map(str, trained))}') to compute what was trained", stacklevel=3)

@@ -12,6 +12,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..modeling.fft_attention import fft_block_indices
 from ..modeling.lora import TARGETS as LORA_TARGETS
 from ..modeling.lora import add_lora, lora_layers, merge_into, parse_targets
 from .save_weight import trainable_state_dict, unwrap_model
@@ -106,6 +107,8 @@ def never_used(sam: nn.Module, plan: TrainPlan) -> Tuple[str, ...]:
                 "prompt_encoder.not_a_point_embed."]
     if not plan.mask_prompt:
         out += ["prompt_encoder.mask_downscaling."]
+    for i in fft_block_indices(sam):  # kept for the stock keys; the FFT mixer does not read them
+        out += [f"image_encoder.blocks.{i}.attn.rel_pos_h", f"image_encoder.blocks.{i}.attn.rel_pos_w"]
     return tuple(out)
 
 

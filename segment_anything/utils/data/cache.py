@@ -25,6 +25,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..log import get_logger
+from ...modeling.fft_attention import fft_block_indices
 
 # Bump when the encoder code or the image preprocessing (resize, normalise, pad) changes what
 # an encoder computes for the same weights and pixels: old entries then stop matching.
@@ -211,6 +212,8 @@ def open_cache(cfg, sam: torch.nn.Module, amp_dtype: Optional[torch.dtype], log:
     parts = {flag: getattr(cfg, flag) for flag in INPUT_FLAGS if hasattr(cfg, flag)}
     parts["weights"] = weights_hash(sam.image_encoder, _Preprocess(sam))
     parts["compute_dtype"] = str(amp_dtype)
+    if fft_block_indices(sam):  # FFT mixing (issue 10) makes other embeddings from the same weights;
+        parts["fft_blocks"] = fft_block_indices(sam)  # only then in the key: stock runs keep their entries
     cache = EmbeddingCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), cfg.cache_dtype, parts)
     if log:
         count, size = cache.usage()

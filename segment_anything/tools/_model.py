@@ -52,15 +52,13 @@ def build_base(model_type: str, checkpoint: str, image_size: int, seed: int = RU
 
 
 def encoder_options(args: argparse.Namespace, meta: Dict[str, Any]) -> Dict[str, str]:
-    """attention / fft_blocks: the flags when given, else what the weights were trained with."""
+    """attention / fft_blocks: the flags when given, else what the weights were trained with
+    (load_partial_weight warns when they differ)."""
     stored = meta.get("attention") or {}
     attention = getattr(args, "attention", None) or stored.get("type") or "standard"
     blocks = getattr(args, "fft_blocks", None)
     if blocks is None:
         blocks = ",".join(map(str, stored["blocks"])) if stored.get("blocks") else "global"
-    if attention == "standard" and stored.get("type") == "fft":
-        print(f"note: the weights were trained with FFT token mixing in blocks {stored.get('blocks')}; "
-              "running them with standard attention as --attention standard asks", file=sys.stderr)
     return {"attention": attention, "fft_blocks": blocks} if attention != "standard" else {}
 
 

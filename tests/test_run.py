@@ -166,6 +166,26 @@ def test_two_spawned_processes_train_exactly_like_one_with_the_same_global_batch
         assert a["val_iou"] == pytest.approx(b["val_iou"], abs=1e-4)
 
 
+PER_OBJECT = {"prompt": "box+point", "num_points": 2, "point_mode": "random", "negative_points": 1,
+              "box_jitter": 0.1, "augment": "flip,rot90,scale,color", "max_objects": 2}
+
+
+def test_two_processes_match_one_with_per_object_points_augmentation_and_workers(tmp_path_factory, tmp_path):
+    """Every random draw of the data (which 2 of the 3 objects, points, jitter, augmentation) is
+    seeded by (seed, epoch, image): 2 x batch 2, each with a persistent DataLoader worker, ends
+    where 1 x batch 4 in the main process ends."""
+    root = tmp_path_factory.mktemp("objects")
+    train = make_synthetic_dataset(root / "train", n=4, size_range=(64, 128), seed=5, objects=3)
+    val = make_synthetic_dataset(root / "val", n=1, size_range=(64, 128), seed=6, objects=3)
+    one, two = tmp_path / "p1_b4", tmp_path / "p2_b2"
+    run_ok(base_flags(train, val, one, batch_size=4, epoch=2, dist="False", **PER_OBJECT))
+    run_ok(base_flags(train, val, two, batch_size=2, epoch=2, world_size=2, port=free_port(), **dict(PER_OBJECT, num_workers=1)))
+    assert_synchronised(last_weights(one), last_weights(two))
+    for a, b in zip(metrics(one), metrics(two), strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_iou"] == pytest.approx(b["val_iou"], abs=1e-4)
+
+
 # ----------------------------------------------------------------------------- b. the CI check
 
 

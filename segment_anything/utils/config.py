@@ -147,6 +147,14 @@ class TrainConfig:
                                              "label values); class names for labelme/coco")
     intensity_range: str = _flag("auto", "16-bit/float images: auto (each image's min..max) or LO,HI mapped to 0..255")
     skip_bad: bool = _flag(False, "leave bad samples out with a warning (list in <run>/skipped.txt) instead of stopping")
+    # Objects, prompts, augmentation (utils/data/dataset.py, prompts.py, augment.py)
+    max_objects: int = _flag(16, "objects per image per training step (a fresh seeded choice each epoch); validation decodes every object in chunks of this size")
+    prompt: str = _flag("box", "prompt per object: box, point or box+point", choices=["box", "point", "box+point"])
+    num_points: int = _flag(1, "positive points per object with --prompt point or box+point")
+    point_mode: str = _flag("center", "center (deepest pixel inside the object, then spread) or random (uniform over its pixels)", choices=["center", "random"])
+    negative_points: int = _flag(0, "background points per object, drawn inside its box, with --prompt point or box+point")
+    box_jitter: float = _flag(0.0, "training only: each box side moves by up to this fraction of the box side, in [0, 0.5)")
+    augment: str = _flag("", "training augmentation, comma-separated: flip, rot90, scale, color (default: none)")
     # Optimisation
     epoch: int = _flag(10, "training epochs")
     lr: float = _flag(2e-4, "AdamW peak learning rate (cosine schedule stepped per iteration)")
@@ -255,8 +263,29 @@ class TrainConfig:
             errors.append(f"--dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         errors.extend(interactive_errors(self))
         errors.extend(attention_errors(self))
+        errors += self._prompt_errors()
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+
+    def _prompt_errors(self) -> List[str]:
+        from .data.augment import parse_augment  # light: albumentations loads only when used
+
+        errors = []
+        if self.max_objects < 1:
+            errors.append(f"--max_objects must be >= 1, got {self.max_objects}")
+        if self.num_points < 0 or self.negative_points < 0:
+            errors.append(f"--num_points and --negative_points must be >= 0, got {self.num_points}, {self.negative_points}")
+        if self.prompt == "point" and self.num_points < 1:
+            errors.append(f"--prompt point needs --num_points >= 1, got {self.num_points}")
+        if self.prompt == "box" and self.negative_points:
+            errors.append("--negative_points needs --prompt point or box+point (box prompts carry no points)")
+        if not 0.0 <= self.box_jitter < 0.5:
+            errors.append(f"--box_jitter must be in [0, 0.5), got {self.box_jitter}")
+        try:
+            parse_augment(self.augment)
+        except ValueError as err:
+            errors.append(f"--augment: {err}")
+        return errors
 
     @property
     def random_init(self) -> bool:

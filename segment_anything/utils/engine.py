@@ -24,8 +24,9 @@ from ..build_sam import sam_model_registry
 from ..modeling.fft_attention import attention_metadata, fft_block_indices
 from .checkpoint import ResumableSampler, ResumeError, check_resume, check_world_size, find_resume_file, load_state, make_state, restore, rng_state
 from .config import TrainConfig
-from .data import DataError, MaskDataset, RunData, collate, prepare_data
+from .data import DataError, RunData, collate, prepare_data
 from .data.cache import EmbeddingCache, open_cache
+from .data.dataset import EpochSampler, describe, make_datasets
 from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 from .faults import StepGuard, faults_to_exit, stop_signals
 from .log import FILE_ONLY, add_log_file, get_logger
@@ -121,17 +122,16 @@ def attach_cache(run, cfg: TrainConfig, info: DistInfo, *loaders) -> None:
 
 def make_loaders(cfg: TrainConfig, info: DistInfo, data: RunData, cache: Optional[EmbeddingCache] = None):
     workers = cfg.num_workers if cfg.num_workers is not None else (4 if info.device.type == "cuda" else 0)
-    train_ds = MaskDataset(data.train, cfg.image_size, cache=cache)
-    val_ds = MaskDataset(data.val, cfg.image_size, cache=cache)
-    # Explicit replicas/rank: the same sampler (same permutation) for 1 process and for N.
-    sampler = ResumableSampler(train_ds, cfg.batch_size, cfg.accumulate, num_replicas=info.world_size, rank=info.rank,
-                               shuffle=True, seed=cfg.seed)
+    train_ds, val_ds = make_datasets(cfg, data.train, data.val, cache=cache)
+    # Explicit replicas/rank: the same sampler (same permutation) for 1 process and for N. The
+    # epoch travels with each index, so persistent workers draw this epoch's objects and prompts.
+    sampler = EpochSampler(ResumableSampler(train_ds, cfg.batch_size, cfg.accumulate, num_replicas=info.world_size,
+                                            rank=info.rank, shuffle=True, seed=cfg.seed))
     common = dict(batch_size=cfg.batch_size, collate_fn=collate, num_workers=workers,
                   pin_memory=info.device.type == "cuda", persistent_workers=workers > 0)
     train = DataLoader(train_ds, sampler=sampler, **common)
-    # Validation shards without padding: every image is scored exactly once across ranks.
-    val_idx = list(range(info.rank, len(val_ds), info.world_size))
-    val = DataLoader(torch.utils.data.Subset(val_ds, val_idx), shuffle=False, **common)
+    # Validation shards whole images without padding: every object is scored exactly once.
+    val = DataLoader(torch.utils.data.Subset(val_ds, val_ds.shard(info.rank, info.world_size)), shuffle=False, **common)
     return train, val, sampler
 
 
@@ -365,3 +365,4 @@ def log_summary(sam, cfg: TrainConfig, info: DistInfo, data: RunData) -> None:
     log.info(f"{info.world_size} process(es) on {info.device.type} ({torch.get_num_threads()} CPU threads each), "
              f"batch {cfg.batch_size} per process, "
              f"{len(data.train)} train / {len(data.val)} val images")
+    log.info(describe(cfg))

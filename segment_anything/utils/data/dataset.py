@@ -1,73 +1,194 @@
-"""MaskDataset: one item per Record, every object its own target with its own box prompt.
+"""The Dataset over Records: one prompt per object, seeded randomness, validation in chunks.
 
-A minimal records-based dataset (boxes only, every object every step); the full one (points,
---max_objects, augmentation) replaces it. Item keys are those of the Record interface notes in
-COORDINATION.md.
+Training: one item per image. At most `max_objects` of its objects, a fresh choice each epoch,
+then augmentation, then prompts drawn from the augmented masks. Every random choice comes from
+a numpy Generator seeded by (seed, epoch, image index) (and the object's own index for its
+prompts), so any process, any DataLoader worker and any batch split draw the same data. The
+epoch reaches the workers with each index (`EpochSampler` yields (index, epoch)): an attribute
+set on the dataset in the main process would not reach persistent workers.
+
+Validation: every object of every image, in items of at most `max_objects` objects (chunks of
+one image are consecutive and share `index`; the trainer encodes the image once), so memory
+stays bounded however many objects an image holds. No augmentation, no box jitter.
 """
 
-from typing import List, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from ..transforms import ResizeLongestSide
+from .augment import build_augment, parse_augment
 from .checks import DataError
-from .records import Record, mask_to_box
+from .prompts import PromptConfig, object_prompts
+from .records import Record
+
+Index = Union[int, Tuple[int, int]]  # a dataset index, or (index, epoch) from EpochSampler
+
+
+def item_rng(seed: int, epoch: int, index: int, *more: int) -> np.random.Generator:
+    """The Generator for one image in one epoch (more: e.g. an object index). The same numbers
+    give the same stream on any process."""
+    return np.random.default_rng([seed, epoch, index, *more])
+
+
+class EpochSampler(Sampler):
+    """Wraps an index sampler (e.g. DistributedSampler) and yields (index, epoch) pairs, so the
+    epoch travels with each index into DataLoader workers; set_epoch sets both."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int, **kw) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch, **kw)  # e.g. start= of a resumable sampler
+
+    def __getattr__(self, name: str):
+        """Anything else (steps_per_epoch, ...) is the wrapped sampler's."""
+        if name == "sampler":
+            raise AttributeError(name)
+        return getattr(self.sampler, name)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        epoch = self.epoch
+        return ((int(i), epoch) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class MaskDataset(Dataset):
-    """Items:
+    """Items (dicts) for the trainer; keys as in COORDINATION.md:
+
       image          uint8 (3, h, w): RGB resized so the longest side is image_size (not padded)
-      original_size  (H, W) of the file
+      original_size  (H, W) of the (augmented) image; masks, boxes and points are in this frame
       input_size     (h, w) after resizing
-      masks          uint8 (N, H, W) in {0, 1} at original size, one per object
-      boxes          float32 (N, 4) xyxy in original pixels, from `mask_to_box`
-      points         float32 (N, 0, 2); point_labels float32 (N, 0): no point prompts here
-      path           the image path; index: the dataset index
-    With an embedding cache (data.cache.EmbeddingCache), items also carry `cache_key`, and a hit
-    carries `embedding` (C, g, g) in the cache dtype instead of `image` (the image is not decoded).
+      masks          uint8 (N, H, W) in {0, 1}, N <= max_objects
+      boxes          float32 (N, 4) xyxy pixels (cv2.boundingRect convention; jittered in training)
+      points         float32 (N, K, 2) xy pixels, K = prompts.points_per_object (0 for box prompts)
+      point_labels   float32 (N, K): 1 positive, 0 negative, -1 padding
+      path           the image file
+      index          int, the image's index in `records`
+      prompt         'box', 'point' or 'box+point': which prompts the step gives the decoder
+      objects        int64 (N,): the objects' indices in the record
+      first_chunk    bool: the item holds the image's first objects (validation counts images by it)
+    With an embedding cache (data.cache.EmbeddingCache, set as `cache` before the first
+    iteration), items also carry `cache_key`, and a hit carries `embedding` (C, g, g) in the cache
+    dtype instead of `image` (the image file is then not decoded). open_cache refuses to run with
+    augmentation, so a hit's frame is always the file's own.
     """
 
-    def __init__(self, records: Sequence[Record], image_size: int, cache=None):
-        if image_size <= 0:
-            raise ValueError(f"image_size must be positive, got {image_size}")
-        self.records, self.image_size = list(records), image_size
+    def __init__(self, records: Sequence[Record], image_size: int, prompts: PromptConfig = PromptConfig(),
+                 max_objects: int = 16, augment: Sequence[str] = (), seed: int = 0, train: bool = True,
+                 cache=None) -> None:
+        if image_size <= 0 or max_objects < 1:
+            raise ValueError(f"image_size and max_objects must be positive, got {image_size}, {max_objects}")
+        self.records, self.prompts, self.max_objects = list(records), prompts, max_objects
+        self.seed, self.train, self.cache = seed, train, cache
         self.transform = ResizeLongestSide(image_size)
-        self.cache = cache
+        self.augment = build_augment(augment) if train else None
+        # Validation items: (image index, first object) per chunk of max_objects objects.
+        self.chunks: List[Tuple[int, int]] = [
+            (i, start) for i, r in enumerate(self.records) for start in range(0, r.num_objects, max_objects)
+        ]
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.records) if self.train else len(self.chunks)
 
-    def __getitem__(self, i: int) -> dict:
-        record = self.records[i]
-        masks = record.load_masks()
+    def shard(self, rank: int, world_size: int) -> List[int]:
+        """Item positions of this rank for validation: whole images (all their chunks), images
+        rank, rank + world_size, ..., so each image is encoded and counted on one rank only."""
+        if self.train:
+            return list(range(rank, len(self), world_size))
+        return [k for k, (i, _) in enumerate(self.chunks) if i % world_size == rank]
+
+    def __getitem__(self, key: Index) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        if self.train:
+            record = self.records[index]
+            rng = item_rng(self.seed, epoch, index)
+            n = record.num_objects
+            objects = np.arange(n) if n <= self.max_objects else np.sort(rng.choice(n, self.max_objects, replace=False))
+            return self._item(index, epoch, objects, rng, first=True)
+        image_index, start = self.chunks[index]
+        stop = min(start + self.max_objects, self.records[image_index].num_objects)
+        return self._item(image_index, 0, np.arange(start, stop), None, first=start == 0)
+
+    def _item(self, index: int, epoch: int, objects: np.ndarray, rng: Optional[np.random.Generator],
+              first: bool) -> dict:
+        record = self.records[index]
+        masks = record.load_masks(objects.tolist())
         key = self.cache.key_for(record.image) if self.cache is not None else None
         embedding = self.cache.lookup(key) if key is not None else None
         pixels = {"embedding": embedding, "cache_key": key} if key is not None else {}
         if embedding is None:
+            image = record.load_image()
+            if self.augment is not None:
+                image, masks, kept = self.augment(image, masks, rng)
+                objects = objects[kept]
             # The predictor's own resize, so fine-tuning inputs are exactly what inference sees.
-            pixels["image"] = torch.from_numpy(np.ascontiguousarray(
-                self.transform.apply_image(record.load_image()).transpose(2, 0, 1)))
-        h, w = ResizeLongestSide.get_preprocess_shape(masks.shape[1], masks.shape[2], self.image_size)
-        try:
-            boxes = np.stack([mask_to_box(m) for m in masks])
-        except (DataError, ValueError) as err:
-            raise DataError(f"{record.source}: {err}") from err
-        n = len(masks)
+            pixels["image"] = torch.from_numpy(np.ascontiguousarray(self.transform.apply_image(image).transpose(2, 0, 1)))
+        size = (int(masks.shape[1]), int(masks.shape[2]))
+        boxes, points, labels = self._prompts(record, index, masks, objects, epoch)
         return {
             **pixels,
-            "original_size": (int(masks.shape[1]), int(masks.shape[2])),
-            "input_size": (h, w),
-            "masks": torch.from_numpy(np.ascontiguousarray(masks)),
+            "original_size": size,
+            "input_size": ResizeLongestSide.get_preprocess_shape(size[0], size[1], self.transform.target_length),
+            "masks": torch.from_numpy(np.ascontiguousarray(masks, dtype=np.uint8)),
             "boxes": torch.from_numpy(boxes),
-            "points": torch.zeros((n, 0, 2), dtype=torch.float32),
-            "point_labels": torch.zeros((n, 0), dtype=torch.float32),
-            "path": record.image,
-            "index": i,
+            "points": torch.from_numpy(points),
+            "point_labels": torch.from_numpy(labels),
+            "path": str(record.image),
+            "index": int(index),
+            "prompt": self.prompts.prompt,
+            "objects": torch.from_numpy(objects.astype(np.int64)),
+            "first_chunk": bool(first),
         }
+
+    def _prompts(self, record: Record, index: int, masks: np.ndarray, objects: np.ndarray,
+                 epoch: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per object, from its own Generator (seed, epoch, image, object): an object's prompts do
+        not depend on which other objects share its item or chunk."""
+        k = self.prompts.points_per_object
+        boxes = np.zeros((len(objects), 4), np.float32)
+        points = np.zeros((len(objects), k, 2), np.float32)
+        labels = np.zeros((len(objects), k), np.float32)
+        for j, (mask, obj) in enumerate(zip(masks, objects)):
+            rng = item_rng(self.seed, epoch, index, int(obj) + 1)  # + 1: [s, e, i, 0] is the same stream as [s, e, i]
+            try:
+                boxes[j], points[j], labels[j] = object_prompts(mask, self.prompts, rng, jitter=self.train)
+            except ValueError as err:
+                raise DataError(f"{record.source}: object {int(obj)} of {record.image}: {err}") from err
+        return boxes, points, labels
 
 
 def collate(batch: List[dict]) -> List[dict]:
     """Keep items as a list: sizes differ, and the trainer pads and stacks on its side."""
     return list(batch)
+
+
+def prompt_config(cfg) -> PromptConfig:
+    """The prompt settings of a TrainConfig."""
+    return PromptConfig(prompt=cfg.prompt, num_points=cfg.num_points, point_mode=cfg.point_mode,
+                        negative_points=cfg.negative_points, box_jitter=cfg.box_jitter)
+
+
+def make_datasets(cfg, train: Sequence[Record], val: Sequence[Record], cache=None) -> Tuple[MaskDataset, MaskDataset]:
+    """(training, validation) datasets for a TrainConfig: augmentation and box jitter only in training."""
+    prompts = prompt_config(cfg)
+    return (MaskDataset(train, cfg.image_size, prompts, cfg.max_objects, parse_augment(cfg.augment), cfg.seed,
+                        train=True, cache=cache),
+            MaskDataset(val, cfg.image_size, prompts, cfg.max_objects, seed=cfg.seed, train=False, cache=cache))
+
+
+def describe(cfg) -> str:
+    """One start-up log line: prompts, the object bound, augmentation."""
+    p = prompt_config(cfg)
+    what = p.prompt
+    if p.points_per_object:
+        what += f" ({p.num_points} {p.point_mode} point(s)" + (f", {p.negative_points} negative" if p.negative_points else "") + ")"
+    return (f"prompts: {what} per object; at most {cfg.max_objects} objects per image per step, validation in chunks of "
+            f"{cfg.max_objects}; augment: {cfg.augment or 'none'}; box jitter {cfg.box_jitter:g}")

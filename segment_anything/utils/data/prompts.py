@@ -13,6 +13,8 @@ from typing import Tuple
 import cv2
 import numpy as np
 
+from .records import mask_to_box  # the one definition (cv2.boundingRect, exclusive end); re-exported here
+
 PROMPTS = ("box", "point", "box+point")
 POINT_MODES = ("center", "random")
 
@@ -43,17 +45,6 @@ class PromptConfig:
     def points_per_object(self) -> int:
         """K: the point slots of every object (positives, then negatives; unused slots are padding)."""
         return self.num_points + self.negative_points if self.prompt != "box" else 0
-
-
-def mask_to_box(mask: np.ndarray) -> np.ndarray:
-    """float32 (4,) xyxy around the foreground of mask (H, W), cv2.boundingRect convention.
-
-    All foreground pixels count, even when they form several separate blobs.
-    """
-    if not mask.any():
-        raise ValueError("mask has no foreground pixels; cannot make a box")
-    x, y, w, h = cv2.boundingRect(np.ascontiguousarray(mask != 0, dtype=np.uint8))
-    return np.array([x, y, x + w, y + h], dtype=np.float32)
 
 
 def inside_distance(mask: np.ndarray) -> np.ndarray:

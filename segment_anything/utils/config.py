@@ -148,10 +148,12 @@ class TrainConfig:
     intensity_range: str = _flag("auto", "16-bit/float images: auto (each image's min..max) or LO,HI mapped to 0..255")
     skip_bad: bool = _flag(False, "leave bad samples out with a warning (list in <run>/skipped.txt) instead of stopping")
     # Objects, prompts, augmentation (utils/data/dataset.py, prompts.py, augment.py)
-    max_objects: int = _flag(16, "objects per image per training step (a fresh seeded choice each epoch); validation decodes every object in chunks of this size")
+    max_objects: int = _flag(16, "objects per image per training step (a fresh seeded choice each epoch); "
+                             "validation decodes every object in chunks of this size")
     prompt: str = _flag("box", "prompt per object: box, point or box+point", choices=["box", "point", "box+point"])
     num_points: int = _flag(1, "positive points per object with --prompt point or box+point")
-    point_mode: str = _flag("center", "center (deepest pixel inside the object, then spread) or random (uniform over its pixels)", choices=["center", "random"])
+    point_mode: str = _flag("center", "center (deepest pixel inside the object, then spread) or random "
+                            "(uniform over its pixels)", choices=["center", "random"])
     negative_points: int = _flag(0, "background points per object, drawn inside its box, with --prompt point or box+point")
     box_jitter: float = _flag(0.0, "training only: each box side moves by up to this fraction of the box side, in [0, 0.5)")
     augment: str = _flag("", "training augmentation, comma-separated: flip, rot90, scale, color (default: none)")
@@ -274,7 +276,8 @@ class TrainConfig:
         if self.max_objects < 1:
             errors.append(f"--max_objects must be >= 1, got {self.max_objects}")
         if self.num_points < 0 or self.negative_points < 0:
-            errors.append(f"--num_points and --negative_points must be >= 0, got {self.num_points}, {self.negative_points}")
+            errors.append(f"--num_points and --negative_points must be >= 0, got {self.num_points}, "
+                          f"{self.negative_points}")
         if self.prompt == "point" and self.num_points < 1:
             errors.append(f"--prompt point needs --num_points >= 1, got {self.num_points}")
         if self.prompt == "box" and self.negative_points:
@@ -306,7 +309,7 @@ class TrainConfig:
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(
-            description="Fine-tune SAM's mask decoder with box prompts, on one or many processes.",
+            description="Fine-tune SAM's mask decoder with box and/or point prompts, on one or many processes.",
             formatter_class=_DefaultsOnce,
         )
         for f in fields(cls):

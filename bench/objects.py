@@ -39,9 +39,8 @@ from segment_anything import sam_model_registry  # noqa: E402
 from segment_anything.utils.data import collate  # noqa: E402
 from segment_anything.utils.data.dataset import MaskDataset  # noqa: E402
 from segment_anything.utils.data.records import Record  # noqa: E402
-from segment_anything.utils.trainer import (  # noqa: E402
-    SamTrainStep, evaluate, freeze, prepare_batch, score, set_train_mode, step_loss,
-)
+from segment_anything.utils.trainable import TrainPlan, configure, set_train_mode  # noqa: E402
+from segment_anything.utils.trainer import SamTrainStep, evaluate, prepare_batch, score, step_loss  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,7 @@ def run_case(args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     sam = sam_model_registry["vit_t"](checkpoint=None, image_size=args.image_size).to(device)
-    freeze(sam)
+    configure(sam, TrainPlan())
     step = SamTrainStep(sam)
     optimizer = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=1e-4)
     record = GridRecord(image="grid.png", size=(args.image_side, args.image_side), source="grid",

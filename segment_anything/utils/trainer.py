@@ -90,7 +90,8 @@ class SamTrainStep(nn.Module):
 
 @dataclass
 class Batch:
-    images: Optional[torch.Tensor]  # (M, 3, S, S): the items without a cached embedding (None if M = 0)
+    images: Optional[torch.Tensor]  # (M, 3, S, S): the images to encode, one per item without a cached
+    #   embedding; with a cache, one per distinct cache key (chunks of one image share it); None if M = 0
     boxes: Optional[torch.Tensor]  # (P, 4) resized frame; None when prompts are points only
     image_index: torch.Tensor  # (P,)
     masks: List[torch.Tensor]  # per image (N_i, H_i, W_i) in {0, 1}
@@ -101,6 +102,7 @@ class Batch:
     new_images: Optional[int] = None  # items that start an image (an image split into chunks counts once)
     cached: List[Optional[torch.Tensor]] = field(default_factory=list)  # per item: (C, g, g) or None
     cache_keys: List[Optional[str]] = field(default_factory=list)  # per item, from a cache-aware dataset
+    new_cached: int = 0  # cache hits among the items that start an image
 
     @property
     def num_images(self) -> int:
@@ -108,7 +110,8 @@ class Batch:
 
     @property
     def num_cached(self) -> int:
-        return sum(emb is not None for emb in self.cached)
+        """Images (not chunks) whose embedding came from the cache."""
+        return self.new_cached
 
     def prompts(self) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(boxes, image_index, points, point_labels): SamTrainStep's prompt arguments."""
@@ -140,7 +143,12 @@ def prepare_batch(items: List[dict], sam: Sam, device: torch.device) -> Batch:
     """Dataset items -> tensors on device, boxes and points mapped into the resized frame."""
     transform = ResizeLongestSide(sam.image_encoder.img_size)
     cached = [it.get("embedding") for it in items]
-    to_encode = [it["image"] for it, emb in zip(items, cached) if emb is None]
+    keys = [it.get("cache_key") for it in items]
+    to_encode, seen = [], set()
+    for it, emb, key in zip(items, cached, keys):
+        if emb is None and (key is None or key not in seen):  # chunks of one image are encoded once
+            to_encode.append(it["image"])
+            seen.add(key)
     images = None
     if to_encode:
         images = torch.stack([sam.preprocess(im.to(device, non_blocking=True).float()) for im in to_encode])
@@ -166,7 +174,8 @@ def prepare_batch(items: List[dict], sam: Sam, device: torch.device) -> Batch:
         point_labels=labels,
         new_images=sum(1 for it in items if it.get("first_chunk", True)),
         cached=[None if emb is None else emb.to(device, non_blocking=True) for emb in cached],
-        cache_keys=[it.get("cache_key") for it in items],
+        cache_keys=keys,
+        new_cached=sum(1 for it, emb in zip(items, cached) if emb is not None and it.get("first_chunk", True)),
     )
 
 
@@ -175,17 +184,24 @@ def batch_embeddings(sam: Sam, batch: Batch, cache: EmbeddingCache, amp_dtype: O
     """(B, C, g, g) float32 embeddings: cached ones as stored, the others from one encoder call
     (frozen encoder, no grad; chunks of one image in the batch are encoded once), stored and
     rounded to the cache dtype exactly as a later hit will read them."""
-    fresh: Dict[Optional[str], torch.Tensor] = {}
+    rows: List[torch.Tensor] = []
     if batch.images is not None:
         with autocast_context(batch.images.device, amp_dtype):
             encoded = sam.image_encoder(batch.images).float()
-        missing = [key for emb, key in zip(batch.cached, batch.cache_keys) if emb is None]
-        for j, key in enumerate(missing):
-            if key not in fresh:
-                fresh[key] = encoded[j]
+        fresh: Dict[str, torch.Tensor] = {}  # chunks of one image share a key and one encoded row
+        j = 0
+        for emb, key in zip(batch.cached, batch.cache_keys):
+            if emb is None and (key is None or key not in fresh):
                 if key is not None:
+                    fresh[key] = encoded[j]
                     cache.store(key, encoded[j])
-    out = [cache.round_trip(fresh[key] if emb is None else emb) for emb, key in zip(batch.cached, batch.cache_keys)]
+                rows.append(encoded[j])
+                j += 1
+            else:
+                rows.append(emb if emb is not None else fresh[key])
+    else:
+        rows = list(batch.cached)
+    out = [cache.round_trip(r) for r in rows]
     # Both encoders return channels-last tensors; the decoder then picks the same kernels as
     # without the cache, so an fp32 cache trains bit for bit like no cache.
     return torch.stack(out).contiguous(memory_format=torch.channels_last)

@@ -280,3 +280,34 @@ def test_run_logs_the_cache_and_counts_hits_per_epoch(tmp_path):
               for r in records if r["epoch"] > 0]
     assert counts == [(0, 4, 2, 0), (4, 0, 2, 0), (4, 0, 2, 0)]
     assert all(r["images_per_sec"] > 0 for r in records if r["epoch"] > 0)
+
+
+def test_validation_chunks_encode_each_image_once_and_count_images(tmp_path, monkeypatch):
+    """Validation in chunks (--max_objects smaller than the objects of an image): a cold cache
+    encodes every image once, however its chunks fall into batches, hits and misses count
+    images, not chunks, and an fp32 cache scores exactly as no cache."""
+    root = make_synthetic_dataset(tmp_path / "multi", n=2, size_range=(90, 140), seed=5, objects=3)
+    records = load_records(root)
+    sam = new_sam(1)
+    encoded = []
+    forward = type(sam.image_encoder).forward
+    monkeypatch.setattr(type(sam.image_encoder), "forward", lambda self, x: encoded.append(len(x)) or forward(self, x))
+
+    def batches(cache):  # 3 chunks per image; batches [a0 a1] [a2 b0] [b1 b2] split both images
+        ds = MaskDataset(records, SIZE, max_objects=1, train=False, cache=cache)
+        items = [ds[i] for i in range(len(ds))]
+        assert len(items) == 6 and [it["first_chunk"] for it in items] == [True, False, False] * 2
+        return [items[0:2], items[2:4], items[4:6]]
+
+    plain = evaluate(sam, batches(None), CPU, None)
+    encoded.clear()
+    cache = EmbeddingCache(tmp_path / "c", "fp32", {"weights": "w"})
+    cold = evaluate(sam, batches(cache), CPU, None, cache=cache)
+    # Items are built before any batch runs, so every chunk misses: still one encoder row per
+    # image in a batch (a0 a1 -> 1 row; a2 b0 -> 2 rows; b1 b2 -> 1 row).
+    assert sum(encoded) == 4 and cold["cache_hits"] == 0 and cache.usage()[0] == 2
+    encoded.clear()
+    warm = evaluate(sam, batches(cache), CPU, None, cache=cache)
+    assert encoded == [] and warm["cache_hits"] == 2
+    for key in ("loss", "iou", "dice"):
+        assert cold[key] == pytest.approx(plain[key], abs=1e-6) and warm[key] == pytest.approx(plain[key], abs=1e-6)

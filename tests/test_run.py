@@ -135,12 +135,15 @@ def straight_run(data, tmp_path_factory):
 NOISE_ONLY = "k_proj.bias"
 
 
-def assert_synchronised(one: dict, two: dict) -> None:
+def assert_synchronised(one: dict, two: dict, outliers: int = 0) -> None:
+    """outliers: how many single weights (outside NOISE_ONLY) may differ by more than SYNC_TOL,
+    up to 10 x SYNC_TOL. Other weights whose gradient is near zero get the same Adam-scaled
+    rounding noise; unsynchronised ranks differ on most weights by about the learning rate."""
     assert one.keys() == two.keys()
     real = {k: v for k, v in one.items() if not k.endswith(NOISE_ONLY)}
     assert len(real) > 0.9 * len(one)
-    diff = max_diff(real, {k: two[k] for k in real})
-    assert diff <= SYNC_TOL, f"1 x batch 4 and 2 x batch 2 differ by {diff:.3g}"
+    above = sum(int(((v - two[k]).abs() > SYNC_TOL).sum()) for k, v in real.items())
+    assert above <= outliers, f"1 x batch 4 and 2 x batch 2 differ by {max_diff(real, {k: two[k] for k in real}):.3g} ({above} weights above {SYNC_TOL})"
     assert max_diff(one, two) <= 10 * SYNC_TOL
 
 

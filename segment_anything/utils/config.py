@@ -150,7 +150,8 @@ class TrainConfig:
     # Objects, prompts, augmentation (utils/data/dataset.py, prompts.py, augment.py)
     max_objects: int = _flag(16, "objects per image per training step (a fresh seeded choice each epoch); "
                              "validation decodes every object in chunks of this size")
-    prompt: str = _flag("box", "prompt per object: box, point or box+point", choices=["box", "point", "box+point"])
+    prompt: str = _flag("box", "prompt per object: box, point, box+point, or mixed (per object a box or points, "
+                        "drawn with --prompt_probs; validation uses boxes)", choices=["box", "point", "box+point", "mixed"])
     num_points: int = _flag(1, "positive points per object with --prompt point or box+point")
     point_mode: str = _flag("center", "center (deepest pixel inside the object, then spread) or random "
                             "(uniform over its pixels)", choices=["center", "random"])
@@ -278,8 +279,8 @@ class TrainConfig:
         if self.num_points < 0 or self.negative_points < 0:
             errors.append(f"--num_points and --negative_points must be >= 0, got {self.num_points}, "
                           f"{self.negative_points}")
-        if self.prompt == "point" and self.num_points < 1:
-            errors.append(f"--prompt point needs --num_points >= 1, got {self.num_points}")
+        if self.prompt in ("point", "mixed") and self.num_points < 1:
+            errors.append(f"--prompt {self.prompt} needs --num_points >= 1, got {self.num_points}")
         if self.prompt == "box" and self.negative_points:
             errors.append("--negative_points needs --prompt point or box+point (box prompts carry no points)")
         if not 0.0 <= self.box_jitter < 0.5:

@@ -154,26 +154,31 @@ def decode_all(sam, embeddings: torch.Tensor, prompts: Prompts, mask_input: Opti
                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """All four mask tokens of every prompt: logits (P, 4, 4g, 4g) and IoU predictions (P, 4).
 
-    One decoder call for the prompts with a box and one for those without (their token counts
-    differ, as at inference: box corners, or points plus the padding point). Point slots that
-    are padding in every prompt of a group are left out. The decoder computes every token's mask
-    in any case, so all its parameters are in the graph whichever masks reach the loss."""
-    outs, order = [], []
+    Every prompt is decoded with the tokens SamPredictor would give it at inference, whatever
+    else shares the batch: its own points in order (padding slots and "no click" slots, label
+    -1, left out), its box corners, or with no box one padding point. Prompts are grouped by
+    (box or not, point count) and each group is one decoder call; a layout that depended on the
+    other prompts of a batch would make a rank's result depend on how the batch was split. The
+    decoder computes every token's mask in any case, so all its parameters are in the graph
+    whichever masks reach the loss."""
+    real = prompts.labels != -1
+    # Each prompt's real points first, in their order (a stable sort on "is padding").
+    order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices
+    points = prompts.points.gather(1, order[..., None].expand(-1, -1, 2))
+    labels = prompts.labels.gather(1, order)
+    count = real.sum(1)
+    if bool(((count == 0) & ~prompts.use_box).any()):
+        raise ValueError("a prompt has neither a box nor a point")
+    outs, groups = [], []
     pe = sam.prompt_encoder.get_dense_pe()
-    for with_box in (True, False):
-        idx = torch.nonzero(prompts.use_box == with_box).flatten()
-        if idx.numel() == 0:
-            continue
-        labels = prompts.labels[idx]
-        used = (labels != -1).any(0)
-        points = (prompts.points[idx][:, used], labels[:, used]) if used.any() else None
-        if points is None and not with_box:
-            raise ValueError("a prompt has neither a box nor a point")
-        sparse, dense = sam.prompt_encoder(points=points, boxes=prompts.boxes[idx] if with_box else None,
+    for with_box, n in sorted({(bool(b), int(c)) for b, c in zip(prompts.use_box.tolist(), count.tolist())}, reverse=True):
+        idx = torch.nonzero((prompts.use_box == with_box) & (count == n)).flatten()
+        pts = (points[idx, :n], labels[idx, :n]) if n else None
+        sparse, dense = sam.prompt_encoder(points=pts, boxes=prompts.boxes[idx] if with_box else None,
                                            masks=None if mask_input is None else mask_input[idx])
         outs.append(sam.mask_decoder.predict_masks(embeddings[prompts.image_index[idx]], pe, sparse, dense))
-        order.append(idx)
-    inverse = torch.argsort(torch.cat(order))
+        groups.append(idx)
+    inverse = torch.argsort(torch.cat(groups))
     return torch.cat([o[0] for o in outs])[inverse], torch.cat([o[1] for o in outs])[inverse]
 
 

@@ -65,7 +65,8 @@ class TrainPlan:
 
     @property
     def uses_points(self) -> bool:
-        return "point" in self.prompt or self.prompt == "mixed"
+        """Point prompts, or corrective clicks (positive and negative points, -1 for none)."""
+        return "point" in self.prompt or self.prompt == "mixed" or self.mask_prompt
 
     @property
     def broadcast_buffers(self) -> bool:

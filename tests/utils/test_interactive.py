@@ -208,3 +208,32 @@ def test_click_metrics_from_a_point_and_a_box(dataset):
     assert sorted(out) == sorted(click_keys((1, 3)))
     for value in out.values():
         assert value.shape == (batch.image_index.numel(),) and ((value >= 0) & (value <= 1)).all()
+
+
+def test_each_prompt_decodes_as_at_inference_whatever_shares_its_batch():
+    """decode_all gives a prompt the tokens SamPredictor would: a prompt's output must not depend
+    on the other prompts of the batch (else 1 process x batch 4 and 2 x batch 2 differ), and a
+    point prompt with padding slots equals the same points given alone, padding removed."""
+    from segment_anything.utils.interactive import decode_all
+
+    sam = new_sam().eval()
+    emb = torch.randn(1, 256, 8, 8, generator=torch.Generator().manual_seed(0))
+    box = torch.tensor([10.0, 20.0, 90.0, 100.0])
+    pts = torch.tensor([[30.0, 40.0], [60.0, 70.0], [0.0, 0.0], [80.0, 30.0]])
+    # box; box + one click in slot 3; 1 point (slots 1-3 padding); 2 points and a negative click
+    labels = torch.tensor([[-1, -1, -1, -1], [-1, -1, -1, 0], [1, -1, -1, -1], [1, 1, -1, 0]], dtype=torch.float32)
+    full = Prompts(box.repeat(4, 1), torch.tensor([True, True, False, False]), pts.repeat(4, 1, 1), labels,
+                   torch.zeros(4, dtype=torch.long))
+    with torch.no_grad():
+        low, iou = decode_all(sam, emb, full, None)
+        for j in range(4):
+            keep = labels[j] != -1
+            alone = Prompts(full.boxes[j:j + 1], full.use_box[j:j + 1], pts[keep][None], labels[j][keep][None],
+                            full.image_index[j:j + 1])
+            low1, iou1 = decode_all(sam, emb, alone, None)
+            torch.testing.assert_close(low[j:j + 1], low1, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(iou[j:j + 1], iou1, atol=1e-5, rtol=1e-5)
+        # The 1-point prompt is SAM's point layout: the point plus one padding point, no box.
+        sparse, dense = sam.prompt_encoder(points=(pts[:1][None], labels[2, :1][None]), boxes=None, masks=None)
+        direct = sam.mask_decoder.predict_masks(emb, sam.prompt_encoder.get_dense_pe(), sparse, dense)
+        torch.testing.assert_close(low[2:3], direct[0], atol=1e-5, rtol=1e-5)

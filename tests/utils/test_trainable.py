@@ -96,6 +96,9 @@ def test_point_prompts_keep_the_point_embeddings_and_freeze_the_box_corners():
                          "prompt_encoder.not_a_point_embed.weight", "prompt_encoder.no_mask_embed.weight"}
     configure(sam, TrainPlan(parts=("prompt_encoder",), prompt="box+point", mask_prompt=True))
     assert all(p.requires_grad for p in sam.prompt_encoder.parameters())
+    # Box prompts with corrective clicks: the clicks are points (positive, negative, -1 = none).
+    configure(sam, TrainPlan(parts=("prompt_encoder",), prompt="box", mask_prompt=True))
+    assert all(p.requires_grad for p in sam.prompt_encoder.parameters())
 
 
 def test_multimask_is_one_switch():

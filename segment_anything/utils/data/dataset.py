@@ -170,18 +170,23 @@ def collate(batch: List[dict]) -> List[dict]:
     return list(batch)
 
 
-def prompt_config(cfg) -> PromptConfig:
-    """The prompt settings of a TrainConfig."""
-    return PromptConfig(prompt=cfg.prompt, num_points=cfg.num_points, point_mode=cfg.point_mode,
-                        negative_points=cfg.negative_points, box_jitter=cfg.box_jitter)
+def prompt_config(cfg, train: bool = True) -> PromptConfig:
+    """The prompt settings of a TrainConfig. --prompt mixed: training items carry both the box
+    and the points of every object (utils.interactive picks one per object in the step);
+    validation items carry boxes, the prompt users give most."""
+    prompt = cfg.prompt
+    if prompt == "mixed":
+        prompt = "box+point" if train else "box"
+    return PromptConfig(prompt=prompt, num_points=cfg.num_points, point_mode=cfg.point_mode,
+                        negative_points=cfg.negative_points if prompt != "box" else 0, box_jitter=cfg.box_jitter)
 
 
 def make_datasets(cfg, train: Sequence[Record], val: Sequence[Record], cache=None) -> Tuple[MaskDataset, MaskDataset]:
     """(training, validation) datasets for a TrainConfig: augmentation and box jitter only in training."""
-    prompts = prompt_config(cfg)
-    return (MaskDataset(train, cfg.image_size, prompts, cfg.max_objects, parse_augment(cfg.augment), cfg.seed,
+    return (MaskDataset(train, cfg.image_size, prompt_config(cfg), cfg.max_objects, parse_augment(cfg.augment), cfg.seed,
                         train=True, cache=cache),
-            MaskDataset(val, cfg.image_size, prompts, cfg.max_objects, seed=cfg.seed, train=False, cache=cache))
+            MaskDataset(val, cfg.image_size, prompt_config(cfg, train=False), cfg.max_objects, seed=cfg.seed, train=False,
+                        cache=cache))
 
 
 def describe(cfg) -> str:
@@ -190,5 +195,8 @@ def describe(cfg) -> str:
     what = p.prompt
     if p.points_per_object:
         what += f" ({p.num_points} {p.point_mode} point(s)" + (f", {p.negative_points} negative" if p.negative_points else "") + ")"
+    if cfg.prompt == "mixed":
+        what = (f"mixed ({cfg.prompt_probs}): its box or 1..{cfg.num_points} {cfg.point_mode} positive point(s) "
+                f"per object; validation: box")
     return (f"prompts: {what} per object; at most {cfg.max_objects} objects per image per step, validation in chunks of "
             f"{cfg.max_objects}; augment: {cfg.augment or 'none'}; box jitter {cfg.box_jitter:g}")

@@ -156,3 +156,17 @@ def test_persistent_workers_see_the_epoch_and_ranks_draw_what_one_process_draws(
     for epoch in range(3):
         merged = {**ranks[0][epoch], **ranks[1][epoch]}
         assert same(merged, main[epoch])
+
+
+def test_mixed_prompts_give_training_boxes_and_points_and_validation_boxes():
+    from segment_anything.utils.config import TrainConfig
+    from segment_anything.utils.data.dataset import make_datasets
+
+    cfg = TrainConfig(prompt="mixed", num_points=3, negative_points=1, image_size=64)
+    train, val = make_datasets(cfg, RECORDS[:1], RECORDS[:1])
+    t, v = train[(0, 0)], val[0]
+    assert t["prompt"] == "box+point" and t["boxes"].shape == (3, 4)
+    assert (t["point_labels"] == 1).sum(1).tolist() == [3, 3, 3] and (t["point_labels"] == 0).sum(1).tolist() == [1, 1, 1]
+    assert v["prompt"] == "box" and v["points"].shape == (3, 0, 2)
+    with pytest.raises(ValueError, match="--prompt mixed needs --num_points >= 1"):
+        TrainConfig(prompt="mixed", num_points=0).validate()

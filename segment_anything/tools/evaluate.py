@@ -240,5 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry (sam-evaluate): main() returns the summary, which must not become the exit status."""
     cli(main)
+
+
+if __name__ == "__main__":
+    run()

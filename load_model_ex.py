@@ -50,6 +50,7 @@ parser.add_argument("--image", required=True)
 parser.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
                     help="prompt box in pixels (default: the image minus a 10%% margin)")
 parser.add_argument("--output", default="mask.png")
+parser.add_argument("--logits", help="also save the mask logits (H, W float32, before the threshold) to this .npy file")
 parser.add_argument("--device", default="cpu")
 args = parser.parse_args()
 
@@ -109,8 +110,11 @@ if bgr is None:
 predictor.set_image(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))  # SAM expects RGB; OpenCV reads BGR
 h, w = bgr.shape[:2]
 box = np.array(args.box or [0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h])
-masks, iou, _ = predictor.predict(box=box, multimask_output=False)
+logits, iou, _ = predictor.predict(box=box, multimask_output=False, return_logits=True)
+mask = logits[0] > predictor.model.mask_threshold  # what predict() returns without return_logits
+if args.logits:
+    np.save(args.logits, logits[0].astype(np.float32))
 
-if not cv2.imwrite(args.output, masks[0].astype(np.uint8) * 255):
+if not cv2.imwrite(args.output, mask.astype(np.uint8) * 255):
     raise SystemExit(f"cannot write {args.output}")
 print(f"{model_type} at {image_size} px{' with FFT token mixing' if encoder else ''}: predicted IoU {iou[0]:.3f}; mask written to {args.output}")

@@ -72,6 +72,13 @@ class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def compile_errors(cfg: "TrainConfig") -> List[str]:
+    """validate() messages for --compile (utils/compile.py)."""
+    from .compile import compile_errors as errors
+
+    return errors(cfg)
+
+
 def interactive_errors(cfg: "TrainConfig") -> List[str]:
     """validate() messages for the interactive-training flags."""
     from .interactive import parse_prompt_probs, parse_val_clicks
@@ -191,6 +198,9 @@ class TrainConfig:
     cache_dir: Optional[str] = _flag(None, "embedding cache folder (default: $XDG_CACHE_HOME/sam_finetune/embeddings, i.e. ~/.cache/sam_finetune/embeddings)")
     cache_dtype: str = _flag("fp16", "precision of cached embeddings: fp16, bf16 or fp32", choices=["fp16", "bf16", "fp32"])
     no_cache: bool = _flag(False, "compute the image embedding on every step (no embedding cache)")
+    # Compiled step (issue 7; logic in utils/compile.py)
+    compile: bool = _flag(False, "torch.compile the per-step prompt encoder + mask decoder (dynamic shapes); "
+                          "falls back to eager with a warning if compiling fails")
     # Interactive training (issue 8; logic in utils/interactive.py, utils/click_eval.py)
     prompt_probs: str = _flag("box=0.5,point=0.5", "--prompt mixed: per object a box or 1..--num_points positive points, "
                               "with these probabilities")
@@ -267,6 +277,7 @@ class TrainConfig:
         errors.extend(interactive_errors(self))
         errors.extend(attention_errors(self))
         errors += self._prompt_errors()
+        errors.extend(compile_errors(self))
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
 

@@ -35,6 +35,7 @@ from .losses import LossSpec
 from .progress import Progress
 from .save_weight import atomic_save, save_partial_weight
 from .trainable import TrainPlan, configure, export_weights, lora_metadata, parameter_report
+from .compile import compile_decode
 from .trainer import SamTrainStep, evaluate, train_one_epoch
 from .weights import check_checkpoint
 from .visualize import RunWriter, device_label
@@ -160,6 +161,8 @@ class Training:
         sam = build_model(cfg).to(info.device)
         spec = InteractiveSpec.from_config(cfg)
         model = SamTrainStep(sam) if spec is None else InteractiveStep(sam, spec, LossSpec.from_config(cfg))
+        if cfg.compile:  # before DDP: only the inner decode is compiled (utils/compile.py)
+            compile_decode(model)
         if info.world_size > 1:
             # Buffers are synced on every forward only when they train (a training TinyViT's BatchNorm);
             # forward_sync_buffers is the new name of the deprecated broadcast_buffers.

@@ -2,11 +2,14 @@
 
     python bench/train.py                          # vit_b at 1024 on ../shared/data/nails
     python bench/train.py --model_type vit_t --images 8
+    python bench/train.py --model_type vit_t --compile    # adds a row: warm epochs with --compile
 
 (a) reference: the official modules (mobile_sam, Meta's modeling code), one image per step,
     the image encoder under no_grad on every step, the decoder once per image, as the seed
     reference project does; (b) ours, first epoch: the embedding cache is empty, every image is
-    encoded once and stored; (c) ours, later epochs: every embedding comes from the cache.
+    encoded once and stored; (c) ours, later epochs: every embedding comes from the cache; with --compile also (d) the same
+warm epochs with the decoder step compiled (utils/compile.py; the best epoch counts, so the
+compilation in the first one is left out and reported apart, with the number of graphs compiled).
 Every phase runs in its own process (same random weights, same images, one box per image from
 its mask, the same loss and AdamW), so each peak RSS is that phase's own. Prints a Markdown
 table: images per second, peak memory (RSS on CPU, max allocated on CUDA) and the ratios.
@@ -28,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from segment_anything import sam_model_registry  # noqa: E402
+from segment_anything.utils.compile import compile_decode  # noqa: E402
 from segment_anything.utils.config import TrainConfig  # noqa: E402
 from segment_anything.utils.data import MaskDataset, load_records  # noqa: E402
 from segment_anything.utils.data.cache import open_cache  # noqa: E402
@@ -89,9 +93,10 @@ def reference_epoch(sam, ds, device) -> float:
     return time.perf_counter() - start
 
 
-def our_epochs(args, device, warm: bool) -> list:
+def our_epochs(args, device, warm: bool, compiled: bool = False) -> list:
     """Seconds per epoch of train_one_epoch: one cold epoch, or --warm_epochs from a warm cache."""
     sam = our_model(args, device)
+    step = compile_decode(SamTrainStep(sam)) if compiled else SamTrainStep(sam)
     cfg = TrainConfig(model_type=args.model_type, checkpoint="none", image_size=args.image_size,
                       cache_dir=args.cache_dir, cache_dtype=args.cache_dtype)
     cache = open_cache(cfg, sam, None, log=False)
@@ -103,7 +108,7 @@ def our_epochs(args, device, warm: bool) -> list:
     times = []
     for _ in range(args.warm_epochs if warm else 1):
         start = time.perf_counter()
-        m = train_one_epoch(SamTrainStep(sam), sam, loader, opt, sched, scaler, device, None, cache=cache)
+        m = train_one_epoch(step, sam, loader, opt, sched, scaler, device, None, cache=cache)
         times.append(time.perf_counter() - start)
         expected = len(ds) if warm else 0
         assert m["cache_hits"] == expected, f"{m['cache_hits']} cache hits, expected {expected}"
@@ -125,8 +130,13 @@ def run_phase(args) -> None:
         ds = dataset(args, sam.image_encoder.img_size)
         times = [reference_epoch(sam, ds, device)]
     else:
-        times = our_epochs(args, device, warm=args.phase == "warm")
-    print(json.dumps({"seconds": min(times), "images": args.images, "peak_mb": peak_memory(device)}))
+        times = our_epochs(args, device, warm=args.phase != "cold", compiled=args.phase == "compiled")
+    extra = {}
+    if args.phase == "compiled":
+        from torch._dynamo.utils import counters  # dynamo's own statistics; private, used only here
+
+        extra = {"graphs": counters["stats"]["unique_graphs"], "first_s": times[0]}
+    print(json.dumps({"seconds": min(times), "images": args.images, "peak_mb": peak_memory(device), **extra}))
 
 
 def main() -> None:
@@ -141,7 +151,8 @@ def main() -> None:
     parser.add_argument("--cache_dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--phase", choices=["reference", "cold", "warm"], help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help="add a row: warm epochs with the decoder step compiled")
+    parser.add_argument("--phase", choices=["reference", "cold", "warm", "compiled"], help=argparse.SUPPRESS)
     parser.add_argument("--cache_dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
@@ -149,7 +160,7 @@ def main() -> None:
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_cache.") as cache_dir:
-        for phase in ("reference", "cold", "warm"):
+        for phase in ("reference", "cold", "warm") + (("compiled",) if args.compile else ()):
             cmd = [sys.executable, __file__, *sys.argv[1:], "--phase", phase, "--cache_dir", cache_dir]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -165,11 +176,15 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     ref = results["reference"]
     names = {"reference": "reference (stock modules, encoder every step)", "cold": "ours, first epoch (cold cache)",
-             "warm": "ours, later epochs (warm cache)"}
+             "warm": "ours, later epochs (warm cache)", "compiled": "ours, later epochs (warm cache), --compile"}
     for phase, r in results.items():
         ips = r["images"] / r["seconds"]
         print(f"| {names[phase]} | {ips:.3g} | {ips / (ref['images'] / ref['seconds']):.2f}x | "
               f"{r['peak_mb']:,.0f} | {r['peak_mb'] / ref['peak_mb']:.2f}x |")
+    if "compiled" in results:
+        c = results["compiled"]
+        print(f"\n--compile: {c['graphs']} graphs compiled; first warm epoch {c['first_s']:.1f} s (compilation included), "
+              f"best {c['seconds']:.2f} s; warm epoch with/without: {results['warm']['seconds'] / c['seconds']:.2f}x the images / s")
 
 
 if __name__ == "__main__":

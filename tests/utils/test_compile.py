@@ -96,15 +96,14 @@ def test_a_failed_compilation_warns_and_runs_eagerly(monkeypatch, caplog):
 
 
 def test_compile_is_refused_without_a_compiler_or_with_interactive_training(monkeypatch):
-    assert TrainConfig(compile=True, device="cpu").compile is True or cpu_compiler() is None
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.raises(ValueError, match="--compile needs a C\\+\\+ compiler"):
         TrainConfig(compile=True, device="cpu")
-    monkeypatch.delenv("CXX")
-    if cpu_compiler() is not None:
-        with pytest.raises(ValueError, match="interactive training"):
-            TrainConfig(compile=True, device="cpu", click_rounds=2)
-    assert TrainConfig(device="cpu", click_rounds=2).compile is False  # off: no check
+    assert TrainConfig(device="cpu").compile is False  # off: no check
+    monkeypatch.setenv("CXX", sys.executable)  # the check only asks that the program exists
+    assert TrainConfig(compile=True, device="cpu").compile is True
+    with pytest.raises(ValueError, match="interactive training"):
+        TrainConfig(compile=True, device="cpu", click_rounds=2)
 
 
 RANK_SCRIPT = textwrap.dedent(

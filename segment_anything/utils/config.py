@@ -39,6 +39,8 @@ def adapt_errors(cfg: "TrainConfig") -> List[str]:
 
     errors = []
     parsed = {}
+    if getattr(cfg, "task", "prompt") == "semantic":  # its own terms: ce, dice (utils/semantic_train.py)
+        from .semantic_train import parse_loss
     for name, parse, value in (("loss", parse_loss, cfg.loss), ("train", parse_parts, cfg.train),
                                ("lora_targets", parse_targets, cfg.lora_targets)):
         try:
@@ -192,6 +194,11 @@ class TrainConfig:
                            "FFT mixer in the --fft_blocks; vit_b/l/h only)", choices=["standard", "fft"])
     fft_blocks: str = _flag("global", "with --attention fft, the blocks that mix by FFT: global (the global-attention "
                             "blocks), all, or block indices such as 2,5")
+    # Semantic segmentation (issue 10 part 2; utils/semantic*.py, modeling/semantic_head.py)
+    task: str = _flag("prompt", "prompt: SAM's promptable masks (the mask decoder); semantic: a K-class segmentation head "
+                      "on the image-encoder features, cross-entropy (--loss ce=1[,dice=1])", choices=["prompt", "semantic"])
+    num_classes: Optional[int] = _flag(None, "--task semantic: classes including background (default: from the data; "
+                                       "instance_map label values are class ids)")
     # Evaluation (issue 11; the evaluate tool is segment_anything/tools/evaluate.py)
     eval_base: bool = _flag(True, "score the starting model on the validation set before the first epoch (epoch 0 in metrics.jsonl)")
     # Embedding cache (issue 7): frozen-encoder embeddings computed once, read in later epochs and runs
@@ -278,6 +285,7 @@ class TrainConfig:
         errors.extend(attention_errors(self))
         errors += self._prompt_errors()
         errors.extend(compile_errors(self))
+        errors += self._semantic_errors()
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
 
@@ -300,6 +308,21 @@ class TrainConfig:
             parse_augment(self.augment)
         except ValueError as err:
             errors.append(f"--augment: {err}")
+        return errors
+
+    def _semantic_errors(self) -> List[str]:
+        if self.task != "semantic":
+            return ["--num_classes needs --task semantic"] if self.num_classes is not None else []
+        errors = []
+        if self.num_classes is not None and self.num_classes < 2:
+            errors.append(f"--num_classes must be >= 2 (background and one class), got {self.num_classes}")
+        if self.prompt != "box" or self.click_rounds or self.negative_points or self.box_jitter:
+            errors.append("--task semantic takes no prompts: leave --prompt, --click_rounds, --negative_points and "
+                          "--box_jitter at their defaults")
+        if self.augment:
+            errors.append("--augment is not available with --task semantic yet")
+        if self.instance_mode != "per_object":
+            errors.append("--instance_mode per_image has no meaning with --task semantic (targets are class maps)")
         return errors
 
     @property

@@ -37,6 +37,7 @@ from .save_weight import atomic_save, save_partial_weight
 from .trainable import TrainPlan, configure, export_weights, lora_metadata, parameter_report
 from .compile import compile_decode
 from .trainer import SamTrainStep, evaluate, train_one_epoch
+from . import semantic_run as semantic
 from .weights import check_checkpoint
 from .visualize import RunWriter, device_label
 
@@ -67,7 +68,10 @@ def preflight(cfg: TrainConfig) -> Tuple[RunData, Path]:
                         "or --train_json + --train_images for COCO")
     if cfg.checkpoint_path() is not None:
         check_checkpoint(cfg.checkpoint_path(), cfg.model_type, cfg.image_size)
-    return prepare_data(cfg), resolve_output_dir(cfg)
+    data = prepare_data(cfg)
+    if semantic.is_semantic(cfg):  # a label value >= --num_classes stops the run here, naming the file
+        semantic.run_classes(cfg, data)
+    return data, resolve_output_dir(cfg)
 
 
 def setup_run(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path]]) -> Tuple[RunData, Path]:
@@ -97,10 +101,12 @@ def amp_dtype_for(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtyp
     return torch.float16
 
 
-def build_model(cfg: TrainConfig):
+def build_model(cfg: TrainConfig, classes: Optional[List[str]] = None):
     sam = sam_model_registry[cfg.model_type](checkpoint=cfg.checkpoint_path(), image_size=cfg.image_size,
                                              attention=cfg.attention, fft_blocks=cfg.fft_blocks)
     configure(sam, TrainPlan.from_config(cfg))
+    if classes:  # --task semantic
+        semantic.add_head(sam, classes)
     return sam
 
 
@@ -121,9 +127,13 @@ def attach_cache(run, cfg: TrainConfig, info: DistInfo, *loaders) -> None:
         ds.cache = run.cache
 
 
-def make_loaders(cfg: TrainConfig, info: DistInfo, data: RunData, cache: Optional[EmbeddingCache] = None):
+def make_loaders(cfg: TrainConfig, info: DistInfo, data: RunData, cache: Optional[EmbeddingCache] = None,
+                 classes: Optional[List[str]] = None):
     workers = cfg.num_workers if cfg.num_workers is not None else (4 if info.device.type == "cuda" else 0)
-    train_ds, val_ds = make_datasets(cfg, data.train, data.val, cache=cache)
+    if classes:
+        train_ds, val_ds = semantic.make_datasets(cfg, data, classes, cache)
+    else:
+        train_ds, val_ds = make_datasets(cfg, data.train, data.val, cache=cache)
     # Explicit replicas/rank: the same sampler (same permutation) for 1 process and for N. The
     # epoch travels with each index, so persistent workers draw this epoch's objects and prompts.
     sampler = EpochSampler(ResumableSampler(train_ds, cfg.batch_size, cfg.accumulate, num_replicas=info.world_size,
@@ -155,20 +165,25 @@ class Training:
     skipped: int = 0  # non-finite steps skipped in the current epoch
     best: Dict = field(default_factory=lambda: {"iou": -1.0})
     stale: int = 0  # epochs since the best validation IoU
+    classes: Optional[List[str]] = None  # --task semantic: class names (index = class id)
 
     @classmethod
-    def build(cls, cfg: TrainConfig, info: DistInfo, steps_per_epoch: int) -> "Training":
-        sam = build_model(cfg).to(info.device)
+    def build(cls, cfg: TrainConfig, info: DistInfo, steps_per_epoch: int, classes: Optional[List[str]] = None) -> "Training":
+        sam = build_model(cfg, classes).to(info.device)
         spec = InteractiveSpec.from_config(cfg)
-        model = SamTrainStep(sam) if spec is None else InteractiveStep(sam, spec, LossSpec.from_config(cfg))
-        if cfg.compile:  # before DDP: only the inner decode is compiled (utils/compile.py)
+        if classes:
+            model = semantic.wrap_step(sam, info.device, info.world_size)
+        else:
+            model = SamTrainStep(sam) if spec is None else InteractiveStep(sam, spec, LossSpec.from_config(cfg))
+        if cfg.compile:  # before DDP: only the inner decode is compiled (utils/compile.py; not the semantic head)
             compile_decode(model)
         if info.world_size > 1:
             # Buffers are synced on every forward only when they train (a training TinyViT's BatchNorm);
             # forward_sync_buffers is the new name of the deprecated broadcast_buffers.
             device_ids = [info.device.index] if info.device.type == "cuda" else None
             plan = TrainPlan.from_config(cfg)
-            model = DDP(model, device_ids=device_ids, forward_sync_buffers=plan.broadcast_buffers,
+            # A semantic head's BatchNorm trains: its running statistics follow rank 0's.
+            model = DDP(model, device_ids=device_ids, forward_sync_buffers=plan.broadcast_buffers or bool(classes),
                         find_unused_parameters=plan.find_unused_parameters)
         optimizer = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=cfg.lr,
                                       weight_decay=cfg.weight_decay)
@@ -176,7 +191,8 @@ class Training:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
         amp_dtype = amp_dtype_for(cfg, info.device)
         scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
-        return cls(cfg, sam, model, optimizer, scheduler, scaler, amp_dtype, LossSpec.from_config(cfg))
+        loss = semantic.SemanticLoss.from_config(cfg) if classes else LossSpec.from_config(cfg)
+        return cls(cfg, sam, model, optimizer, scheduler, scaler, amp_dtype, loss, classes=classes)
 
     def restore(self, cfg: TrainConfig, info: DistInfo, sampler: ResumableSampler) -> Optional[torch.Tensor]:
         """Continue from --resume: checks, then the state; returns the partial epoch's meter sums."""
@@ -206,6 +222,8 @@ def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler, 
     sampler.set_epoch(run.epoch, start=run.step)
     t0 = time.perf_counter()
     bar = Progress(total=len(sampler) * info.world_size, desc=f"epoch {run.epoch + 1}/{cfg.epoch}", enabled=info.is_main)
+    if run.classes:
+        return semantic.run_epoch(run, info, train_loader, val_loader, sampler, guard, bar)
     train_m = train_one_epoch(run.model, run.sam, train_loader, run.optimizer, run.scheduler, run.scaler, info.device,
                               run.amp_dtype, run.loss_spec, progress=bar, accumulate=cfg.accumulate, guard=guard, cache=run.cache,
                               interactive=InteractiveSpec.from_config(cfg), epoch=run.epoch)
@@ -229,12 +247,15 @@ def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler, 
 def evaluate_base(run: Training, info: DistInfo, val_loader, out_dir: Path) -> Dict:
     """Validation of the starting model (epoch 0 in metrics.jsonl), so every run shows its gain
     over the base; it does not count as a best epoch (best.pth only ever holds trained weights)."""
-    t0 = time.perf_counter()
-    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec, run.cfg.min_region_area, cache=run.cache)
-    record = {"epoch": 0, "val_loss": val_m["loss"], "val_iou": val_m["iou"], "val_dice": val_m["dice"],
-              **{f"val_{k}": val_m[k] for k in run.loss_spec.keys()[1:]},
-              **{f"val_{k}": val_m[k] for k in ("iou_post", "dice_post") if k in val_m},
-              "seconds": time.perf_counter() - t0}
+    if run.classes:
+        record = semantic.base_record(run, info, val_loader)
+    else:
+        t0 = time.perf_counter()
+        val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec, run.cfg.min_region_area, cache=run.cache)
+        record = {"epoch": 0, "val_loss": val_m["loss"], "val_iou": val_m["iou"], "val_dice": val_m["dice"],
+                  **{f"val_{k}": val_m[k] for k in run.loss_spec.keys()[1:]},
+                  **{f"val_{k}": val_m[k] for k in ("iou_post", "dice_post") if k in val_m},
+                  "seconds": time.perf_counter() - t0}
     if info.is_main:
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -262,6 +283,8 @@ def save_epoch(run: Training, out_dir: Path, record: Dict, improved: bool) -> No
                 "metrics": record, "args": run.cfg.to_dict()}
         meta.update(lora_metadata(TrainPlan.from_config(run.cfg), run.cfg.lora_save))
         meta.update(attention_metadata(run.sam))
+        if run.classes:
+            meta.update(semantic.metadata(run.classes))
         save_partial_weight(run.sam, out_dir / "best.pth", metadata=meta, weights=export_weights(run.sam, run.cfg.lora_save))
     # The named terms only when there is more than one: "(bce 0.41 iou 0.62 iou_head 0.05)".
     names = run.loss_spec.keys()[1:]
@@ -312,14 +335,17 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
         start_run_folder(cfg, out_dir, data)
         log.info(f"world size {info.world_size}: " + ", ".join(f"rank {r} {d}" for r, d in enumerate(devices))
                  + f" | run folder {out_dir}")
-    train_loader, val_loader, sampler = make_loaders(cfg, info, data)
+    classes = semantic.run_classes(cfg, data) if semantic.is_semantic(cfg) else None
+    train_loader, val_loader, sampler = make_loaders(cfg, info, data, classes=classes)
     # Seeded again right before the model is built, so a --checkpoint none model depends on the
     # seed alone and the tools (evaluate, predict) can rebuild the exact starting model.
     torch.manual_seed(cfg.seed)
-    run = Training.build(cfg, info, sampler.steps_per_epoch)
+    run = Training.build(cfg, info, sampler.steps_per_epoch, classes)
     guard = StepGuard(run, info, lambda sums: save_last(run, sampler, out_dir, info, sums),
                       resume_hint=f"python run.py --resume {out_dir}")
-    writer = RunWriter(out_dir, val_loader.dataset.dataset, cfg.batch_size * cfg.accumulate * info.world_size) if info.is_main else None
+    # Sample pictures are box-prompted predictions: none in semantic mode (curves and scalars only).
+    writer = (RunWriter(out_dir, val_loader.dataset.dataset, cfg.batch_size * cfg.accumulate * info.world_size,
+                        **({"n_samples": 0} if classes else {})) if info.is_main else None)
     attach_cache(run, cfg, info, train_loader, val_loader)
     if writer is not None:
         guard.on_step = writer.step
@@ -330,7 +356,7 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
             raise PreflightError(str(err)) from err
         log.info(f"resumed from {cfg.resume} at epoch {run.epoch + 1}, step {run.step}")
     if info.is_main:
-        log_summary(run.sam, cfg, info, data)
+        log_summary(run.sam, cfg, info, data, classes)
     if cfg.eval_base and run.epoch == 0 and run.step == 0:
         evaluate_base(run, info, val_loader, out_dir)
     with stop_signals(guard), faults_to_exit(info):
@@ -353,7 +379,7 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
     return run.best
 
 
-def log_summary(sam, cfg: TrainConfig, info: DistInfo, data: RunData) -> None:
+def log_summary(sam, cfg: TrainConfig, info: DistInfo, data: RunData, classes: Optional[List[str]] = None) -> None:
     import torchinfo
 
     log = get_logger()
@@ -368,4 +394,4 @@ def log_summary(sam, cfg: TrainConfig, info: DistInfo, data: RunData) -> None:
     log.info(f"{info.world_size} process(es) on {info.device.type} ({torch.get_num_threads()} CPU threads each), "
              f"batch {cfg.batch_size} per process, "
              f"{len(data.train)} train / {len(data.val)} val images")
-    log.info(describe(cfg))
+    log.info(semantic.describe(cfg, classes, sam) if classes else describe(cfg))

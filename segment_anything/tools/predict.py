@@ -8,7 +8,8 @@
 Per image it writes <stem>_mask_<i>.png (object i, 0/255; with --multimask
 <stem>_mask_<i>_<k>.png for SAM's three candidates) and <stem>_overlay.png (the masks over the
 image, the prompts drawn). Without any prompt, automatic masks: <stem>_mask_<i>.png per mask
-(largest first), <stem>_overlay.png and <stem>_auto.json (records with COCO RLE).
+(largest first), <stem>_overlay.png and <stem>_auto.json (records with COCO RLE). With --task
+semantic and the best.pth of a semantic run: class maps, see tools/_semantic.py.
 
 prompts.json maps an image file name (or stem) to one object or a list of objects, each with an
 optional "box" [x1, y1, x2, y2] and optional "points" [[x, y, label], ...] (label 1 = object,
@@ -165,8 +166,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--points_per_side", type=int, default=32, help="automatic masks: grid points per side")
     parser.add_argument("--pred_iou_thresh", type=float, default=0.88, help="automatic masks: predicted-IoU filter")
     parser.add_argument("--stability_score_thresh", type=float, default=0.95, help="automatic masks: stability filter")
+    parser.add_argument("--task", default="prompt", choices=["prompt", "semantic"],
+                        help="semantic: class maps from a --task semantic run's --weights (no prompts)")
     parser.add_argument("--output", required=True, help="output folder")
     args = parser.parse_args(argv)
+    if args.task == "semantic":
+        return main_semantic(args)
 
     jobs = plan(args)
     sam = load_model(args, args.weights)
@@ -188,6 +193,24 @@ def main(argv: Optional[List[str]] = None) -> None:
             predictor.set_image(image)
             write_prompted(out_dir, path.stem, image, prompts, predict_prompts(predictor, prompts, args.multimask, args.min_region_area))
             print(f"{path.name}: {len(prompts)} object(s)")
+    print(f"wrote {out_dir}")
+
+
+def main_semantic(args: argparse.Namespace) -> None:
+    from ._semantic import load_semantic_model, predict_classes, write_semantic
+
+    if args.box or args.point or args.prompts:
+        raise ValueError("--task semantic takes no prompts (--box, --point, --prompts)")
+    images = list_images(Path(args.image))
+    sam, classes = load_semantic_model(args)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in images:
+        image = load_image(path)
+        labels = predict_classes(sam, image)
+        write_semantic(out_dir, path.stem, image, labels, len(classes))
+        found = ", ".join(f"{classes[c]} {n}" for c, n in zip(*np.unique(labels, return_counts=True)))
+        print(f"{path.name}: pixels per class: {found}")
     print(f"wrote {out_dir}")
 
 

@@ -39,6 +39,15 @@ def wrap_step(sam: nn.Module, device: torch.device, world_size: int) -> nn.Modul
     return SemanticStep(sam)
 
 
+def share_statistics(head: nn.Module, world_size: int) -> None:
+    """Rank 0's BatchNorm running statistics on every rank. DDP copies them before each forward,
+    but the forward then updates each rank's copy with its own batch: without this, every rank
+    would validate a slightly different model, and none of them the one best.pth holds."""
+    if world_size > 1:
+        for buffer in head.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
 def make_datasets(cfg, data, classes, cache=None):
     return (SemanticDataset(data.train, cfg.image_size, classes, cache),
             SemanticDataset(data.val, cfg.image_size, classes, cache))
@@ -58,6 +67,7 @@ def run_epoch(run, info, train_loader, val_loader, sampler, guard, progress) -> 
                                    guard=guard, cache=run.cache)
     progress.close()
     train_s = time.perf_counter() - t0
+    share_statistics(run.sam.semantic_head, info.world_size)
     val_m = evaluate_semantic(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec, run.classes, cache=run.cache)
     record = {"epoch": run.epoch + 1, "train_loss": train_m["loss"], "train_iou": train_m["iou"],
               "val_loss": val_m["loss"], "val_iou": val_m["iou"], "val_dice": val_m["dice"],

@@ -175,7 +175,8 @@ class TrainConfig:
     patience: int = _flag(0, "stop after this many epochs without a better validation IoU (0 = never)")
     seed: int = _flag(21, "random seed (data split, shuffling)")
     # What trains and the loss (issue 9; logic in utils/trainable.py and utils/losses.py)
-    loss: str = _flag("bce=1,iou=1,iou_head=1", "weighted loss terms: bce, focal, dice, iou (soft IoU), iou_head (MSE of the IoU prediction)")
+    loss: str = _flag("bce=1,iou=1,iou_head=1", "weighted loss terms: bce, focal, dice, iou (soft IoU), iou_head (MSE of the IoU prediction); "
+                      "--task semantic: ce, dice (this default then means ce=1)")
     focal_alpha: float = _flag(0.25, "focal loss: weight of the foreground class (negative = no class weighting)")
     focal_gamma: float = _flag(2.0, "focal loss: focusing exponent")
     train: str = _flag("mask_decoder", "parts that train: mask_decoder, prompt_encoder, image_encoder, a comma-separated set, or all")

@@ -20,7 +20,7 @@ from . import accumulate as accumulation
 from .accumulate import global_count
 from .distributed import all_reduce_sum, get_world_size
 from .trainable import set_train_mode
-from .trainer import Batch, autocast_context, batch_embeddings, step_loss
+from .trainer import Batch, _grad_if_trained, autocast_context, batch_embeddings, step_loss
 
 TERMS = ("ce", "dice")
 DEFAULT_LOSS = "ce=1"
@@ -138,12 +138,6 @@ def _num(x: float) -> Optional[float]:
 def _mean(values: torch.Tensor) -> float:
     present = values[~values.isnan()]
     return float(present.mean()) if present.numel() else 0.0
-
-
-def _grad_if_trained(module: nn.Module):
-    from .trainer import _grad_if_trained as grad_if
-
-    return grad_if(module)
 
 
 class SemanticStep(nn.Module):

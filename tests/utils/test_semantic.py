@@ -144,3 +144,18 @@ def test_coco_categories_to_classes(tmp_path):
     expected[cat > 0] = 1  # the later object wins where they overlap
     np.testing.assert_array_equal(target, expected)
     assert (target == 1).sum() > 0 and (target == 2).sum() > 0 and (dog & cat).sum() > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"num_classes": 3}, "--num_classes needs --task semantic"),
+    ({"task": "semantic", "num_classes": 1}, "--num_classes must be >= 2"),
+    ({"task": "semantic", "prompt": "point"}, "--task semantic takes no prompts"),
+    ({"task": "semantic", "augment": "flip"}, "--augment is not available with --task semantic"),
+    ({"task": "semantic", "loss": "bce=1"}, "terms are ce, dice"),
+])
+def test_config_refuses_what_semantic_mode_cannot_do(flags, message):
+    from segment_anything.utils.config import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**flags)
+    assert TrainConfig(task="semantic", loss="ce=1,dice=1").task == "semantic"

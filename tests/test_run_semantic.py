@@ -134,3 +134,6 @@ def test_predict_tool_on_a_semantic_best_pth(data, two_process, tmp_path):
     no_weights = subprocess.run(cmd[:cmd.index("--weights")] + cmd[cmd.index("--image"):], cwd=REPO, env=ENV,
                                 capture_output=True, text=True, timeout=300)
     assert no_weights.returncode != 0 and "--task semantic needs --weights" in no_weights.stderr
+    prompt_mode = subprocess.run(cmd[:cmd.index("--task")] + cmd[cmd.index("--model_type"):] + ["--box", "1,1,20,20"],
+                                 cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert prompt_mode.returncode != 0 and "is from a --task semantic run" in prompt_mode.stderr

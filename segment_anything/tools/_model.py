@@ -66,6 +66,9 @@ def load_model(args: argparse.Namespace, weights: Optional[str] = None) -> Sam:
     """Base model plus ``weights`` (through load_partial_weight's checks: a file made for another
     model type is an error naming the keys), in eval mode on args.device."""
     meta = weights_metadata(weights)
+    if meta.get("task") == "semantic":  # its head has no place in a promptable SAM
+        raise ValueError(f"--weights {weights} is from a --task semantic run: use "
+                         f"python -m segment_anything.tools.predict --task semantic")
     image_size = args.image_size or meta.get("image_size") or 1024
     sam = build_base(args.model_type, args.checkpoint, image_size, args.seed, **encoder_options(args, meta))
     if weights is not None:

@@ -170,7 +170,7 @@ def main() -> None:
     memory = "max allocated" if args.device.startswith("cuda") else "peak RSS"
     print(f"command: python bench/{Path(__file__).name} " + " ".join(sys.argv[1:]))
     print(machine_line(args.threads))
-    print(f"model: {args.model_type} at {args.image_size} (reference: at 1024, the stock modules' size), {args.images} images of {Path(args.data).name}, one box each; "
+    print(f"model: {args.model_type} at {args.image_size} (reference: at 1024, the stock modules' size), {args.images} images of {Path(args.data).name}, one box per object (the same in both loops); "
           f"our batch {args.batch_size}, cache {args.cache_dtype}; warm: best of {args.warm_epochs} epochs\n")
     print(f"| loop | images / s | vs reference | {memory} MB | vs reference |")
     print("|---|---:|---:|---:|---:|")

@@ -108,6 +108,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def share_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (e.g. BatchNorm running statistics) on every rank, in place. DDP copies
+    them before each forward, but a training forward then updates each rank's copy with its own
+    batch: without this, the ranks would validate slightly different models, and only rank 0 the
+    one best.pth holds."""
+    if is_dist():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank src's obj on every rank (picklable objects)."""
     if not is_dist():

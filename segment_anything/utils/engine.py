@@ -27,7 +27,7 @@ from .config import TrainConfig
 from .data import DataError, RunData, collate, prepare_data
 from .data.cache import EmbeddingCache, open_cache
 from .data.dataset import EpochSampler, describe, make_datasets
-from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object
+from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object, share_buffers
 from .faults import StepGuard, faults_to_exit, stop_signals
 from .log import FILE_ONLY, add_log_file, get_logger
 from .interactive import InteractiveSpec, InteractiveStep, parse_val_clicks
@@ -229,6 +229,8 @@ def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler, 
                               interactive=InteractiveSpec.from_config(cfg), epoch=run.epoch)
     bar.close()
     train_s = time.perf_counter() - t0
+    if info.world_size > 1 and any(p.requires_grad for p in run.sam.image_encoder.parameters()):
+        share_buffers(run.sam.image_encoder)  # a training TinyViT's BatchNorm statistics: rank 0's everywhere
     val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec, cfg.min_region_area, cache=run.cache,
                      clicks=parse_val_clicks(cfg.val_clicks))
     terms_post = {f"val_{k}": val_m[k] for k in ("iou_post", "dice_post") if k in val_m}

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..modeling.semantic_head import attach_head
+from .distributed import share_buffers
 from .semantic import SemanticDataset, class_names
 from .semantic_train import SemanticLoss, SemanticStep, evaluate_semantic, train_semantic_epoch
 
@@ -44,8 +45,7 @@ def share_statistics(head: nn.Module, world_size: int) -> None:
     but the forward then updates each rank's copy with its own batch: without this, every rank
     would validate a slightly different model, and none of them the one best.pth holds."""
     if world_size > 1:
-        for buffer in head.buffers():
-            torch.distributed.broadcast(buffer.data, src=0)
+        share_buffers(head)
 
 
 def make_datasets(cfg, data, classes, cache=None):

@@ -240,3 +240,50 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     assert results[0]["ok"] == results[1]["ok"] == [True, False, True]
     assert results[0]["skipped"] == results[1]["skipped"] == 1
     assert results[0]["weight"] == results[1]["weight"]  # the ranks did not diverge
+
+
+SHARE_SCRIPT = textwrap.dedent(
+    """
+    import datetime, json, sys
+    import torch, torch.distributed as dist
+    from torch import nn
+    from segment_anything.utils.distributed import share_buffers
+
+    rank, port = int(sys.argv[1]), int(sys.argv[2])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    model = nn.parallel.DistributedDataParallel(nn.BatchNorm1d(3), forward_sync_buffers=True)
+    model(torch.full((4, 3), float(rank)) + torch.arange(4.0)[:, None])  # each rank updates its own copy
+    before = model.module.running_mean.tolist()
+    share_buffers(model.module)
+    print("RESULT " + json.dumps({"before": before, "after": model.module.running_mean.tolist()}))
+    del model
+    import gc; gc.collect()
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_share_buffers_gives_every_rank_rank_0s_batchnorm_statistics(tmp_path):
+    """DDP copies rank 0's buffers before a forward, which then updates each rank's copy with
+    its own batch: the ranks differ until share_buffers (run before validation) copies rank 0's."""
+    from test_trainer import free_port
+
+    script = tmp_path / "share.py"
+    script.write_text(SHARE_SCRIPT)
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, f"stdout:\\n{out}\\nstderr:\\n{err}"
+            results.append(json.loads(out.split("RESULT ", 1)[1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert results[0]["before"] != results[1]["before"]  # the forward made the ranks differ
+    assert results[0]["after"] == results[1]["after"] == results[0]["before"]

@@ -1,6 +1,9 @@
 """Shared test helpers: repository paths, the in-process oracle, seeded random models."""
 
+import json
 import os
+import socket
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -64,3 +67,33 @@ def require_shared_data(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is absent (the real datasets live in ../shared/data beside the repository)")
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(script_text: str, tmp_path: Path, *args, world_size: int = 2, timeout: int = 120,
+              pythonpath=(REPO,)) -> list:
+    """Run a gloo rank script as world_size processes (argv: rank, port, *args), one thread each;
+    each prints 'RESULT <json>'. Returns the parsed results by rank; a failing rank fails the
+    test with its output."""
+    script = tmp_path / "rank_script.py"
+    script.write_text(script_text)
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(p) for p in pythonpath), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port), *map(str, args)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world_size)]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            assert p.returncode == 0, f"stdout:\n{out}\nstderr:\n{err[-4000:]}"
+            results.append(json.loads(out.split("RESULT ", 1)[1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return results

@@ -4,7 +4,6 @@ and dead-rank runs are in tests/test_faults.py."""
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from types import SimpleNamespace
@@ -13,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO
+from conftest import REPO, run_ranks
 from segment_anything.utils.checkpoint import (
     RESUME_FORMAT, ResumableSampler, ResumeError, check_model_keys, check_resume, check_world_size, load_state,
     make_state, restore,
@@ -219,24 +218,7 @@ GUARD_SCRIPT = textwrap.dedent(
 
 
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
-    from test_trainer import free_port
-
-    script = tmp_path / "guard.py"
-    script.write_text(GUARD_SCRIPT)
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=120)
-            assert p.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
-            results.append(json.loads(out.split("RESULT ", 1)[1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    results = run_ranks(GUARD_SCRIPT, tmp_path)
     assert results[0]["ok"] == results[1]["ok"] == [True, False, True]
     assert results[0]["skipped"] == results[1]["skipped"] == 1
     assert results[0]["weight"] == results[1]["weight"]  # the ranks did not diverge
@@ -267,23 +249,6 @@ SHARE_SCRIPT = textwrap.dedent(
 def test_share_buffers_gives_every_rank_rank_0s_batchnorm_statistics(tmp_path):
     """DDP copies rank 0's buffers before a forward, which then updates each rank's copy with
     its own batch: the ranks differ until share_buffers (run before validation) copies rank 0's."""
-    from test_trainer import free_port
-
-    script = tmp_path / "share.py"
-    script.write_text(SHARE_SCRIPT)
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=120)
-            assert p.returncode == 0, f"stdout:\\n{out}\\nstderr:\\n{err}"
-            results.append(json.loads(out.split("RESULT ", 1)[1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    results = run_ranks(SHARE_SCRIPT, tmp_path)
     assert results[0]["before"] != results[1]["before"]  # the forward made the ranks differ
     assert results[0]["after"] == results[1]["after"] == results[0]["before"]

@@ -7,15 +7,13 @@ tens of seconds on 2 cores (inductor builds C++ kernels), so the tests compile f
 """
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, run_ranks
 from segment_anything import sam_model_registry
 from segment_anything.tools.synthetic_data import make_synthetic_dataset
 from segment_anything.utils.compile import CompiledOrEager, compile_decode, cpu_compiler
@@ -150,28 +148,9 @@ def batches_for(data: str, rank: int):
 
 @needs_compiler
 def test_compiled_step_under_ddp_matches_eager_ddp(tmp_path):
-    from test_trainer import free_port
-
     data = make_synthetic_dataset(tmp_path / "train", n=3, size_range=(70, 200), seed=5)
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
-    port = free_port()
     # The rank script imports this module's helpers (and this module conftest's REPO).
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(p) for p in (REPO, REPO / "tests", REPO / "tests" / "utils")),
-               OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port), str(data)],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=600)
-            assert p.returncode == 0, f"stdout:\n{out}\nstderr:\n{err[-4000:]}"
-            results.append(json.loads(out.split("RESULT ", 1)[1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    results = run_ranks(RANK_SCRIPT, tmp_path, data, timeout=600, pythonpath=(REPO, REPO / "tests", REPO / "tests" / "utils"))
     for r in results:
         assert r["failed"] == "None"
         assert r["compiled"]["losses"] == pytest.approx(r["eager"]["losses"], rel=1e-4)

@@ -5,9 +5,6 @@ low-resolution masks); 64 pixels runs too but is no faster, as building the mode
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import textwrap
 
@@ -15,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, relative_error
+from conftest import REPO, relative_error, run_ranks
 from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.utils.config import FALSE_WORDS, TRUE_WORDS, TrainConfig
 from segment_anything.tools.synthetic_data import make_synthetic_dataset
@@ -263,29 +260,8 @@ RANK_SCRIPT = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_step_loss_and_meter_across_two_gloo_ranks_with_unequal_prompt_counts(tmp_path):
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=120)
-            assert p.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
-            results.append(json.loads(out.split("RESULT ", 1)[1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    results = run_ranks(RANK_SCRIPT, tmp_path)
     r0, r1 = results
     # Each rank: its own sum * world size / global prompt count.
     weight = torch.tensor(r0["weight"])

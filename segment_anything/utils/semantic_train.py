@@ -20,7 +20,7 @@ from . import accumulate as accumulation
 from .accumulate import global_count
 from .distributed import all_reduce_sum, get_world_size
 from .trainable import set_train_mode
-from .trainer import Batch, _grad_if_trained, autocast_context, batch_embeddings, step_loss
+from .trainer import Batch, _grad_if_trained, autocast_context, batch_embeddings, images_to_encode, step_loss
 
 TERMS = ("ce", "dice")
 DEFAULT_LOSS = "ce=1"
@@ -160,11 +160,7 @@ def prepare(items: List[dict], sam: nn.Module, device: torch.device) -> Tuple[Ba
     size = sam.image_encoder.img_size
     cached = [it.get("embedding") for it in items]
     keys = [it.get("cache_key") for it in items]
-    to_encode, seen = [], set()
-    for it, emb, key in zip(items, cached, keys):
-        if emb is None and (key is None or key not in seen):  # the same file twice is encoded once (as batch_embeddings expects)
-            to_encode.append(it["image"])
-            seen.add(key)
+    to_encode, rows = images_to_encode(items)
     images = torch.stack([sam.preprocess(im.to(device).float()) for im in to_encode]) if to_encode else None
     targets = torch.full((len(items), size, size), IGNORE, dtype=torch.int64)
     for i, it in enumerate(items):
@@ -174,7 +170,7 @@ def prepare(items: List[dict], sam: nn.Module, device: torch.device) -> Tuple[Ba
                   input_sizes=[tuple(it["input_size"]) for it in items],
                   original_sizes=[tuple(it["original_size"]) for it in items], new_images=len(items),
                   cached=[None if e is None else e.to(device) for e in cached], cache_keys=keys,
-                  new_cached=sum(e is not None for e in cached))
+                  encode_rows=rows, num_cached=sum(e is not None for e in cached))
     return batch, targets.to(device)
 
 

@@ -102,16 +102,12 @@ class Batch:
     new_images: Optional[int] = None  # items that start an image (an image split into chunks counts once)
     cached: List[Optional[torch.Tensor]] = field(default_factory=list)  # per item: (C, g, g) or None
     cache_keys: List[Optional[str]] = field(default_factory=list)  # per item, from a cache-aware dataset
-    new_cached: int = 0  # cache hits among the items that start an image
+    encode_rows: List[int] = field(default_factory=list)  # per item: its row of `images`, or -1 (cached)
+    num_cached: int = 0  # images (not chunks) whose embedding came from the cache
 
     @property
     def num_images(self) -> int:
         return len(self.masks) if self.new_images is None else self.new_images
-
-    @property
-    def num_cached(self) -> int:
-        """Images (not chunks) whose embedding came from the cache."""
-        return self.new_cached
 
     def prompts(self) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(boxes, image_index, points, point_labels): SamTrainStep's prompt arguments."""
@@ -139,16 +135,29 @@ def _batch_points(items: List[dict], transform: ResizeLongestSide) -> Tuple[torc
     return torch.cat(coords), torch.cat(labels)
 
 
+def images_to_encode(items: List[dict]) -> Tuple[List[torch.Tensor], List[int]]:
+    """(the uint8 images the encoder must see, per item its row among them or -1 when the item
+    carries a cached embedding). Items sharing a cache key (chunks of one image) share a row."""
+    to_encode, rows, row_of = [], [], {}
+    for it in items:
+        key = it.get("cache_key")
+        if it.get("embedding") is not None:
+            rows.append(-1)
+        elif key is not None and key in row_of:
+            rows.append(row_of[key])
+        else:
+            row_of[key] = len(to_encode)
+            rows.append(len(to_encode))
+            to_encode.append(it["image"])
+    return to_encode, rows
+
+
 def prepare_batch(items: List[dict], sam: Sam, device: torch.device) -> Batch:
     """Dataset items -> tensors on device, boxes and points mapped into the resized frame."""
     transform = ResizeLongestSide(sam.image_encoder.img_size)
     cached = [it.get("embedding") for it in items]
     keys = [it.get("cache_key") for it in items]
-    to_encode, seen = [], set()
-    for it, emb, key in zip(items, cached, keys):
-        if emb is None and (key is None or key not in seen):  # chunks of one image are encoded once
-            to_encode.append(it["image"])
-            seen.add(key)
+    to_encode, rows = images_to_encode(items)
     images = None
     if to_encode:
         images = torch.stack([sam.preprocess(im.to(device, non_blocking=True).float()) for im in to_encode])
@@ -175,7 +184,8 @@ def prepare_batch(items: List[dict], sam: Sam, device: torch.device) -> Batch:
         new_images=sum(1 for it in items if it.get("first_chunk", True)),
         cached=[None if emb is None else emb.to(device, non_blocking=True) for emb in cached],
         cache_keys=keys,
-        new_cached=sum(1 for it, emb in zip(items, cached) if emb is not None and it.get("first_chunk", True)),
+        encode_rows=rows,
+        num_cached=sum(1 for it, emb in zip(items, cached) if emb is not None and it.get("first_chunk", True)),
     )
 
 
@@ -184,24 +194,16 @@ def batch_embeddings(sam: Sam, batch: Batch, cache: EmbeddingCache, amp_dtype: O
     """(B, C, g, g) float32 embeddings: cached ones as stored, the others from one encoder call
     (frozen encoder, no grad; chunks of one image in the batch are encoded once), stored and
     rounded to the cache dtype exactly as a later hit will read them."""
-    rows: List[torch.Tensor] = []
+    encoded = None
     if batch.images is not None:
         with autocast_context(batch.images.device, amp_dtype):
             encoded = sam.image_encoder(batch.images).float()
-        fresh: Dict[str, torch.Tensor] = {}  # chunks of one image share a key and one encoded row
-        j = 0
-        for emb, key in zip(batch.cached, batch.cache_keys):
-            if emb is None and (key is None or key not in fresh):
-                if key is not None:
-                    fresh[key] = encoded[j]
-                    cache.store(key, encoded[j])
-                rows.append(encoded[j])
-                j += 1
-            else:
-                rows.append(emb if emb is not None else fresh[key])
-    else:
-        rows = list(batch.cached)
-    out = [cache.round_trip(r) for r in rows]
+        stored = set()
+        for key, row in zip(batch.cache_keys, batch.encode_rows):
+            if row >= 0 and key is not None and row not in stored:
+                cache.store(key, encoded[row])
+                stored.add(row)
+    out = [cache.round_trip(emb if row < 0 else encoded[row]) for emb, row in zip(batch.cached, batch.encode_rows)]
     # Both encoders return channels-last tensors; the decoder then picks the same kernels as
     # without the cache, so an fp32 cache trains bit for bit like no cache.
     return torch.stack(out).contiguous(memory_format=torch.channels_last)

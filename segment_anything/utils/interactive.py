@@ -19,6 +19,7 @@ from torch import nn
 from .clicks import corrective_click
 from .losses import LossSpec, low_res_pair
 from .metrics import mask_dice, mask_iou
+from .resize import resize_logits
 from .transforms import ResizeLongestSide
 
 PROMPT_KINDS = ("box", "point")
@@ -220,7 +221,7 @@ def token_terms(sam, loss: LossSpec, low: torch.Tensor, iou: torch.Tensor, targe
         logits, tgt = low_res_pair(low.float().flatten(0, 1), target.repeat_interleave(t, 0), input_size,
                                    sam.image_encoder.img_size)
     else:
-        logits = sam.postprocess_masks(low.float(), input_size, original_size).flatten(0, 1)
+        logits = resize_logits(low, input_size, original_size, sam.image_encoder.img_size).flatten(0, 1)
         tgt = target.repeat_interleave(t, 0)
     out = loss(logits, tgt, iou.flatten(), sam.mask_threshold)
     return {k: v.view(n, t) for k, v in out.items()}, logits.view(n, t, *logits.shape[-2:]), tgt.view(n, t, *tgt.shape[-2:])[:, 0]

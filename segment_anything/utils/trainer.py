@@ -5,7 +5,7 @@ side is the encoder size, each with N >= 1 ground-truth masks at the original si
 prompt per mask (a box, points with labels, or both). The step normalises and pads the images
 (Sam.preprocess), embeds them, encodes the prompts mapped into the resized frame, decodes every
 prompt of every image in one decoder call, brings the masks back to each image's original size
-(Sam.postprocess_masks) and scores them there.
+(what Sam.postprocess_masks computes, as two matrix products: utils.resize) and scores them there.
 """
 
 from contextlib import nullcontext
@@ -24,6 +24,7 @@ from .interactive import object_keys
 from .losses import DEFAULT_LOSS_SPEC, LossSpec, low_res_pair
 from .metrics import Meter, mask_dice, mask_iou
 from .postprocess import clean_masks
+from .resize import resize_logits
 from .trainable import set_train_mode
 from .transforms import ResizeLongestSide
 
@@ -233,19 +234,19 @@ def score(sam: Sam, batch: Batch, low_res: torch.Tensor, iou_pred: torch.Tensor,
     metrics_at_original (validation: comparable whatever the loss size).
     """
     terms: Dict[str, List[torch.Tensor]] = {}
-    start = 0
+    start, size = 0, sam.image_encoder.img_size
     for i, masks in enumerate(batch.masks):
         n = masks.shape[0]
         low, ious = low_res[start : start + n].float(), iou_pred[start : start + n, 0]
         full = None
         if loss.size == "low_res":
-            logits, target = low_res_pair(low[:, 0], masks, batch.input_sizes[i], sam.image_encoder.img_size)
+            logits, target = low_res_pair(low[:, 0], masks, batch.input_sizes[i], size)
         else:
-            full = logits = sam.postprocess_masks(low, batch.input_sizes[i], batch.original_sizes[i])[:, 0]
+            full = logits = resize_logits(low[:, 0], batch.input_sizes[i], batch.original_sizes[i], size)
             target = masks
         out = loss(logits, target, ious, sam.mask_threshold)
         if metrics_at_original and full is None:
-            full = sam.postprocess_masks(low, batch.input_sizes[i], batch.original_sizes[i])[:, 0]
+            full = resize_logits(low[:, 0], batch.input_sizes[i], batch.original_sizes[i], size)
         pred, truth = (full, masks) if full is not None else (logits, target)
         pred = pred.detach() > sam.mask_threshold
         out["iou"], out["dice"] = mask_iou(pred, truth), mask_dice(pred, truth)

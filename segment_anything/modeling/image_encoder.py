@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .common import LayerNorm2d, MLPBlock
+from .common import LOW_PRECISION_EXPLICIT, LayerNorm2d, MLPBlock
 
 
 class ImageEncoderViT(nn.Module):
@@ -243,11 +243,6 @@ def rel_pos_attention(
     return out
 
 
-# On CPU, the fused attention kernel runs bf16 at about the float32 rate, while bf16 matrix
-# products (oneDNN, AVX512-BF16 / AMX) run 2-3x faster. Without autograd, scores as explicit
-# products on cache-sized chunks (the same chunks as the fused path) are then faster in bf16
-# (measured 1.6-1.8x on a 4096-token global block); in float32 the fused kernel stays ahead.
-LOW_PRECISION_EXPLICIT = {torch.bfloat16}
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:

@@ -177,7 +177,7 @@ def decode_all(sam, embeddings: torch.Tensor, prompts: Prompts, mask_input: Opti
         pts = (points[idx, :n], labels[idx, :n]) if n else None
         sparse, dense = sam.prompt_encoder(points=pts, boxes=prompts.boxes[idx] if with_box else None,
                                            masks=None if mask_input is None else mask_input[idx])
-        outs.append(sam.mask_decoder.predict_masks(embeddings[prompts.image_index[idx]], pe, sparse, dense))
+        outs.append(sam.mask_decoder.predict_masks(embeddings, pe, sparse, dense, prompts.image_index[idx]))
         groups.append(idx)
     inverse = torch.argsort(torch.cat(groups))
     return torch.cat([o[0] for o in outs])[inverse], torch.cat([o[1] for o in outs])[inverse]

@@ -81,11 +81,12 @@ class SamTrainStep(nn.Module):
                 points=(points, point_labels) if points is not None else None, boxes=boxes, masks=None
             )
         return sam.mask_decoder(
-            image_embeddings=embeddings[image_index],
+            image_embeddings=embeddings,
             image_pe=sam.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=False,
+            image_index=image_index,
         )
 
 

@@ -69,11 +69,11 @@ class MaskDecoder(nn.Module):
         Returns:
             mask logits (P, 1 or 3, 4H, 4W) and IoU predictions (P, 1 or 3).
         """
-        masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_index
-        )
         mask_slice = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, mask_slice], iou_pred[:, mask_slice]
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_index, mask_slice
+        )
+        return masks, iou_pred[:, mask_slice]
 
     def predict_masks(
         self,
@@ -82,8 +82,10 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         image_index: Optional[torch.Tensor] = None,
+        mask_slice: slice = slice(None),
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """All num_mask_tokens masks (P, T, 4H, 4W) and IoU predictions (P, T)."""
+        """The masks of the mask tokens in mask_slice (P, T', 4H, 4W; default all T) and all
+        IoU predictions (P, T)."""
         n_prompts = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(n_prompts, -1, -1)
@@ -105,14 +107,21 @@ class MaskDecoder(nn.Module):
             src = per_prompt(image_embeddings, image_index) + dense
             image_index = None
         b, c, h, w = src.shape
+        if torch.is_autocast_enabled(src.device.type):
+            # The image rows in the autocast dtype from the start: every product reading them
+            # would otherwise cast its own copy (forward and backward), and the residual stream
+            # would stay float32 through the additions with low-precision updates.
+            low = torch.get_autocast_dtype(src.device.type)
+            src, image_pe = src.to(low), image_pe.to(low)
 
         hs, src = self.transformer(src, image_pe, tokens, image_index=image_index)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         hyper_in: List[torch.Tensor] = [
-            mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)
+            mlp(mask_tokens_out[:, i, :])
+            for i, mlp in list(enumerate(self.output_hypernetworks_mlps))[mask_slice]
         ]
-        hyper = torch.stack(hyper_in, dim=1)  # P, T, C/8
+        hyper = torch.stack(hyper_in, dim=1)  # P, T', C/8
         return self.upscale_masks(src, hyper, h, w), self.iou_prediction_head(iou_token_out)
 
     def upscale_masks(self, src: torch.Tensor, hyper: torch.Tensor, h: int, w: int) -> torch.Tensor:

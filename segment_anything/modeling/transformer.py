@@ -60,7 +60,7 @@ class TwoWayTransformer(nn.Module):
             image_index = None  # from here on every prompt has its own image features
         q = queries + point_embedding
         k = keys + image_pe
-        queries = queries + self.final_attn_token_to_image(q=q, k=k, v=keys)
+        queries = queries + self.final_attn_token_to_image.tokens_to_image(q, k, keys)
         return self.norm_final_attn(queries), keys
 
 
@@ -107,11 +107,15 @@ class TwoWayAttentionBlock(nn.Module):
 
         q = queries + query_pe
         k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=k, v=keys, kv_index=image_index))
+        if image_index is None:
+            attended = self.cross_attn_token_to_image.tokens_to_image(q, k, keys)
+        else:  # shared per image: the standard projections run once per image
+            attended = self.cross_attn_token_to_image(q=q, k=k, v=keys, kv_index=image_index)
+        queries = self.norm2(queries + attended)
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        update = self.cross_attn_image_to_token(q=k, k=q, v=queries, q_index=image_index)
+        update = self.cross_attn_image_to_token.image_to_tokens(k, q, queries, q_index=image_index)
         keys = self.norm4(per_prompt(keys, image_index) + update)
         return queries, keys
 
@@ -165,3 +169,55 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))
         return self.out_proj(self._recombine_heads(out))
+
+    # The cross-attentions have a handful of prompt tokens (T, e.g. 5 output tokens and a box's
+    # 2 corners) on one side and thousands of image rows (N) on the other. A projection is linear,
+    # so the image side need not be projected: with H heads of width d, the scores
+    # q_t . (W_k x + b_k) = (W_k^T q_t) . x + q_t . b_k, the values sum_x a_tx (W_v x + b_v)
+    # = W_v (sum_x a_tx x) + b_v, and an output projection W_o (sum_t a_xt v_t) + b_o =
+    # sum_t a_xt (W_o v_t) + b_o. The N x C x C/2 projections become N x C x H T products:
+    # 2.3x fewer operations for a box (H T = 56 < 128 channels), same values. Used when the
+    # projections are plain linear layers (not adapters) and H T is below the internal width.
+
+    def folds(self, num_tokens: int) -> bool:
+        """Whether the image side can skip its projections for num_tokens prompt tokens."""
+        plain = all(type(m) is nn.Linear for m in (self.q_proj, self.k_proj, self.v_proj, self.out_proj))
+        return plain and self.num_heads * num_tokens < self.internal_dim
+
+    def tokens_to_image(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Tokens q (P, T, C) attend to image rows k, v (P, N, C) -> (P, T, C), as forward."""
+        p, t, c = q.shape
+        if not self.folds(t):
+            return self(q=q, k=k, v=v)
+        h, d = self.num_heads, self.internal_dim // self.num_heads
+        qh = self._separate_heads(self.q_proj(q)) * (1.0 / math.sqrt(d))  # P, H, T, d
+        qk = torch.einsum("phtd,hdc->phtc", qh, self.k_proj.weight.view(h, d, c)).reshape(p, h * t, c)
+        # q_t . b_k is the same for every image row, so the softmax cancels it; it is kept so
+        # that b_k stays in the graph (DDP expects a gradient, here zero) as in forward.
+        shift = (qh * self.k_proj.bias.view(h, 1, d)).sum(-1).reshape(p, h * t, 1)
+        attn = torch.softmax(torch.baddbmm(shift, qk, k.transpose(1, 2)), dim=-1)  # P, H T, N
+        z = torch.bmm(attn, v).view(p, h, t, c)
+        out = torch.einsum("phtc,hdc->phtd", z, self.v_proj.weight.view(h, d, c)) + self.v_proj.bias.view(h, 1, d)
+        return self.out_proj(self._recombine_heads(out))
+
+    def image_to_tokens(self, q: Tensor, k: Tensor, v: Tensor, q_index: Optional[Tensor] = None) -> Tensor:
+        """Image rows q (P, N, C), or (B, N, C) per image with q_index (P,), attend to tokens
+        k, v (P, T, C) -> (P, N, C), as forward. Per-image rows are projected once per image."""
+        p, t, c = k.shape
+        if not self.folds(t):
+            return self(q=q, k=k, v=v, q_index=q_index)
+        h, d = self.num_heads, self.internal_dim // self.num_heads
+        kh = self._separate_heads(self.k_proj(k)) * (1.0 / math.sqrt(d))  # P, H, T, d
+        # Scores laid out (P, H, T, N): the softmax over the few tokens then runs along
+        # contiguous rows of N (10x faster on CPU than over a trailing axis of T).
+        if q_index is not None:
+            qh = self._separate_heads(per_prompt(self.q_proj(q), q_index))  # P, H, N, d
+            scores = kh @ qh.transpose(-1, -2)  # P, H, T, N
+        else:
+            kq = torch.einsum("phtd,hdc->phtc", kh, self.q_proj.weight.view(h, d, c)).reshape(p, h * t, c)
+            shift = (kh * self.q_proj.bias.view(h, 1, d)).sum(-1).reshape(p, h * t, 1)
+            scores = torch.baddbmm(shift, kq, q.transpose(1, 2)).view(p, h, t, -1)
+        attn = torch.softmax(scores, dim=2).reshape(p, h * t, -1)  # P, H T, N
+        vh = self._separate_heads(self.v_proj(v))  # P, H, T, d
+        u = torch.einsum("phtd,chd->phtc", vh, self.out_proj.weight.view(c, h, d)).reshape(p, h * t, c)
+        return torch.baddbmm(self.out_proj.bias, attn.transpose(1, 2), u)

@@ -175,7 +175,10 @@ def test_decoder_batched_embeddings_equal_one_image_at_a_time():
 def _decoder_loss_and_grads(decoder, outputs, target):
     (masks, iou), names = outputs, [n for n, _ in decoder.named_parameters()]
     loss = torch.nn.functional.binary_cross_entropy_with_logits(masks[:, 0], target) + (iou**2).sum()
-    grads = torch.autograd.grad(loss, list(decoder.parameters()))
+    grads = torch.autograd.grad(loss, list(decoder.parameters()), allow_unused=True)
+    # Single-mask decoding: ours skips the other mask tokens' heads (None), the official code
+    # computes their masks and drops them (zeros).
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(decoder.parameters(), grads)]
     # A key projection's bias adds the same value to every score of a query, which the softmax
     # cancels: its true gradient is zero and what autograd returns is rounding noise.
     return masks.detach(), {n: g for n, g in zip(names, grads) if not n.endswith("k_proj.bias")}

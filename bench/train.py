@@ -3,6 +3,7 @@
     python bench/train.py                          # vit_b at 1024 on ../shared/data/nails
     python bench/train.py --model_type vit_t --images 8
     python bench/train.py --model_type vit_t --compile    # adds a row: warm epochs with --compile
+    python bench/train.py --amp bf16                      # adds rows: cold and warm epochs in bf16 autocast
 
 (a) reference: the official modules (mobile_sam, Meta's modeling code), one image per step,
     the image encoder under no_grad on every step, the decoder once per image, as the seed
@@ -41,6 +42,9 @@ from segment_anything.utils.trainable import TrainPlan, configure  # noqa: E402
 from segment_anything.utils.trainer import SamTrainStep, train_one_epoch  # noqa: E402
 from segment_anything.utils.transforms import ResizeLongestSide  # noqa: E402
 from bench._machine import machine_line  # noqa: E402
+
+
+AMP = {"bf16": torch.bfloat16}
 
 
 def our_model(args, device):
@@ -93,13 +97,13 @@ def reference_epoch(sam, ds, device) -> float:
     return time.perf_counter() - start
 
 
-def our_epochs(args, device, warm: bool, compiled: bool = False) -> list:
+def our_epochs(args, device, warm: bool, compiled: bool = False, amp_dtype=None) -> list:
     """Seconds per epoch of train_one_epoch: one cold epoch, or --warm_epochs from a warm cache."""
     sam = our_model(args, device)
     step = compile_decode(SamTrainStep(sam)) if compiled else SamTrainStep(sam)
     cfg = TrainConfig(model_type=args.model_type, checkpoint="none", image_size=args.image_size,
                       cache_dir=args.cache_dir, cache_dtype=args.cache_dtype)
-    cache = open_cache(cfg, sam, None, log=False)
+    cache = open_cache(cfg, sam, amp_dtype, log=False)  # the compute dtype is part of the key
     ds = dataset(args, args.image_size, cache)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, collate_fn=list, num_workers=args.workers)
     opt = optimizer(sam)
@@ -108,7 +112,7 @@ def our_epochs(args, device, warm: bool, compiled: bool = False) -> list:
     times = []
     for _ in range(args.warm_epochs if warm else 1):
         start = time.perf_counter()
-        m = train_one_epoch(step, sam, loader, opt, sched, scaler, device, None, cache=cache)
+        m = train_one_epoch(step, sam, loader, opt, sched, scaler, device, amp_dtype, cache=cache)
         times.append(time.perf_counter() - start)
         expected = len(ds) if warm else 0
         assert m["cache_hits"] == expected, f"{m['cache_hits']} cache hits, expected {expected}"
@@ -130,7 +134,9 @@ def run_phase(args) -> None:
         ds = dataset(args, sam.image_encoder.img_size)
         times = [reference_epoch(sam, ds, device)]
     else:
-        times = our_epochs(args, device, warm=args.phase != "cold", compiled=args.phase == "compiled")
+        amp_dtype = AMP[args.amp] if args.phase.endswith("_amp") else None
+        times = our_epochs(args, device, warm=not args.phase.startswith("cold"), compiled=args.phase == "compiled",
+                           amp_dtype=amp_dtype)
     extra = {}
     if args.phase == "compiled":
         from torch._dynamo.utils import counters  # dynamo's own statistics; private, used only here
@@ -152,7 +158,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--compile", action="store_true", help="add a row: warm epochs with the decoder step compiled")
-    parser.add_argument("--phase", choices=["reference", "cold", "warm", "compiled"], help=argparse.SUPPRESS)
+    parser.add_argument("--amp", choices=sorted(AMP), help="add rows: our cold and warm epochs with --amp this dtype "
+                        "(bf16 pays on CPUs with AVX512-BF16 or AMX, see the machine line)")
+    parser.add_argument("--phase", choices=["reference", "cold", "warm", "compiled", "cold_amp", "warm_amp"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--cache_dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
@@ -160,7 +169,8 @@ def main() -> None:
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_cache.") as cache_dir:
-        for phase in ("reference", "cold", "warm") + (("compiled",) if args.compile else ()):
+        phases = ("reference", "cold", "warm") + (("cold_amp", "warm_amp") if args.amp else ())
+        for phase in phases + (("compiled",) if args.compile else ()):
             cmd = [sys.executable, __file__, *sys.argv[1:], "--phase", phase, "--cache_dir", cache_dir]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -176,7 +186,9 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     ref = results["reference"]
     names = {"reference": "reference (stock modules, encoder every step)", "cold": "ours, first epoch (cold cache)",
-             "warm": "ours, later epochs (warm cache)", "compiled": "ours, later epochs (warm cache), --compile"}
+             "warm": "ours, later epochs (warm cache)", "compiled": "ours, later epochs (warm cache), --compile",
+             "cold_amp": f"ours, first epoch (cold cache), --amp {args.amp}",
+             "warm_amp": f"ours, later epochs (warm cache), --amp {args.amp}"}
     for phase, r in results.items():
         ips = r["images"] / r["seconds"]
         print(f"| {names[phase]} | {ips:.3g} | {ips / (ref['images'] / ref['seconds']):.2f}x | "

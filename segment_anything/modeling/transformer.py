@@ -158,6 +158,11 @@ class Attention(nn.Module):
     ) -> Tensor:
         """q: (P, Nq, C), k and v: (P, Nk, C) -> (P, Nq, C). A side given per image, (B, N, C),
         with its index (P,) is projected once per image and then shared by its prompts."""
+        if kv_index is not None and q_index is None and k.shape[0] == 1:
+            # One image: the prompts' queries form one sequence against its keys, with no
+            # per-prompt view of them (whose gradient would be a sum over the prompts).
+            p, t, _ = q.shape
+            return self(q.reshape(1, p * t, -1), k, v).view(p, t, -1)
         q = self._separate_heads(per_prompt(self.q_proj(q), q_index))
         k = self._separate_heads(per_prompt(self.k_proj(k), kv_index))
         v = self._separate_heads(per_prompt(self.v_proj(v), kv_index))
@@ -194,9 +199,10 @@ class Attention(nn.Module):
         qk = torch.einsum("phtd,hdc->phtc", qh, self.k_proj.weight.view(h, d, c)).reshape(p, h * t, c)
         # q_t . b_k is the same for every image row, so the softmax cancels it; it is kept so
         # that b_k stays in the graph (DDP expects a gradient, here zero) as in forward.
-        shift = (qh * self.k_proj.bias.view(h, 1, d)).sum(-1).reshape(p, h * t, 1)
-        attn = torch.softmax(torch.baddbmm(shift, qk, k.transpose(1, 2)), dim=-1)  # P, H T, N
-        z = torch.bmm(attn, v).view(p, h, t, c)
+        shift = (qh * self.k_proj.bias.view(h, 1, d)).sum(-1).reshape(p, 1, h * t)
+        # Image rows on the left of every product: their gradients come out contiguous.
+        attn = torch.softmax(torch.baddbmm(shift, k, qk.transpose(1, 2)), dim=1)  # P, N, H T
+        z = torch.bmm(attn.transpose(1, 2), v).view(p, h, t, c)
         out = torch.einsum("phtc,hdc->phtd", z, self.v_proj.weight.view(h, d, c)) + self.v_proj.bias.view(h, 1, d)
         return self.out_proj(self._recombine_heads(out))
 
@@ -211,12 +217,16 @@ class Attention(nn.Module):
         # Scores laid out (P, H, T, N): the softmax over the few tokens then runs along
         # contiguous rows of N (10x faster on CPU than over a trailing axis of T).
         if q_index is not None:
-            qh = self._separate_heads(per_prompt(self.q_proj(q), q_index))  # P, H, N, d
-            scores = kh @ qh.transpose(-1, -2)  # P, H, T, N
+            qh = self._separate_heads(self.q_proj(q))  # B, H, N, d
+            if qh.shape[0] == 1:  # one image: all prompts' tokens in one product per head
+                scores = kh.transpose(0, 1).reshape(h, p * t, d) @ qh[0].transpose(-1, -2)
+                scores = scores.view(h, p, t, -1).transpose(0, 1)  # P, H, T, N
+            else:
+                scores = kh @ per_prompt(qh, q_index).transpose(-1, -2)  # P, H, T, N
         else:
             kq = torch.einsum("phtd,hdc->phtc", kh, self.q_proj.weight.view(h, d, c)).reshape(p, h * t, c)
             shift = (kh * self.q_proj.bias.view(h, 1, d)).sum(-1).reshape(p, h * t, 1)
-            scores = torch.baddbmm(shift, kq, q.transpose(1, 2)).view(p, h, t, -1)
+            scores = torch.baddbmm(shift.transpose(1, 2), q, kq.transpose(1, 2)).transpose(1, 2).view(p, h, t, -1)
         attn = torch.softmax(scores, dim=2).reshape(p, h * t, -1)  # P, H T, N
         vh = self._separate_heads(self.v_proj(v))  # P, H, T, d
         u = torch.einsum("phtd,chd->phtc", vh, self.out_proj.weight.view(c, h, d)).reshape(p, h * t, c)

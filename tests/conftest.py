@@ -46,7 +46,7 @@ def one_thread():
 
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref|."""
-    ours, ref = ours.detach().float(), ref.detach().float()
+    ours, ref = ours.detach().double(), ref.detach().double()
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     if ref.numel() == 0:
         return 0.0

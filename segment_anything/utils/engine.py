@@ -113,9 +113,6 @@ def build_model(cfg: TrainConfig, classes: Optional[List[str]] = None):
 def attach_cache(run, cfg: TrainConfig, info: DistInfo, *loaders) -> None:
     """Open the embedding cache (its key hashes the loaded encoder weights, so it comes after
     the model) and hand it to the loaders' datasets before their first iteration."""
-    if InteractiveSpec.from_config(cfg) is not None:  # the interactive step runs the encoder itself
-        run.cache = None
-        return
     run.cache = open_cache(cfg, run.sam, run.amp_dtype, log=info.is_main)
     for loader in loaders:
         holder, ds = None, loader.dataset

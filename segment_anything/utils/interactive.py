@@ -326,13 +326,15 @@ class InteractiveStep(nn.Module):
         self.sam, self.spec, self.loss = sam, spec, loss
         self.keep_trace, self.trace = False, []  # tests: every round's mask prompt and output
 
-    def forward(self, images: torch.Tensor, batch, keys: Sequence[Tuple[int, int]], epoch: int, rounds: int
-                ) -> Dict[str, torch.Tensor]:
+    def forward(self, images: Optional[torch.Tensor], batch, keys: Sequence[Tuple[int, int]], epoch: int, rounds: int,
+                embeddings: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """embeddings (B, C, g, g): from the embedding cache (the encoder is skipped), else from images."""
         from .trainer import _grad_if_trained  # here: trainer imports this module
 
         sam, spec = self.sam, self.spec
-        with _grad_if_trained(sam.image_encoder):
-            embeddings = sam.image_encoder(images)
+        if embeddings is None:
+            with _grad_if_trained(sam.image_encoder):
+                embeddings = sam.image_encoder(images)
         prompts = step_prompts(batch, spec, epoch, keys)
         multimask = prompts.single_point() & spec.multimask
         plan = ["first"] + ["click"] * rounds + (["mask_only"] if rounds else [])

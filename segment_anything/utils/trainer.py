@@ -300,8 +300,6 @@ def train_one_epoch(
     'cache_hits' (all ranks). interactive: an utils.interactive.InteractiveSpec when model is an
     InteractiveStep (the round count of each micro-batch is drawn from (seed, epoch, micro-batch
     number): the same on every rank)."""
-    if interactive is not None and cache is not None:
-        raise ValueError("interactive training (--prompt mixed, --multimask, --click_rounds) does not use the embedding cache yet")
     set_train_mode(sam)
     meter = Meter(loss_spec.keys() + METRIC_KEYS)
     if guard is not None:  # resumed mid-epoch: the sums of the batches before
@@ -315,9 +313,11 @@ def train_one_epoch(
         sums_before = meter.sums
         for i, (items, batch) in enumerate(zip(group, batches)):
             with accumulation.sync_unless(model, last=i == len(batches) - 1):
-                if interactive is not None:
+                if interactive is not None:  # every round decodes from the one set of embeddings
+                    embeddings = batch_embeddings(sam, batch, cache, amp_dtype) if cache is not None else None
                     with autocast_context(device, amp_dtype):
-                        terms = model(batch.images, batch, object_keys(items), epoch, interactive.rounds(epoch, micro))
+                        terms = model(batch.images, batch, object_keys(items), epoch, interactive.rounds(epoch, micro),
+                                      embeddings=embeddings)
                 else:
                     low_res, iou_pred = forward_step(model, sam, batch, cache, amp_dtype)
                     terms = score(sam, batch, low_res, iou_pred, loss_spec)

@@ -232,6 +232,39 @@ def test_warm_fp32_cache_trains_the_same_decoder_without_the_encoder(pairs, refe
     assert val["cache_hits"] == 3
 
 
+def test_interactive_steps_read_the_cache_and_train_as_without_it(pairs, tmp_path, monkeypatch):
+    """Click rounds (--click_rounds 2 --multimask) from a warm fp32 cache: no
+    encoder call, and the decoder ends where the same steps with the encoder end."""
+    from segment_anything.utils.interactive import InteractiveSpec, InteractiveStep
+    from segment_anything.utils.losses import DEFAULT_LOSS_SPEC
+
+    cfg = TrainConfig(model_type="vit_t", checkpoint="none", click_rounds=2, multimask=True)
+    spec = InteractiveSpec.from_config(cfg)
+
+    def run(cache, epochs):
+        sam = new_sam(0)
+        configure(sam, TrainPlan.from_config(cfg))
+        ds = MaskDataset(pairs, SIZE, cache=cache)
+        opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=1e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        step = InteractiveStep(sam, spec, DEFAULT_LOSS_SPEC)
+        out = [train_one_epoch(step, sam, [[ds[0], ds[1]], [ds[2]]], opt, sched, scaler, CPU, None,
+                               cache=cache, interactive=spec, epoch=e) for e in range(epochs)]
+        return decoder(sam), out
+
+    reference, _ = run(None, 2)
+    cache = EmbeddingCache(tmp_path, "fp32", {"weights": "w"})
+    cold, m = run(cache, 2)  # epoch 0 fills the cache, epoch 1 reads it
+    assert [x["cache_hits"] for x in m] == [0, 3]
+    assert max_diff(cold, reference) <= 1e-6
+    monkeypatch.setattr(type(new_sam().image_encoder), "forward", lambda *a: pytest.fail("encoder called"))
+    warm, m = run(cache, 2)
+    assert [x["cache_hits"] for x in m] == [3, 3]
+    assert max_diff(warm, reference) <= 1e-6
+    assert max_diff(warm, decoder(new_sam(0))) > 1e-4  # the clicks trained the decoder
+
+
 # fp16 keeps 11 significant bits: embeddings move by up to ~5e-4 relative. Adam's first steps
 # are close to sign(gradient), so a parameter whose gradient is near zero can step either way
 # (single weights then differ by a whole step, lr); the measure is therefore the whole update:

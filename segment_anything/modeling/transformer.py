@@ -225,8 +225,8 @@ class Attention(nn.Module):
                 scores = kh @ per_prompt(qh, q_index).transpose(-1, -2)  # P, H, T, N
         else:
             kq = torch.einsum("phtd,hdc->phtc", kh, self.q_proj.weight.view(h, d, c)).reshape(p, h * t, c)
-            shift = (kh * self.q_proj.bias.view(h, 1, d)).sum(-1).reshape(p, h * t, 1)
-            scores = torch.baddbmm(shift.transpose(1, 2), q, kq.transpose(1, 2)).transpose(1, 2).view(p, h, t, -1)
+            shift = (kh * self.q_proj.bias.view(h, 1, d)).sum(-1).reshape(p, 1, h * t)
+            scores = torch.baddbmm(shift, q, kq.transpose(1, 2)).transpose(1, 2).view(p, h, t, -1)
         attn = torch.softmax(scores, dim=2).reshape(p, h * t, -1)  # P, H T, N
         vh = self._separate_heads(self.v_proj(v))  # P, H, T, d
         u = torch.einsum("phtd,chd->phtc", vh, self.out_proj.weight.view(c, h, d)).reshape(p, h * t, c)

@@ -38,15 +38,13 @@ from segment_anything.utils.compile import compile_decode  # noqa: E402
 from segment_anything.utils.config import TrainConfig  # noqa: E402
 from segment_anything.utils.data import MaskDataset, load_records  # noqa: E402
 from segment_anything.utils.data.cache import open_cache  # noqa: E402
+from segment_anything.utils.engine import amp_dtype_for  # noqa: E402
 from segment_anything.utils.losses import DEFAULT_LOSS_SPEC  # noqa: E402
 from segment_anything.utils.random_weights import randomize_  # noqa: E402
 from segment_anything.utils.trainable import TrainPlan, configure  # noqa: E402
 from segment_anything.utils.trainer import SamTrainStep, train_one_epoch  # noqa: E402
 from segment_anything.utils.transforms import ResizeLongestSide  # noqa: E402
 from bench._machine import machine_line  # noqa: E402
-
-
-AMP = {"bf16": torch.bfloat16}
 
 
 def our_model(args, device):
@@ -99,12 +97,13 @@ def reference_epoch(sam, ds, device) -> float:
     return time.perf_counter() - start
 
 
-def our_epochs(args, device, warm: bool, compiled: bool = False, amp_dtype=None) -> list:
+def our_epochs(args, device, warm: bool, compiled: bool = False, amp: str = "off") -> list:
     """Seconds per epoch of train_one_epoch: one cold epoch, or --warm_epochs from a warm cache."""
     sam = our_model(args, device)
     step = compile_decode(SamTrainStep(sam)) if compiled else SamTrainStep(sam)
     cfg = TrainConfig(model_type=args.model_type, checkpoint="none", image_size=args.image_size,
-                      cache_dir=args.cache_dir, cache_dtype=args.cache_dtype)
+                      cache_dir=args.cache_dir, cache_dtype=args.cache_dtype, amp=amp)
+    amp_dtype = amp_dtype_for(cfg, device)  # as run.py chooses it
     cache = open_cache(cfg, sam, amp_dtype, log=False)  # the compute dtype is part of the key
     ds = dataset(args, args.image_size, cache)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, collate_fn=list, num_workers=args.workers)
@@ -136,9 +135,8 @@ def run_phase(args) -> None:
         ds = dataset(args, sam.image_encoder.img_size)
         times = [reference_epoch(sam, ds, device)]
     else:
-        amp_dtype = AMP[args.amp] if args.phase.endswith("_amp") else None
         times = our_epochs(args, device, warm=not args.phase.startswith("cold"), compiled=args.phase == "compiled",
-                           amp_dtype=amp_dtype)
+                           amp=args.amp if args.phase.endswith("_amp") else "off")
     extra = {}
     if args.phase == "compiled":
         from torch._dynamo.utils import counters  # dynamo's own statistics; private, used only here
@@ -162,7 +160,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--compile", action="store_true", help="add a row: warm epochs with the decoder step compiled")
-    parser.add_argument("--amp", choices=sorted(AMP), help="add rows: our cold and warm epochs with --amp this dtype "
+    parser.add_argument("--amp", choices=["bf16"], help="add rows: our cold and warm epochs with --amp this dtype "
                         "(bf16 pays on CPUs with AVX512-BF16 or AMX, see the machine line)")
     parser.add_argument("--phase", choices=["reference", "cold", "warm", "compiled", "cold_amp", "warm_amp"],
                         help=argparse.SUPPRESS)

@@ -106,7 +106,7 @@ class MaskDecoder(nn.Module):
         else:
             src = per_prompt(image_embeddings, image_index) + dense
             image_index = None
-        b, c, h, w = src.shape
+        h, w = src.shape[-2:]
         if torch.is_autocast_enabled(src.device.type):
             # The image rows in the autocast dtype from the start: every product reading them
             # would otherwise cast its own copy (forward and backward), and the residual stream
@@ -131,7 +131,8 @@ class MaskDecoder(nn.Module):
         2x2 output block, i.e. a (C_in -> 4 C_out) matrix product per pixel. Run that way on
         the token layout the transformer returns, the 2x2 offsets stay trailing axes until the
         (P, T) masks are assembled, instead of two channels-first feature maps and their
-        convolution kernels (same values, a third of the step's backward time on CPU).
+        convolution kernels (same values; on CPU the convolutions' backward and their GELU's
+        had been a third of a warm step's backward time).
         """
         up1, norm, act1, up2, act2 = self.output_upscaling
         p = src.shape[0]

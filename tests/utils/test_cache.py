@@ -21,6 +21,8 @@ from segment_anything.utils.config import TrainConfig
 from segment_anything.tools.synthetic_data import make_synthetic_dataset
 from segment_anything.utils.data import MaskDataset, load_records
 from segment_anything.utils.data.cache import EmbeddingCache, open_cache
+from segment_anything.utils.interactive import InteractiveSpec, InteractiveStep
+from segment_anything.utils.losses import DEFAULT_LOSS_SPEC
 from segment_anything.utils.log import LOGGER_NAME
 from segment_anything.utils.random_weights import randomize_
 from segment_anything.utils.trainable import TrainPlan, configure
@@ -186,17 +188,23 @@ def test_two_processes_filling_one_cache(tmp_path):
 # ------------------------------------------------------------------ training from the cache
 
 
-def train(pairs, cache, epochs=2, seed=0):
-    """epochs of train_one_epoch over fixed batches (2 images, then 1); returns (sam, metrics)."""
+def train(pairs, cache, epochs=2, seed=0, cfg=None):
+    """epochs of train_one_epoch over fixed batches (2 images, then 1); returns (sam, metrics).
+    cfg: a TrainConfig with interactive training (its plan and InteractiveStep) instead of the box step."""
     sam = new_sam(seed)
+    spec = InteractiveSpec.from_config(cfg) if cfg is not None else None
+    if spec is not None:
+        configure(sam, TrainPlan.from_config(cfg))
+    step = SamTrainStep(sam) if spec is None else InteractiveStep(sam, spec, DEFAULT_LOSS_SPEC)
     ds = MaskDataset(pairs, SIZE, cache=cache)
     opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     out = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
         loader = [[ds[0], ds[1]], [ds[2]]]
-        out.append(train_one_epoch(SamTrainStep(sam), sam, loader, opt, sched, scaler, CPU, None, cache=cache))
+        out.append(train_one_epoch(step, sam, loader, opt, sched, scaler, CPU, None, cache=cache,
+                                   interactive=spec, epoch=epoch))
     return sam, out
 
 
@@ -235,22 +243,10 @@ def test_warm_fp32_cache_trains_the_same_decoder_without_the_encoder(pairs, refe
 def test_interactive_steps_read_the_cache_and_train_as_without_it(pairs, tmp_path, monkeypatch):
     """Click rounds (--click_rounds 2 --multimask) from a warm fp32 cache: no
     encoder call, and the decoder ends where the same steps with the encoder end."""
-    from segment_anything.utils.interactive import InteractiveSpec, InteractiveStep
-    from segment_anything.utils.losses import DEFAULT_LOSS_SPEC
-
     cfg = TrainConfig(model_type="vit_t", checkpoint="none", click_rounds=2, multimask=True)
-    spec = InteractiveSpec.from_config(cfg)
 
     def run(cache, epochs):
-        sam = new_sam(0)
-        configure(sam, TrainPlan.from_config(cfg))
-        ds = MaskDataset(pairs, SIZE, cache=cache)
-        opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=1e-3)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        step = InteractiveStep(sam, spec, DEFAULT_LOSS_SPEC)
-        out = [train_one_epoch(step, sam, [[ds[0], ds[1]], [ds[2]]], opt, sched, scaler, CPU, None,
-                               cache=cache, interactive=spec, epoch=e) for e in range(epochs)]
+        sam, out = train(pairs, cache, epochs, cfg=cfg)
         return decoder(sam), out
 
     reference, _ = run(None, 2)

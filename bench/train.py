@@ -9,7 +9,7 @@
     the image encoder under no_grad on every step, the decoder once per image, as the seed
     reference project does; (b) ours, first epoch: the embedding cache is empty, every image is
     encoded once and stored; (c) ours, later epochs: every embedding comes from the cache; with --compile also (d) the same
-warm epochs with the decoder step compiled (utils/compile.py; the best epoch counts, so the
+warm epochs with the decoder step compiled (training/compile.py; the best epoch counts, so the
 compilation in the first one is left out and reported apart, with the number of graphs compiled).
 Every phase runs in its own process (same random weights, same images, one box per image from
 its mask, the same loss and AdamW), so each peak RSS is that phase's own; --rounds repeats the
@@ -34,11 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from segment_anything import sam_model_registry  # noqa: E402
-from segment_anything.utils.compile import compile_decode  # noqa: E402
-from segment_anything.utils.config import TrainConfig  # noqa: E402
+from segment_anything.training.compile import compile_decode  # noqa: E402
+from segment_anything.training.config import TrainConfig  # noqa: E402
 from segment_anything.utils.data import MaskDataset, load_records  # noqa: E402
 from segment_anything.utils.data.cache import open_cache  # noqa: E402
-from segment_anything.utils.engine import amp_dtype_for  # noqa: E402
+from segment_anything.training.engine import amp_dtype_for  # noqa: E402
 from segment_anything.utils.losses import DEFAULT_LOSS_SPEC  # noqa: E402
 from segment_anything.utils.random_weights import randomize_  # noqa: E402
 from segment_anything.utils.trainable import TrainPlan, configure  # noqa: E402

@@ -15,8 +15,8 @@ from conftest import REPO
 from segment_anything import sam_model_registry
 from segment_anything.modeling.fft_attention import fft_block_indices
 from segment_anything.tools._model import load_model
-from segment_anything.utils.checkpoint import ResumeError, check_resume
-from segment_anything.utils.config import TrainConfig
+from segment_anything.training.resume import ResumeError, check_resume
+from segment_anything.training.config import TrainConfig
 from test_run import ENV, SIZE, base_flags, data, free_port, run_ok  # noqa: F401
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO
 from segment_anything.utils.data import make_synthetic_dataset
-from segment_anything.utils.procs import free_port
+from segment_anything.training.launch import free_port
 
 TIMEOUT = 300
 SCRIPTS = ("torchrun.sh", "multinode.sh", "slurm.sh", "demo.sh")

@@ -1,7 +1,7 @@
 """The README documents every training flag and names the two commands that exist."""
 
 from conftest import REPO
-from segment_anything.utils.config import TrainConfig
+from segment_anything.training.config import TrainConfig
 
 
 def test_every_flag_is_in_the_readme():

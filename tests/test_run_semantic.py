@@ -19,7 +19,7 @@ from segment_anything.tools._semantic import palette, write_semantic
 from segment_anything.tools.synthetic_data import make_synthetic_dataset
 from segment_anything.utils.data import collate, load_records
 from segment_anything.utils.save_weight import load_partial_weight
-from segment_anything.utils.semantic import SemanticDataset
+from segment_anything.utils.data.semantic import SemanticDataset
 from segment_anything.utils.semantic_train import SemanticLoss, evaluate_semantic
 from test_run import ENV, SEED, SIZE, base_flags, free_port, last_weights, max_diff, metrics, run_cmd, run_fails, run_ok
 

@@ -18,11 +18,11 @@ from typing import Optional, Tuple
 import torch
 import torch.multiprocessing as mp
 
-from segment_anything.utils.config import TrainConfig
+from segment_anything.training.config import TrainConfig
 from segment_anything.utils.distributed import destroy_distributed, init_distributed, launched_by_torchrun, pick_device
-from segment_anything.utils.engine import PREFLIGHT_ERRORS, PreflightError, RunData, fit, preflight, setup_run
+from segment_anything.training.engine import PREFLIGHT_ERRORS, PreflightError, RunData, fit, preflight, setup_run
 from segment_anything.utils.log import get_logger, setup_logging
-from segment_anything.utils.procs import default_threads, die_with_parent, discard_unstarted_run, pick_port
+from segment_anything.training.launch import default_threads, die_with_parent, discard_unstarted_run, pick_port
 
 
 def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_method: Optional[str],

@@ -8,7 +8,7 @@ from segment_anything import sam_model_registry
 from segment_anything.build_sam import VIT_CONFIGS, fft_blocks_for
 from segment_anything.modeling.fft_attention import FFTAttention, fft_block_indices, parse_fft_blocks, use_fft_attention
 from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT
-from segment_anything.utils.config import TrainConfig
+from segment_anything.training.config import TrainConfig
 from segment_anything.utils.random_weights import randomize_
 from segment_anything.utils.trainable import PARTS, TrainPlan, never_used
 

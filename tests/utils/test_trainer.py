@@ -1,4 +1,4 @@
-"""Tests for segment_anything.utils.trainer and utils.config, in one process (plus one 2-rank gloo check).
+"""Tests for segment_anything.utils.trainer and training.config, in one process (plus one 2-rank gloo check).
 
 The model is vit_t with random weights at a 128-pixel encoder input (8 x 8 embedding grid, 32 x 32
 low-resolution masks); 64 pixels runs too but is no faster, as building the model dominates.
@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO, relative_error, run_ranks
 from segment_anything import SamPredictor, sam_model_registry
-from segment_anything.utils.config import FALSE_WORDS, TRUE_WORDS, TrainConfig
+from segment_anything.training.config import FALSE_WORDS, TRUE_WORDS, TrainConfig
 from segment_anything.tools.synthetic_data import make_synthetic_dataset
 from segment_anything.utils.data import MaskDataset, load_image, load_records
 from segment_anything.utils.metrics import mask_iou

@@ -159,7 +159,7 @@ def test_persistent_workers_see_the_epoch_and_ranks_draw_what_one_process_draws(
 
 
 def test_mixed_prompts_give_training_boxes_and_points_and_validation_boxes():
-    from segment_anything.utils.config import TrainConfig
+    from segment_anything.training.config import TrainConfig
     from segment_anything.utils.data.dataset import make_datasets
 
     cfg = TrainConfig(prompt="mixed", num_points=3, negative_points=1, image_size=64)

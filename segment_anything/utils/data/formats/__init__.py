@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from ...config import DATA_FORMATS, INSTANCE_MODES  # noqa: F401 (the one list of names)
+from ....training.config import DATA_FORMATS, INSTANCE_MODES  # noqa: F401 (the one list of names)
 from ..checks import BadSample, DataError, Problem
 from ..image_io import exif_orientation
 from ..records import MergedRecord, Record

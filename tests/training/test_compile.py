@@ -1,4 +1,4 @@
-"""--compile (utils/compile.py): the compiled decoder step trains as the eager one, falls back
+"""--compile (training/compile.py): the compiled decoder step trains as the eager one, falls back
 with a warning when compiling fails, is refused before any worker starts when it cannot work,
 and works under DDP (2 gloo ranks).
 
@@ -16,8 +16,8 @@ import torch
 from conftest import REPO, run_ranks
 from segment_anything import sam_model_registry
 from segment_anything.tools.synthetic_data import make_synthetic_dataset
-from segment_anything.utils.compile import CompiledOrEager, compile_decode, cpu_compiler
-from segment_anything.utils.config import TrainConfig
+from segment_anything.training.compile import CompiledOrEager, compile_decode, cpu_compiler
+from segment_anything.training.config import TrainConfig
 from segment_anything.utils.data import MaskDataset, load_records
 from segment_anything.utils.random_weights import randomize_
 from segment_anything.utils.trainable import TrainPlan, configure
@@ -110,7 +110,7 @@ RANK_SCRIPT = textwrap.dedent(
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
     from test_compile import new_sam, train, batches_for
-    from segment_anything.utils.compile import compile_decode
+    from segment_anything.training.compile import compile_decode
     from segment_anything.utils.distributed import destroy_distributed, init_distributed
     from segment_anything.utils.trainer import SamTrainStep
 
@@ -150,7 +150,7 @@ def batches_for(data: str, rank: int):
 def test_compiled_step_under_ddp_matches_eager_ddp(tmp_path):
     data = make_synthetic_dataset(tmp_path / "train", n=3, size_range=(70, 200), seed=5)
     # The rank script imports this module's helpers (and this module conftest's REPO).
-    results = run_ranks(RANK_SCRIPT, tmp_path, data, timeout=600, pythonpath=(REPO, REPO / "tests", REPO / "tests" / "utils"))
+    results = run_ranks(RANK_SCRIPT, tmp_path, data, timeout=600, pythonpath=(REPO, REPO / "tests", REPO / "tests" / "training"))
     for r in results:
         assert r["failed"] == "None"
         assert r["compiled"]["losses"] == pytest.approx(r["eager"]["losses"], rel=1e-4)

@@ -22,24 +22,24 @@ from torch.utils.data import DataLoader
 
 from ..build_sam import sam_model_registry
 from ..modeling.fft_attention import attention_metadata, fft_block_indices
-from .checkpoint import ResumableSampler, ResumeError, check_resume, check_world_size, find_resume_file, load_state, make_state, restore, rng_state
+from .resume import ResumableSampler, ResumeError, check_resume, check_world_size, find_resume_file, load_state, make_state, restore, rng_state
 from .config import TrainConfig
-from .data import DataError, RunData, collate, prepare_data
-from .data.cache import EmbeddingCache, open_cache
-from .data.dataset import EpochSampler, describe, make_datasets
-from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object, share_buffers
+from ..utils.data import DataError, RunData, collate, prepare_data
+from ..utils.data.cache import EmbeddingCache, open_cache
+from ..utils.data.dataset import EpochSampler, describe, make_datasets
+from ..utils.distributed import DistInfo, all_gather_objects, barrier, broadcast_object, share_buffers
 from .faults import StepGuard, faults_to_exit, stop_signals
-from .log import FILE_ONLY, add_log_file, get_logger
-from .interactive import InteractiveSpec, InteractiveStep, parse_val_clicks
-from .losses import LossSpec
+from ..utils.log import FILE_ONLY, add_log_file, get_logger
+from ..utils.interactive import InteractiveSpec, InteractiveStep, parse_val_clicks
+from ..utils.losses import LossSpec
 from .progress import Progress
-from .save_weight import atomic_save, save_partial_weight
-from .trainable import TrainPlan, configure, export_weights, lora_metadata, parameter_report
+from ..utils.save_weight import atomic_save, save_partial_weight
+from ..utils.trainable import TrainPlan, configure, export_weights, lora_metadata, parameter_report
 from .compile import compile_decode
-from .trainer import SamTrainStep, evaluate, train_one_epoch
-from . import semantic_run as semantic
-from .weights import check_checkpoint
-from .visualize import RunWriter, device_label
+from ..utils.trainer import SamTrainStep, evaluate, train_one_epoch
+from .tasks import semantic
+from ..utils.weights import check_checkpoint
+from .writer import RunWriter, device_label
 
 
 
@@ -172,7 +172,7 @@ class Training:
             model = semantic.wrap_step(sam, info.device, info.world_size)
         else:
             model = SamTrainStep(sam) if spec is None else InteractiveStep(sam, spec, LossSpec.from_config(cfg))
-        if cfg.compile:  # before DDP: only the inner decode is compiled (utils/compile.py; not the semantic head)
+        if cfg.compile:  # before DDP: only the inner decode is compiled (training/compile.py; not the semantic head)
             compile_decode(model)
         if info.world_size > 1:
             # Buffers are synced on every forward only when they train (a training TinyViT's BatchNorm);

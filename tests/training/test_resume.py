@@ -1,5 +1,5 @@
-"""Unit tests for utils/checkpoint.py (resume state, sampler offsets, checks) and the StepGuard
-of utils/faults.py across two gloo ranks. In-process, tiny models; the end-to-end kill, signal
+"""Unit tests for training/resume.py (resume state, sampler offsets, checks) and the StepGuard
+of training/faults.py across two gloo ranks. In-process, tiny models; the end-to-end kill, signal
 and dead-rank runs are in tests/test_faults.py."""
 
 import json
@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from conftest import REPO, run_ranks
-from segment_anything.utils.checkpoint import (
+from segment_anything.training.resume import (
     RESUME_FORMAT, ResumableSampler, ResumeError, check_model_keys, check_resume, check_world_size, load_state,
     make_state, restore,
 )
-from segment_anything.utils.config import TrainConfig
-from segment_anything.utils.faults import _test_fault
+from segment_anything.training.config import TrainConfig
+from segment_anything.training.faults import _test_fault
 
 
 def test_sampler_skips_the_first_batches_without_yielding_them():
@@ -80,7 +80,7 @@ def test_restore_with_the_same_world_size_is_exact():
     sampler = ResumableSampler(list(range(8)), 1, num_replicas=2, rank=1, seed=1)
     with pytest.MonkeyPatch.context() as mp:
         restored_rng = []
-        mp.setattr("segment_anything.utils.checkpoint.set_rng_state", restored_rng.append)
+        mp.setattr("segment_anything.training.resume.set_rng_state", restored_rng.append)
         sums = restore(fresh, state, "last.pth", sampler, rank=1)
     assert restored_rng == [{"r": 1}] and sums.item() == 1.0  # rank 1's own RNG and epoch sums
     assert fresh.step == 3 and fresh.scheduler.last_epoch == 3
@@ -180,9 +180,9 @@ GUARD_SCRIPT = textwrap.dedent(
     from types import SimpleNamespace
     import torch, torch.distributed as dist
     from torch import nn
-    from segment_anything.utils.config import TrainConfig
+    from segment_anything.training.config import TrainConfig
     from segment_anything.utils.distributed import DistInfo
-    from segment_anything.utils.faults import StepGuard
+    from segment_anything.training.faults import StepGuard
 
     rank, port = int(sys.argv[1]), int(sys.argv[2])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import torch
 
-from .log import get_logger
+from ..utils.log import get_logger
 
 N_SAMPLES = 4  # validation images shown
 

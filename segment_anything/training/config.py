@@ -34,13 +34,13 @@ def adapt_errors(cfg: "TrainConfig") -> List[str]:
     """validate() messages for the loss and what-trains flags."""
     # Imported here: these import torch, and config must stay light to import.
     from ..modeling.lora import parse_targets
-    from .losses import parse_loss
-    from .trainable import parse_parts, plan_errors
+    from ..utils.losses import parse_loss
+    from ..utils.trainable import parse_parts, plan_errors
 
     errors = []
     parsed = {}
     if getattr(cfg, "task", "prompt") == "semantic":  # its own terms: ce, dice (utils/semantic_train.py)
-        from .semantic_train import parse_loss
+        from ..utils.semantic_train import parse_loss
     for name, parse, value in (("loss", parse_loss, cfg.loss), ("train", parse_parts, cfg.train),
                                ("lora_targets", parse_targets, cfg.lora_targets)):
         try:
@@ -75,7 +75,7 @@ class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def compile_errors(cfg: "TrainConfig") -> List[str]:
-    """validate() messages for --compile (utils/compile.py)."""
+    """validate() messages for --compile (training/compile.py)."""
     from .compile import compile_errors as errors
 
     return errors(cfg)
@@ -83,7 +83,7 @@ def compile_errors(cfg: "TrainConfig") -> List[str]:
 
 def interactive_errors(cfg: "TrainConfig") -> List[str]:
     """validate() messages for the interactive-training flags."""
-    from .interactive import parse_prompt_probs, parse_val_clicks
+    from ..utils.interactive import parse_prompt_probs, parse_val_clicks
 
     errors = []
     for parse, value in ((parse_prompt_probs, cfg.prompt_probs), (parse_val_clicks, cfg.val_clicks)):
@@ -195,7 +195,7 @@ class TrainConfig:
                            "FFT mixer in the --fft_blocks; vit_b/l/h only)", choices=["standard", "fft"])
     fft_blocks: str = _flag("global", "with --attention fft, the blocks that mix by FFT: global (the global-attention "
                             "blocks), all, or block indices such as 2,5")
-    # Semantic segmentation (issue 10 part 2; utils/semantic*.py, modeling/semantic_head.py)
+    # Semantic segmentation (issue 10 part 2; utils/semantic_train.py, training/tasks/semantic.py, modeling/semantic_head.py)
     task: str = _flag("prompt", "prompt: SAM's promptable masks (the mask decoder); semantic: a K-class segmentation head "
                       "on the image-encoder features, cross-entropy (--loss ce=1[,dice=1])", choices=["prompt", "semantic"])
     num_classes: Optional[int] = _flag(None, "--task semantic: classes including background (default: from the data; "
@@ -206,7 +206,7 @@ class TrainConfig:
     cache_dir: Optional[str] = _flag(None, "embedding cache folder (default: $XDG_CACHE_HOME/sam_finetune/embeddings, i.e. ~/.cache/sam_finetune/embeddings)")
     cache_dtype: str = _flag("fp16", "precision of cached embeddings: fp16, bf16 or fp32", choices=["fp16", "bf16", "fp32"])
     no_cache: bool = _flag(False, "compute the image embedding on every step (no embedding cache)")
-    # Compiled step (issue 7; logic in utils/compile.py)
+    # Compiled step (issue 7; logic in training/compile.py)
     compile: bool = _flag(False, "torch.compile the per-step prompt encoder + mask decoder (dynamic shapes); "
                           "falls back to eager with a warning if compiling fails")
     # Interactive training (issue 8; logic in utils/interactive.py, utils/click_eval.py)
@@ -226,7 +226,7 @@ class TrainConfig:
     output_dir: Optional[str] = _flag(None, "run folder (default: runs/<timestamp>); an existing run is never overwritten")
     resume: Optional[str] = _flag(
         None, "continue from a last.pth, a run folder holding one, or 'auto' (--output_dir's); alone, it takes the run's saved flags")
-    # Fault tolerance (utils/checkpoint.py, utils/faults.py)
+    # Fault tolerance (training/resume.py, training/faults.py)
     save_every: int = _flag(0, "also write last.pth every N optimizer steps (0 = only by time and at epoch ends)")
     save_every_minutes: float = _flag(10.0, "also write last.pth every M minutes of training (0 = off)")
     resume_relaxed: bool = _flag(False, "allow --resume with another world size: schedule recomputed, data order and RNG not reproduced")
@@ -234,7 +234,7 @@ class TrainConfig:
     dist_timeout: float = _flag(1800.0, "seconds a collective waits for a dead or hung rank before every rank stops")
 
     def __post_init__(self) -> None:
-        from .interactive import single_point_prompts  # here: it imports torch
+        from ..utils.interactive import single_point_prompts  # here: it imports torch
 
         self.validate()
         # Stored as it acts: the multimask heads train (utils/trainable.py) only when it is true.
@@ -291,7 +291,7 @@ class TrainConfig:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
 
     def _prompt_errors(self) -> List[str]:
-        from .data.augment import parse_augment  # light: albumentations loads only when used
+        from ..utils.data.augment import parse_augment  # light: albumentations loads only when used
 
         errors = []
         if self.max_objects < 1:
@@ -368,7 +368,7 @@ class TrainConfig:
         if args.resume:
             # --resume RUN alone continues with the run's saved flags; flags given beside it win
             # and then go through the resume checks (checkpoint.check_resume).
-            from .checkpoint import saved_args
+            from .resume import saved_args
 
             try:
                 parser.set_defaults(**saved_args(args.resume, args.output_dir))

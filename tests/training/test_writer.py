@@ -1,4 +1,4 @@
-"""Tests for utils/visualize.py: curves.png, samples.png and TensorBoard events (rank 0's writer)."""
+"""Tests for training/writer.py: curves.png, samples.png and TensorBoard events (rank 0's writer)."""
 
 import builtins
 import logging
@@ -12,7 +12,7 @@ from segment_anything import sam_model_registry
 from segment_anything.tools.synthetic_data import make_synthetic_dataset
 from segment_anything.utils.data import MaskDataset, load_records
 from segment_anything.utils.log import LOGGER_NAME
-from segment_anything.utils.visualize import RunWriter, figure_array, plot_curves, predict_samples, samples_figure
+from segment_anything.training.writer import RunWriter, figure_array, plot_curves, predict_samples, samples_figure
 
 SIZE = 64
 

@@ -18,7 +18,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .log import get_logger
+from ..utils.log import get_logger
 
 
 def cpu_compiler() -> Optional[str]:

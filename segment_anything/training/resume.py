@@ -29,8 +29,8 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from .config import TrainConfig
-from .save_weight import strip_prefixes, unwrap_model
-from .trainable import trained_state_dict
+from ..utils.save_weight import strip_prefixes, unwrap_model
+from ..utils.trainable import trained_state_dict
 
 RESUME_FORMAT = "sam-resume-v2"
 # What defines the schedule and the model: a resumed run may not change these (what trains

@@ -19,8 +19,8 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.distributed as dist
 
-from .distributed import DistInfo, all_reduce_sum, is_dist
-from .log import get_logger
+from ..utils.distributed import DistInfo, all_reduce_sum, is_dist
+from ..utils.log import get_logger
 
 # TEST-ONLY fault injection, read here and nowhere else: comma-separated "KIND:RANK:STEP", KIND
 # nan (this rank's gradients become NaN at that global step; "STEP+" = from that step on), exit

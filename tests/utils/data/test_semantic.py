@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from segment_anything.utils.data import DataError, DataOptions, load_records
-from segment_anything.utils.semantic import class_names, semantic_target
+from segment_anything.utils.data.semantic import class_names, semantic_target
 from segment_anything.utils.semantic_train import (IGNORE, ClassMeter, SemanticLoss, ce_loss, class_scores, confusion,
                                                    dice_loss, parse_loss)
 
@@ -154,7 +154,7 @@ def test_coco_categories_to_classes(tmp_path):
     ({"task": "semantic", "loss": "bce=1"}, "terms are ce, dice"),
 ])
 def test_config_refuses_what_semantic_mode_cannot_do(flags, message):
-    from segment_anything.utils.config import TrainConfig
+    from segment_anything.training.config import TrainConfig
 
     with pytest.raises(ValueError, match=message):
         TrainConfig(**flags)

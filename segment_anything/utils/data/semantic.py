@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data.checks import DataError
-from .data.formats.instance_map import InstanceMapRecord, read_instances
-from .data.records import Record
-from .transforms import ResizeLongestSide
+from .checks import DataError
+from .formats.instance_map import InstanceMapRecord, read_instances
+from .records import Record
+from ..transforms import ResizeLongestSide
 
 BACKGROUND = "background"
 

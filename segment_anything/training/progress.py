@@ -11,7 +11,7 @@ from typing import Optional, TextIO
 import torch
 from tqdm import tqdm
 
-from .log import get_logger
+from ..utils.log import get_logger
 
 
 class Progress:

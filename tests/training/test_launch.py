@@ -19,10 +19,10 @@ import torch
 
 from conftest import REPO
 from segment_anything.tools import train as launcher
-from segment_anything.utils import engine
-from segment_anything.utils.config import TrainConfig
+from segment_anything.training import engine
+from segment_anything.training.config import TrainConfig
 from segment_anything.utils.data import make_synthetic_dataset
-from segment_anything.utils.progress import Progress
+from segment_anything.training.progress import Progress
 
 TIMEOUT = 300
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

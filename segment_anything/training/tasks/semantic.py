@@ -7,10 +7,10 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from ..modeling.semantic_head import attach_head
-from .distributed import share_buffers
-from .semantic import SemanticDataset, class_names
-from .semantic_train import SemanticLoss, SemanticStep, evaluate_semantic, train_semantic_epoch
+from ...modeling.semantic_head import attach_head
+from ...utils.distributed import share_buffers
+from ...utils.data.semantic import SemanticDataset, class_names
+from ...utils.semantic_train import SemanticLoss, SemanticStep, evaluate_semantic, train_semantic_epoch
 
 UNUSED_PARTS = ("prompt_encoder", "mask_decoder")  # the head replaces them: frozen, never in the graph
 

@@ -368,13 +368,17 @@ class TrainConfig:
         if args.resume:
             # --resume RUN alone continues with the run's saved flags; flags given beside it win
             # and then go through the resume checks (checkpoint.check_resume).
-            from .resume import saved_args
+            # auto becomes the run folder, or None: a new run (resume.resolve_resume).
+            from .resume import resolve_resume, saved_args
 
             try:
-                parser.set_defaults(**saved_args(args.resume, args.output_dir))
+                resume = resolve_resume(args.resume, args.output_dir)
+                if resume:
+                    parser.set_defaults(**saved_args(resume, args.output_dir))
             except (OSError, ValueError) as err:
                 parser.error(str(err))
             args = parser.parse_args(argv)
+            args.resume = resume
         try:
             return cls(**vars(args))
         except ValueError as err:

@@ -61,6 +61,26 @@ def find_resume_file(resume: str, output_dir: Optional[str] = None) -> Path:
     return p
 
 
+def resolve_resume(resume: Optional[str], output_dir: Optional[str] = None) -> Optional[str]:
+    """--resume as given -> the run to continue, or None for a new run.
+
+    auto: --output_dir when it holds a last.pth, else a new run in that folder (absent or empty).
+    One command line thus both starts a run and continues it after a requeue or a restart. A
+    folder with files but no last.pth is refused rather than written over: it is either a run
+    killed before its first save or not a run folder at all."""
+    if resume != "auto":
+        return resume
+    if not output_dir:
+        raise ResumeError("--resume auto continues the run in --output_dir; give --output_dir too")
+    folder = Path(output_dir)
+    if (folder / "last.pth").is_file():
+        return str(folder)
+    if folder.is_dir() and any(folder.iterdir()):
+        raise ResumeError(f"--resume auto: {folder} holds files but no last.pth (a run stopped before its first "
+                          "save, or not a run folder); remove it or choose another --output_dir")
+    return None
+
+
 def run_folder(resume: str, output_dir: Optional[str] = None) -> Path:
     return find_resume_file(resume, output_dir).parent
 

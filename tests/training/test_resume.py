@@ -252,3 +252,22 @@ def test_share_buffers_gives_every_rank_rank_0s_batchnorm_statistics(tmp_path):
     results = run_ranks(SHARE_SCRIPT, tmp_path)
     assert results[0]["before"] != results[1]["before"]  # the forward made the ranks differ
     assert results[0]["after"] == results[1]["after"] == results[0]["before"]
+
+
+def test_resume_auto_starts_a_new_folder_and_continues_one_with_last_pth(tmp_path):
+    new = TrainConfig.from_args(["--resume", "auto", "--output_dir", str(tmp_path / "new"), "--train_dir", "t"])
+    assert new.resume is None and new.output_dir == str(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    assert TrainConfig.from_args(["--resume", "auto", "--output_dir", str(tmp_path / "empty")]).resume is None
+    run = tmp_path / "run"
+    write_run(run, image_size=64, output_dir=str(run))
+    cfg = TrainConfig.from_args(["--resume", "auto", "--output_dir", str(run)])
+    assert cfg.resume == str(run) and cfg.image_size == 64 and check_resume(cfg) == run
+
+
+def test_resume_auto_never_writes_over_a_folder_without_last_pth(tmp_path, capsys):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        TrainConfig.from_args(["--resume", "auto", "--output_dir", str(tmp_path / "other")])
+    assert "holds files but no last.pth" in capsys.readouterr().err

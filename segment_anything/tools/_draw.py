@@ -11,6 +11,8 @@ GREEN, RED, BLUE, WHITE = (0, 220, 0), (230, 30, 30), (30, 144, 255), (255, 255,
 
 def colours(n: int, seed: int = 0) -> np.ndarray:
     """n distinct-looking RGB colours (n, 3) uint8: evenly spaced hues, full saturation."""
+    if n == 0:  # OpenCV refuses an empty picture
+        return np.zeros((0, 3), np.uint8)
     hues = (np.arange(n) * 180 / max(n, 1) + seed * 37) % 180
     hsv = np.stack([hues, np.full(n, 200), np.full(n, 255)], axis=-1).astype(np.uint8)[None]
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]

@@ -21,6 +21,7 @@ optional "box" [x1, y1, x2, y2] and optional "points" [[x, y, label], ...] (labe
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -60,10 +61,34 @@ def parse_point(value: Any, where: str = "--point") -> Tuple[float, float, int]:
     return parts[0], parts[1], int(parts[2]) if len(parts) == 3 else 1
 
 
-def make_prompt(box: Optional[np.ndarray], points: List[Tuple[float, float, int]]) -> Prompt:
+def make_prompt(box: Optional[np.ndarray], points: List[Tuple[float, float, int]], box_where: str = "--box",
+                point_where: Optional[List[str]] = None) -> Prompt:
+    """A prompt, with the words that name its box and each point in messages ("--box 1,2,3,4")."""
     coords = np.array([p[:2] for p in points], np.float32) if points else None
     labels = np.array([p[2] for p in points], np.int64) if points else None
-    return {"box": box, "points": coords, "labels": labels}
+    return {"box": box, "points": coords, "labels": labels, "box_where": box_where,
+            "point_where": point_where or [f"point {x:g},{y:g}" for x, y, _ in points]}
+
+
+def fit_to_image(prompt: Prompt, image: str, hw: Tuple[int, int]) -> Tuple[Prompt, Optional[str]]:
+    """The prompt checked against the image's size: a box or point wholly outside it is an
+    error (SAM would still return a mask, for nothing the user meant); a box partly outside is
+    clipped to the image, and the note returned says so."""
+    h, w = hw
+    size = f"{image} ({w}x{h} pixels)"
+    for (x, y), where in zip(prompt["points"] if prompt["points"] is not None else [], prompt["point_where"]):
+        if not (0 <= x <= w and 0 <= y <= h):
+            raise ValueError(f"{where} lies outside {size}")
+    box = prompt["box"]
+    if box is None:
+        return prompt, None
+    if box[0] >= w or box[1] >= h or box[2] <= 0 or box[3] <= 0:
+        raise ValueError(f"{prompt['box_where']} lies outside {size}")
+    clipped = np.clip(box, 0, [w, h, w, h]).astype(np.float32)
+    if (clipped == box).all():
+        return prompt, None
+    note = f"note: {prompt['box_where']} extends past {size}; clipped to {','.join(f'{v:g}' for v in clipped)}"
+    return dict(prompt, box=clipped), note
 
 
 def load_prompts(path: Path) -> Dict[str, List[Prompt]]:
@@ -86,7 +111,8 @@ def load_prompts(path: Path) -> Dict[str, List[Prompt]]:
             points = [parse_point(p, where) for p in obj.get("points") or []]
             if box is None and not points:
                 raise ValueError(f"{where}: neither a box nor any point")
-            prompts.append(make_prompt(box, points))
+            prompts.append(make_prompt(box, points, f"{where}: box {obj.get('box')}",
+                                       [f"{where}: point {p}" for p in obj.get("points") or []]))
         out[name] = prompts
     return out
 
@@ -104,7 +130,22 @@ def list_images(path: Path) -> List[Path]:
 
 def plan(args: argparse.Namespace) -> List[Tuple[Path, Optional[List[Prompt]]]]:
     """(image, prompts or None for automatic masks) per image; every input check happens here,
-    before the model is loaded."""
+    before the model is loaded (prompts against the sizes of their images too)."""
+    jobs = []
+    for path, prompts in pair_prompts(args):
+        if prompts is not None:
+            hw = load_image(path).shape[:2]
+            fitted = [fit_to_image(p, path.name, hw) for p in prompts]
+            for _, note in fitted:
+                if note:
+                    print(note)
+            prompts = [p for p, _ in fitted]
+        jobs.append((path, prompts))
+    return jobs
+
+
+def pair_prompts(args: argparse.Namespace) -> List[Tuple[Path, Optional[List[Prompt]]]]:
+    """(image, its prompts from the flags or --prompts, or None for automatic masks)."""
     images = list_images(Path(args.image))
     cli_points = [parse_point(p) for p in args.point or []]
     cli_box = parse_box(args.box) if args.box else None
@@ -119,7 +160,8 @@ def plan(args: argparse.Namespace) -> List[Tuple[Path, Optional[List[Prompt]]]]:
         chosen = {by_name[name]: prompts for name, prompts in table.items()}
         return [(p, chosen[p]) for p in images if p in chosen]
     if cli_box is not None or cli_points:
-        return [(p, [make_prompt(cli_box, cli_points)]) for p in images]
+        return [(p, [make_prompt(cli_box, cli_points, f"--box {args.box}", [f"--point {t}" for t in args.point or []])])
+                for p in images]
     return [(p, None) for p in images]
 
 
@@ -146,12 +188,26 @@ def write_prompted(out_dir: Path, stem: str, image: np.ndarray, prompts: List[Pr
 
 
 def write_automatic(out_dir: Path, stem: str, image: np.ndarray, records: List[Dict[str, Any]]) -> None:
+    """Masks largest first, the overlay and the records; with no mask, the image itself as the
+    overlay and an empty list, so every image has its files."""
     records = sorted(records, key=lambda r: -r["area"])
     for i, record in enumerate(records):
         cv2.imwrite(str(out_dir / f"{stem}_mask_{i}.png"), record["segmentation"].astype(np.uint8) * 255)
     _draw.save_rgb(out_dir / f"{stem}_overlay.png", _draw.overlay(image, [r["segmentation"] for r in records]))
     listing = [dict(r, segmentation=coco_rle(r["segmentation"])) for r in records]
     (out_dir / f"{stem}_auto.json").write_text(json.dumps(listing))
+
+
+def glue_coordinates(argv: List[str]) -> List[str]:
+    """`--box -20,30,150,400` as `--box=-20,30,150,400`: argparse takes a value that starts with
+    '-' and is not a plain number for a flag, and a box may start left of the image."""
+    out = []
+    for i, arg in enumerate(argv):
+        if i and argv[i - 1] in ("--box", "--point") and arg[:1] == "-" and (arg[1:2].isdigit() or arg[1:2] == "."):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -169,7 +225,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--task", default="prompt", choices=["prompt", "semantic"],
                         help="semantic: class maps from a --task semantic run's --weights (no prompts)")
     parser.add_argument("--output", required=True, help="output folder")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(glue_coordinates(sys.argv[1:] if argv is None else list(map(str, argv))))
     if args.task == "semantic":
         return main_semantic(args)
 
@@ -188,7 +244,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             with torch.no_grad():
                 records = generator.generate(image)
             write_automatic(out_dir, path.stem, image, records)
-            print(f"{path.name}: {len(records)} automatic masks")
+            print(f"{path.name}: {len(records)} automatic masks" if records else
+                  f"{path.name}: no automatic mask passed --pred_iou_thresh {args.pred_iou_thresh:g} and "
+                  f"--stability_score_thresh {args.stability_score_thresh:g} (lower them to keep more); "
+                  "wrote the image unchanged as the overlay and an empty list")
         else:
             predictor.set_image(image)
             write_prompted(out_dir, path.stem, image, prompts, predict_prompts(predictor, prompts, args.multimask, args.min_region_area))

@@ -109,3 +109,28 @@ def test_bad_prompts_name_the_file_and_entry(weights, images, tmp_path, content,
     with pytest.raises(ValueError, match=message) as err:
         run(weights, "--image", images, "--prompts", prompts, "--output", tmp_path)
     assert "prompts.json" in str(err.value)
+
+
+def test_automatic_masks_that_find_nothing_write_the_image_and_say_so(weights, images, tmp_path, capsys):
+    """Strict thresholds leave no mask: a normal outcome, not a crash."""
+    run(weights, "--image", images / SMALL, "--points_per_side", "4", "--pred_iou_thresh", "2",
+        "--output", tmp_path)
+    stem = SMALL.rsplit(".", 1)[0]
+    assert json.loads((tmp_path / f"{stem}_auto.json").read_text()) == []
+    assert not list(tmp_path.glob(f"{stem}_mask_*.png"))
+    overlay = cv2.cvtColor(read(tmp_path / f"{stem}_overlay.png"), cv2.COLOR_BGR2RGB)
+    assert (overlay == load_image(images / SMALL)).all()  # nothing drawn over the image
+    out = capsys.readouterr().out
+    assert "no automatic mask" in out and "--pred_iou_thresh 2" in out
+
+
+def test_a_box_outside_the_image_is_refused_and_one_partly_outside_clipped(weights, images, tmp_path, capsys):
+    # SMALL is 194 x 259 (W x H).
+    with pytest.raises(ValueError, match=r"--box 300,10,400,50 lies outside .*194x259"):
+        run(weights, "--image", images / SMALL, "--box", "300,10,400,50", "--output", tmp_path)
+    with pytest.raises(ValueError, match=r"--point 10,300 lies outside .*194x259"):
+        run(weights, "--image", images / SMALL, "--point", "10,300", "--output", tmp_path)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+    run(weights, "--image", images / SMALL, "--box", "-20,30,150,400", "--output", tmp_path)
+    assert "clipped to 0,30,150,259" in capsys.readouterr().out
+    assert read(tmp_path / f"{SMALL.rsplit('.', 1)[0]}_mask_0.png").shape == (259, 194)

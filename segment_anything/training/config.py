@@ -206,6 +206,7 @@ class TrainConfig:
     cache_dir: Optional[str] = _flag(None, "embedding cache folder (default: $XDG_CACHE_HOME/sam_finetune/embeddings, i.e. ~/.cache/sam_finetune/embeddings)")
     cache_dtype: str = _flag("fp16", "precision of cached embeddings: fp16, bf16 or fp32", choices=["fp16", "bf16", "fp32"])
     no_cache: bool = _flag(False, "compute the image embedding on every step (no embedding cache)")
+    cache_max_gb: float = _flag(0.0, "bound the embedding cache folder to this many GB, least recently used entries removed first (0: no bound)")
     # Compiled step (issue 7; logic in training/compile.py)
     compile: bool = _flag(False, "torch.compile the per-step prompt encoder + mask decoder (dynamic shapes); "
                           "falls back to eager with a warning if compiling fails")

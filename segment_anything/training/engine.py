@@ -110,10 +110,10 @@ def build_model(cfg: TrainConfig, classes: Optional[List[str]] = None):
     return sam
 
 
-def attach_cache(run, cfg: TrainConfig, info: DistInfo, *loaders) -> None:
+def attach_cache(run, cfg: TrainConfig, info: DistInfo, *loaders, images: int = 0) -> None:
     """Open the embedding cache (its key hashes the loaded encoder weights, so it comes after
     the model) and hand it to the loaders' datasets before their first iteration."""
-    run.cache = open_cache(cfg, run.sam, run.amp_dtype, log=info.is_main)
+    run.cache = open_cache(cfg, run.sam, run.amp_dtype, log=info.is_main, images=images)
     for loader in loaders:
         holder, ds = None, loader.dataset
         while isinstance(ds, torch.utils.data.Subset):
@@ -345,7 +345,7 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
     # Sample pictures are box-prompted predictions: none in semantic mode (curves and scalars only).
     writer = (RunWriter(out_dir, val_loader.dataset.dataset, cfg.batch_size * cfg.accumulate * info.world_size,
                         **({"n_samples": 0} if classes else {})) if info.is_main else None)
-    attach_cache(run, cfg, info, train_loader, val_loader)
+    attach_cache(run, cfg, info, train_loader, val_loader, images=len(data.train) + len(data.val))
     if writer is not None:
         guard.on_step = writer.step
     if cfg.resume:

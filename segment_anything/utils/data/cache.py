@@ -11,16 +11,28 @@ entry is never found rather than detected. Writes go to a unique temporary file 
 folder and are renamed into place (``os.replace`` is atomic), so concurrent writers of the same
 entry (two ranks, two runs) and crashes never leave a half-written entry; a truncated or
 corrupt entry (size or digest mismatch) is reported as a miss, logged and overwritten.
+
+Disk space: ``max_bytes`` (--cache_max_gb) bounds the folder. A hit or a store sets the entry's
+modification time to now, so the oldest modification time is the least recently used entry, for
+every process that shares the folder (ranks, loader workers, nodes on a shared file system);
+when a store would pass the bound, the least recently used entries are removed first, down to
+nine tenths of it, so the folder is scanned once per tenth of the bound written rather than on
+every store. An evicted entry is a miss the next time and is recomputed. Each process counts its
+own stores between scans, so with P processes writing at once the folder can pass the bound by up
+to P - 1 tenths of it until their next scans. A store that fails (a full disk, a quota, a
+read-only folder) is logged once per process and training goes on with the computed embedding.
 """
 
 import hashlib
 import json
 import os
+import shutil
 import struct
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -86,6 +98,8 @@ class CacheStats:
     misses: int = 0
     corrupt: int = 0
     stores: int = 0
+    evicted: int = 0
+    failed_stores: int = 0
 
 
 @dataclass
@@ -101,10 +115,15 @@ class EmbeddingCache:
     dtype: str = "fp16"
     key_parts: Dict = field(default_factory=dict)
     stats: CacheStats = field(default_factory=CacheStats)
+    max_bytes: int = 0  # 0: no bound
+    used: Optional[int] = None  # bytes on disk at the last scan plus this process's stores since
+    warned: bool = False  # a failed store was logged
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"--cache_dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.max_bytes < 0:
+            raise ValueError(f"--cache_max_gb must be >= 0 (0: no bound), got {self.max_bytes / 2**30:g}")
         self.root = Path(self.root)
 
     @property
@@ -124,7 +143,7 @@ class EmbeddingCache:
         path = self.path(key)
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
+        except OSError:  # absent, or evicted by another process while being read
             self.stats.misses += 1
             return None
         tensor = _decode(data)
@@ -134,22 +153,79 @@ class EmbeddingCache:
             get_logger().warning(f"embedding cache: {path} is truncated or corrupt; recomputing it")
             return None
         self.stats.hits += 1
+        _touch(path)
         return tensor
 
-    def store(self, key: str, tensor: torch.Tensor) -> None:
-        """Write one entry atomically (temporary file in the same folder, then rename)."""
+    def store(self, key: str, tensor: torch.Tensor) -> bool:
+        """Write one entry atomically (temporary file in the same folder, then rename), after
+        making room under the bound. Returns False when the entry could not be written (logged
+        once per process); the caller goes on with the tensor it has."""
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = _encode(tensor.detach().to("cpu", self.torch_dtype))
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
+        if self.max_bytes and len(data) > self.max_bytes:
+            return self._failed(f"one entry ({len(data) / 2**20:.1f} MB) is larger than --cache_max_gb")
+        tmp = None
         try:
+            self._make_room(len(data))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            tmp = None
+            _touch(path)
+        except OSError as err:
+            return self._failed(f"{err.strerror or err}")
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
         self.stats.stores += 1
+        if self.used is not None:
+            self.used += len(data)
+        return True
+
+    def _failed(self, reason: str) -> bool:
+        self.stats.failed_stores += 1
+        if not self.warned:
+            self.warned = True
+            get_logger().warning(f"embedding cache: cannot write to {self.root} ({reason}); training goes on, "
+                                 "computing the embeddings it cannot store (logged once)")
+        return False
+
+    def _make_room(self, incoming: int) -> None:
+        """Remove the least recently used entries when storing incoming bytes would pass the bound."""
+        if not self.max_bytes or (self.used is not None and self.used + incoming <= self.max_bytes):
+            return
+        entries = self.entries()
+        self.used = sum(size for _, size, _ in entries)
+        if self.used + incoming <= self.max_bytes:
+            return
+        target = self.max_bytes * 9 // 10 - incoming
+        for _, size, path in sorted(entries):
+            if self.used <= target:
+                break
+            try:
+                os.unlink(path)
+                self.stats.evicted += 1
+            except FileNotFoundError:  # another process evicted it first
+                pass
+            self.used -= size
+
+    def entries(self) -> List[Tuple[int, int, str]]:
+        """(modification time ns, bytes, path) of every entry on disk."""
+        found = []
+        if self.root.is_dir():
+            for sub in os.scandir(self.root):
+                if not sub.is_dir():
+                    continue
+                for entry in os.scandir(sub.path):
+                    if entry.name.endswith(SUFFIX) and not entry.name.startswith("."):
+                        try:
+                            st = entry.stat()
+                        except FileNotFoundError:
+                            continue
+                        found.append((st.st_mtime_ns, st.st_size, entry.path))
+        return found
 
     def round_trip(self, tensor: torch.Tensor) -> torch.Tensor:
         """What a later lookup will return for tensor, as float32 on its device: a miss trains
@@ -158,14 +234,32 @@ class EmbeddingCache:
 
     def usage(self) -> Tuple[int, int]:
         """(entries, bytes) currently on disk."""
-        count = size = 0
-        if self.root.is_dir():
-            for sub in os.scandir(self.root):
-                if sub.is_dir():
-                    for entry in os.scandir(sub.path):
-                        if entry.name.endswith(SUFFIX):
-                            count, size = count + 1, size + entry.stat().st_size
-        return count, size
+        entries = self.entries()
+        return len(entries), sum(size for _, size, _ in entries)
+
+
+def _touch(path: Path) -> None:
+    """Mark an entry used now (the eviction order). time.time_ns, not the file system's coarser
+    clock, so that entries used one after the other keep their order."""
+    now = time.time_ns()
+    try:
+        os.utime(path, ns=(now, now))
+    except OSError:  # a read-only cache, or evicted meanwhile: the order is only a preference
+        pass
+
+
+def entry_bytes(sam: torch.nn.Module, dtype: str) -> int:
+    """The size of one entry on disk for this model: header plus a (C, g, g) tensor."""
+    grid_h, grid_w = sam.prompt_encoder.image_embedding_size
+    return HEADER.size + sam.prompt_encoder.embed_dim * grid_h * grid_w * DTYPES[dtype].itemsize
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes on the file system that holds folder (or would hold it: its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
 
 
 def _encode(tensor: torch.Tensor) -> bytes:
@@ -194,9 +288,11 @@ def _decode(data: bytes) -> Optional[torch.Tensor]:
 INPUT_FLAGS = ("model_type", "image_size", "intensity_range", "intensity_scale", "channels")
 
 
-def open_cache(cfg, sam: torch.nn.Module, amp_dtype: Optional[torch.dtype], log: bool = True) -> Optional[EmbeddingCache]:
+def open_cache(cfg, sam: torch.nn.Module, amp_dtype: Optional[torch.dtype], log: bool = True,
+               images: int = 0) -> Optional[EmbeddingCache]:
     """The run's cache, or None (with the reason logged) when it cannot or must not be used:
-    --no_cache, a trained image encoder, or augmentation that changes the pixels."""
+    --no_cache, a trained image encoder, or augmentation that changes the pixels. images: the
+    run's image count, for the log line of the space it needs against the space free."""
     logger = get_logger()
     reason = None
     if cfg.no_cache:
@@ -214,12 +310,31 @@ def open_cache(cfg, sam: torch.nn.Module, amp_dtype: Optional[torch.dtype], log:
     parts["compute_dtype"] = str(amp_dtype)
     if fft_block_indices(sam):  # FFT mixing (issue 10) makes other embeddings from the same weights;
         parts["fft_blocks"] = fft_block_indices(sam)  # only then in the key: stock runs keep their entries
-    cache = EmbeddingCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), cfg.cache_dtype, parts)
+    cache = EmbeddingCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), cfg.cache_dtype, parts,
+                           max_bytes=int(cfg.cache_max_gb * 2**30))
     if log:
         count, size = cache.usage()
         logger.info(f"embedding cache: {cache.root} ({count} entries, {size / 2**20:.1f} MB on disk), "
                     f"{cfg.cache_dtype}, weights {parts['weights'][:12]}")
+        log_space(cache, entry_bytes(sam, cfg.cache_dtype), images, size)
     return cache
+
+
+def log_space(cache: EmbeddingCache, entry: int, images: int, on_disk: int) -> None:
+    """One line: what this run's entries take against the disk's free space and the bound; a
+    warning when they cannot all fit (the run still trains: a store that fails is a miss)."""
+    need, free = entry * images, free_bytes(cache.root)
+    gb = 2**30
+    line = (f"embedding cache: this run needs up to {need / gb:.2f} GB ({images} images x {entry / 2**20:.2f} MB); "
+            f"{free / gb:.1f} GB free on its disk")
+    if cache.max_bytes:
+        line += f", bounded to {cache.max_bytes / gb:g} GB by --cache_max_gb (least recently used entries go first)"
+    room = free + on_disk if not cache.max_bytes else min(cache.max_bytes, free + on_disk)
+    if need > room:
+        get_logger().warning(line + "; not every entry fits: the rest are recomputed every epoch"
+                             + ("" if cache.max_bytes else " (set --cache_max_gb to keep the disk from filling)"))
+    else:
+        get_logger().info(line)
 
 
 class _Preprocess(torch.nn.Module):

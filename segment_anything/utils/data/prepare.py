@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .checks import DataError, Problem, raise_problems, run_checks, summary
-from .formats import DataOptions, Scan, detect
+from .formats import DataOptions, Scan, detect, layout_hint
 from .records import Record
 
 
@@ -54,9 +54,20 @@ def scan(fmt: str, source: str, opts: DataOptions, images: Optional[str] = None)
 
 
 def load_split(fmt: str, source: str, opts: DataOptions, images: Optional[str] = None) -> Loaded:
-    """List and check one split; problems are returned, not raised."""
-    found = scan(fmt, source, opts, images)
+    """List and check one split; problems are returned, not raised. An explicit format that finds
+    nothing usable in a folder of another known layout is one DataError naming that layout."""
+    hint = (lambda: "") if fmt in ("auto", "coco") else (lambda: layout_hint(fmt, Path(source)))
+    try:
+        found = scan(fmt, source, opts, images)
+    except DataError as err:
+        said = hint()
+        if said:
+            raise DataError(f"{str(err).splitlines()[0]}{said}") from None
+        raise
     built, problems = run_checks(found.candidates, found.build)
+    said = "" if built else hint()
+    if said:
+        raise DataError(f"{source}: --data_format {fmt} finds no usable sample here{said}")
     drops = sum((b.drops for b in built), Counter())
     digests = {b.record.image: b.digest for b in built}
     return Loaded(found.fmt, found.source, [b.record for b in built], found.problems + problems, drops,

@@ -237,3 +237,42 @@ def test_malformed_labelme_points_are_a_named_problem(tmp_path):
     root = labelme_dir(tmp_path, shapes=[{"label": "a", "points": [["x", 1], [5, 5], [3, 9]], "shape_type": "polygon"}])
     text = fails(train_dir=str(root))
     assert f"{root / 'bad.json'}: cannot use it (ValueError" in text
+
+
+def test_labelme_image_path_naming_the_json_reads_image_data(tmp_path):
+    # labelme's own tutorial files: imagePath is the JSON itself, the picture is in imageData;
+    # labelme opens them from imageData, and so must the data check.
+    root = labelme_dir(tmp_path, image_path="bad.json")
+    data = prepare_data(TrainConfig(train_dir=str(root)))
+    records = {Path(r.source).name: r for r in data.train + data.val}
+    assert records["bad.json"].embedded and records["bad.json"].load_image().shape == (30, 40, 3)
+    root = labelme_dir(tmp_path, image_path="bad.json", embed=False)
+    assert f"{root / 'bad.json'}: imagePath 'bad.json' is this JSON file and there is no imageData" in fails(train_dir=str(root))
+
+
+def test_labelme_image_path_not_an_image_falls_back_to_image_data(tmp_path):
+    root = labelme_dir(tmp_path, image_path="notes.txt")
+    (root / "notes.txt").write_text("not a picture")
+    data = prepare_data(TrainConfig(train_dir=str(root)))
+    assert {Path(r.source).name for r in data.train + data.val if r.embedded} == {"good.json", "good2.json", "bad.json"}
+
+
+def test_coco_annotation_with_an_unknown_category_is_refused(tmp_path):
+    poly = [[2, 2, 12, 2, 12, 12]]
+    anns = [{"id": 40 + k, "image_id": k, "category_id": 99 if k == 1 else 1, "iscrowd": 0, "segmentation": poly}
+            for k in range(3)]
+    ann, imgs = coco_dir(tmp_path, images=3, annotations=anns)
+    text = fails(train_json=ann, train_images=imgs)
+    assert f"{ann}: annotation 41 of 1.png has category_id 99, which is not in 'categories' (ids: 1)" in text
+    data, listed = skipped(train_json=ann, train_images=imgs)
+    assert "annotation 41" in listed and len(data.train) + len(data.val) == 2
+
+
+@pytest.mark.parametrize("given,layout", [("objects", "folder"), ("labelme", "folder"), ("folder", "objects"),
+                                          ("instance_map", "objects")])
+def test_explicit_format_on_another_layout_names_the_layout(tmp_path, given, layout):
+    src = make_synthetic_dataset(tmp_path / ".src", n=3, size_range=(40, 56), seed=3, kind=layout)
+    shutil.copytree(src, tmp_path / "set", ignore=shutil.ignore_patterns(".synthetic"))
+    text = fails(train_dir=str(tmp_path / "set"), data_format=given)
+    assert f"looks like the {layout} layout" in text and f"--data_format {layout}" in text, text
+    assert "\n" not in text  # one line, not a list of every sub-folder as a bad sample

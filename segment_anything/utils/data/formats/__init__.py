@@ -118,6 +118,23 @@ def find_dir(root: Path, names: Tuple[str, ...]) -> Optional[Path]:
     return found[0] if found else None
 
 
+LAYOUTS = {"folder": "images/ + labels/", "objects": "<id>/images/ + <id>/masks/ per sample",
+           "labelme": "labelme *.json files"}
+
+
+def layout_hint(fmt: str, root: Path) -> str:
+    """When an explicit --data_format finds nothing usable: '; <root> looks like the X layout (...)
+    : --data_format X', or '' when the folder looks like fmt or like nothing known. instance_map
+    shares the folder layout (its masks hold instance ids), so a folder guess is no hint for it."""
+    try:
+        guess = detect(root)
+    except DataError:
+        return ""
+    if guess == fmt or (fmt == "instance_map" and guess == "folder"):
+        return ""
+    return f"; {root} looks like the {guess} layout ({LAYOUTS[guess]}): --data_format {guess}, or leave it at auto"
+
+
 def detect(root: Path) -> str:
     """folder, objects or labelme from the folder's layout (instance_map is never guessed)."""
     if not root.is_dir():

@@ -2,7 +2,8 @@
 
 One object per annotation; polygons and RLE (compressed and uncompressed) are turned into
 compressed RLE with pycocotools once, at check time, so a record carries its objects and never
-re-reads the JSON. `iscrowd` regions are never training objects (they mark crowds, not one
+re-reads the JSON. An annotation whose `category_id` is not in `categories` makes its image a bad
+sample (named; --skip_bad leaves the image out). `iscrowd` regions are never training objects (they mark crowds, not one
 instance); --categories keeps only the named categories. An image without annotations is a
 sample with no objects (a bad sample: --skip_bad leaves it out).
 """
@@ -81,7 +82,11 @@ def build(entry: Entry, opts: DataOptions, names: dict):
     drops: Counter = Counter()
     objects, categories = [], []
     for ann in entry.annotations:
-        name = names.get(ann.get("category_id"), str(ann.get("category_id")))
+        if ann.get("category_id") not in names:  # no silent class "99" in semantic mode, no unnamed object
+            known = ", ".join(str(k) for k in sorted(names, key=str)) or "none: the file has no 'categories' list"
+            raise BadSample("unknown category", f"{entry.json}: annotation {ann.get('id')} of {entry.path.name} has "
+                                                f"category_id {ann.get('category_id')}, which is not in 'categories' (ids: {known})")
+        name = names[ann["category_id"]]
         if ann.get("iscrowd"):
             drops["crowd region (iscrowd)"] += 1
         elif opts.categories and name not in opts.categories:

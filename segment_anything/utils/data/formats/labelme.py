@@ -1,5 +1,6 @@
 """`labelme`: DIR/**/*.json written by labelme, the image beside it (`imagePath`, relative to the
-JSON) or embedded as base64 `imageData` when that file is missing.
+JSON) or embedded as base64 `imageData` when that file is missing or is no image (labelme's own
+tutorial files name the JSON itself as `imagePath`; labelme then shows `imageData`).
 
 Objects: one per shape of type polygon, rectangle, circle or mask; shapes sharing a non-null
 `group_id` (and label) are one object, as in labelme's own instance export. Labels starting with
@@ -19,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..checks import BadSample
-from ..image_io import IntensityRange, decode_image, load_image, read_bytes
+from ..image_io import IntensityRange, decode_image, is_image_file, load_image, read_bytes
 from ..records import Record, pick, stack_masks
 from . import DataOptions, Scan, finish
 
@@ -38,13 +39,16 @@ def read_json(path: Path) -> dict:
 
 
 def image_source(path: Path, data: dict) -> Tuple[Optional[Path], bool]:
-    """(image file, embedded): the file beside the JSON if it exists, else the JSON's imageData."""
+    """(image file, embedded): the image file beside the JSON if there is one, else the JSON's imageData."""
     rel = data.get("imagePath")
     image = (path.parent / rel) if rel else None
-    if image is not None and image.is_file():
+    beside = image is not None and image.is_file() and image.resolve() != path.resolve()
+    if beside and (is_image_file(image) or not data.get("imageData")):
         return image, False
     if data.get("imageData"):
         return None, True
+    if image is not None and image.is_file():  # the JSON itself, and nothing embedded
+        raise BadSample("missing image", f"{path}: imagePath {rel!r} is this JSON file and there is no imageData")
     raise BadSample("missing image", f"{path}: imagePath {rel!r} does not exist ({image}) and there is no imageData")
 
 

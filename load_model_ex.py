@@ -16,26 +16,27 @@ import argparse
 import importlib
 import importlib.util
 import inspect
-import tempfile
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from segment_anything import SamPredictor, sam_model_registry
 
 
 def ours(name: str):
-    """Our utils module `name`; next to Meta's stock package (which has none) it is loaded from its
-    file beside this script (these modules need only torch)."""
+    """Our utils module `name`; next to Meta's stock package (which has none) the repository's
+    segment_anything/utils folder is loaded as a package of its own (these modules need only torch)."""
     try:
         return importlib.import_module(f"segment_anything.utils.{name}")
     except ImportError:
-        file = Path(__file__).resolve().parent / "segment_anything" / "utils" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(name, file)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        folder = Path(__file__).resolve().parent / "segment_anything" / "utils"
+        if "_sam_utils" not in sys.modules:
+            spec = importlib.util.spec_from_file_location("_sam_utils", folder / "__init__.py",
+                                                          submodule_search_locations=[str(folder)])
+            sys.modules["_sam_utils"] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(sys.modules["_sam_utils"])
+        return importlib.import_module(f"_sam_utils.{name}")
 
 
 save_weight, weights = ours("save_weight"), ours("weights")
@@ -78,10 +79,7 @@ weights_file = Path(args.weights)
 if info.kind == "resume":
     print(f"note: {args.weights} is a run's resume file (last.pth, after epoch {info.metadata.get('epoch')}); "
           "using the parameters it holds (best.pth holds the best epoch's)")
-    state = torch.load(args.weights, map_location="cpu", weights_only=False)  # it holds numpy RNG states
-    scratch = tempfile.TemporaryDirectory()  # removed at exit
-    weights_file = Path(scratch.name) / "from_last.pth"
-    torch.save({"format": save_weight.FORMAT, "model": state["model"]}, weights_file)
+    # load_partial_weight reads the parameters of a last.pth as it reads a best.pth (data only)
 
 if model_type not in sam_model_registry:
     raise SystemExit(f"error: {args.weights} is for {model_type}, which this segment_anything does not have")

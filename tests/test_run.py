@@ -86,7 +86,7 @@ def run_fails(args: list, **kw) -> str:
 
 
 def last_weights(run_dir: Path) -> dict:
-    state = torch.load(run_dir / "last.pth", map_location="cpu", weights_only=False)
+    state = torch.load(run_dir / "last.pth", map_location="cpu", weights_only=True)
     return state["model"]
 
 
@@ -244,7 +244,7 @@ def test_resume_after_an_interruption_reproduces_the_straight_run(data, straight
         proc.kill()
         proc.communicate()
     assert len(metrics(out)) == 1, "the run was meant to be stopped after its first epoch"
-    assert torch.load(out / "last.pth", weights_only=False)["epoch"] == 1
+    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 1
 
     resume_args = base_flags(*data, batch_size=4, epoch=2, dist="False", resume=out)
     run_ok(resume_args)
@@ -325,7 +325,7 @@ def test_mixed_precision_paths_run(amp, small_data, tmp_path):
     run_ok(base_flags(*small_data, out, epoch=1, batch_size=3, dist="no", amp=amp))
     (line,) = metrics(out)
     assert np.isfinite(line["train_loss"]) and np.isfinite(line["val_loss"])
-    state = torch.load(out / "last.pth", weights_only=False)
+    state = torch.load(out / "last.pth", weights_only=True)
     assert state["scaler"] != {} if amp == "fp16" else True
     assert all(v.dtype == torch.float32 for v in state["model"].values())  # master weights stay fp32
 

@@ -82,7 +82,7 @@ def test_resume_mid_epoch_reproduces_the_straight_run(data, straight, tmp_path):
     # 2 steps per epoch: saved after global step 2 (epoch 2's first), killed at step 3.
     proc = run_cmd([sys.executable, str(REPO / "run.py"), *args], env=dict(ENV, SAM_TEST_FAULT="exit:0:3"))
     assert proc.returncode != 0 and len(metrics(out)) == 1
-    state = torch.load(out / "last.pth", weights_only=False)
+    state = torch.load(out / "last.pth", weights_only=True)
     assert (state["epoch"], state["step"]) == (1, 1)
     run_ok(base_flags(*data, no_cache=True, dist="False", resume=out, **SEMANTIC))
     assert max_diff(last_weights(out), last_weights(straight)) <= 1e-6

@@ -10,7 +10,8 @@ import torch
 
 from ..build_sam import sam_model_registry
 from ..modeling import Sam
-from ..utils.save_weight import load_partial_weight
+from ..utils.save_weight import load_partial_weight, read_weights_file
+from ..utils.weights import check_checkpoint, inspect_weights
 
 MODEL_TYPES = sorted(set(sam_model_registry) - {"default"})
 RUN_SEED = 21  # run.py's default --seed: a --checkpoint none run started from this random model
@@ -21,7 +22,8 @@ def add_model_args(parser: argparse.ArgumentParser, weights: bool = True) -> Non
     parser.add_argument("--checkpoint", required=True,
                         help="official SAM weights; 'none' = the seeded random model a '--checkpoint none' run starts from")
     if weights:
-        parser.add_argument("--weights", default=None, help="fine-tuned partial weights (best.pth) loaded on top")
+        parser.add_argument("--weights", default=None,
+                            help="fine-tuned partial weights (a run's best.pth, or its last.pth) loaded on top")
     parser.add_argument("--image_size", type=int, default=None,
                         help="encoder input side; default: the size recorded in --weights, else 1024")
     parser.add_argument("--seed", type=int, default=RUN_SEED, help="seed of the random model with --checkpoint none")
@@ -32,14 +34,30 @@ def add_model_args(parser: argparse.ArgumentParser, weights: bool = True) -> Non
     parser.add_argument("--device", default="cpu")
 
 
-def weights_metadata(path: Optional[str]) -> Dict[str, Any]:
-    """The metadata of a partial-weight file ({} for a flat state dict or no file)."""
+def check_weights(path: Optional[str]) -> None:
+    """--weights must be a best.pth, a run's last.pth or a state dict; one line naming the file
+    and what it holds otherwise (a file that contains code is refused unread)."""
     if path is None:
-        return {}
+        return
     if not Path(path).is_file():
         raise FileNotFoundError(f"--weights {path} not found")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v for k, v in obj.items() if k != "model"} if isinstance(obj, dict) and "model" in obj else {}
+    info = inspect_weights(path)
+    if info.kind not in ("partial", "resume", "full"):
+        raise ValueError(f"--weights {path} is {info.describe()}; expected a best.pth (or last.pth) written by run.py")
+
+
+def weights_metadata(path: Optional[str]) -> Dict[str, Any]:
+    """The metadata of a partial-weight file or a run's last.pth ({} for a flat state dict or no file)."""
+    if path is None:
+        return {}
+    check_weights(path)
+    return read_weights_file(path)[1]
+
+
+def check_base(checkpoint: str, model_type: str, image_size: int) -> None:
+    """--checkpoint: 'none', or the full official state dict of model_type (run.py's preflight check)."""
+    if checkpoint.lower() != "none":
+        check_checkpoint(checkpoint, model_type, image_size)
 
 
 def build_base(model_type: str, checkpoint: str, image_size: int, seed: int = RUN_SEED, **encoder: str) -> Sam:
@@ -70,6 +88,7 @@ def load_model(args: argparse.Namespace, weights: Optional[str] = None) -> Sam:
         raise ValueError(f"--weights {weights} is from a --task semantic run: use "
                          f"python -m segment_anything.tools.predict --task semantic")
     image_size = args.image_size or meta.get("image_size") or 1024
+    check_base(args.checkpoint, args.model_type, image_size)
     sam = build_base(args.model_type, args.checkpoint, image_size, args.seed, **encoder_options(args, meta))
     if weights is not None:
         load_partial_weight(sam, weights, expected_model_type=args.model_type)

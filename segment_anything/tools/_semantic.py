@@ -17,7 +17,7 @@ from ..modeling.semantic_head import attach_head, upsample_logits
 from ..utils.save_weight import load_partial_weight
 from ..utils.transforms import ResizeLongestSide
 from . import _draw
-from ._model import build_base, weights_metadata
+from ._model import build_base, check_base, weights_metadata
 
 
 def palette(k: int) -> np.ndarray:
@@ -32,7 +32,9 @@ def load_semantic_model(args: argparse.Namespace) -> Tuple[Sam, List[str]]:
     meta = weights_metadata(args.weights)
     if meta.get("task") != "semantic" or not meta.get("classes"):
         raise ValueError(f"--weights {args.weights} is not from a --task semantic run (no class names in its metadata)")
-    sam = build_base(args.model_type, args.checkpoint, args.image_size or meta.get("image_size") or 1024, args.seed)
+    image_size = args.image_size or meta.get("image_size") or 1024
+    check_base(args.checkpoint, args.model_type, image_size)
+    sam = build_base(args.model_type, args.checkpoint, image_size, args.seed)
     attach_head(sam, len(meta["classes"]))
     load_partial_weight(sam, args.weights, expected_model_type=args.model_type)
     return sam.to(args.device).eval(), list(meta["classes"])

@@ -27,7 +27,7 @@ from ..utils.data.prompts import PROMPTS, PromptConfig, object_prompts
 from ..utils.metrics import boundary_iou, mask_dice, mask_iou
 from ..utils.postprocess import clean_masks
 from . import _draw
-from ._model import add_model_args, cli, load_model, weights_metadata
+from ._model import add_model_args, check_base, cli, load_model, weights_metadata
 from ._stats import bootstrap_mean, format_ci
 
 MODELS = ("base", "tuned")
@@ -179,7 +179,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     clicks = parse_clicks(args.clicks)
     metrics = list(METRICS) + [f"iou_click{k}" for k in clicks]
     cfg = PromptConfig(prompt=args.prompt, num_points=args.num_points)
-    # Every input is read and checked before any model is built.
+    # Every input is read and checked before any model is built, the weights files first (quick).
+    # Both models at the fine-tuned model's input size (a base at 1024 would not be the same model).
+    meta = weights_metadata(args.weights)
+    args.image_size = args.image_size or meta.get("image_size") or 1024
+    check_base(args.checkpoint, args.model_type, args.image_size)
     datasets = {"data": read_data(args.data_dir, args.data_format, args.data_images, args.split, args.val_fraction,
                                   args.seed, args.max_images)}
     if args.reference_data:
@@ -189,8 +193,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # Both models at the fine-tuned model's input size (a base at 1024 would not be the same model).
-    args.image_size = args.image_size or weights_metadata(args.weights).get("image_size") or 1024
     results: Dict[str, Dict[str, List[dict]]] = {name: {} for name in datasets}
     for model_name, weights in (("base", None), ("tuned", args.weights)):
         sam = load_model(args, weights)

@@ -29,7 +29,7 @@ from ..utils.data import load_image
 from ..utils.save_weight import load_partial_weight
 from ..utils.transforms import ResizeLongestSide
 from . import _draw
-from ._model import MODEL_TYPES, RUN_SEED, build_base, cli, weights_metadata
+from ._model import MODEL_TYPES, RUN_SEED, build_base, check_base, cli, weights_metadata
 
 PINS = "ncut-pytorch==3.2.0 fpsample==0.3.3"
 INSTALL = f"pip install --no-deps {PINS}  (or: pip install --no-deps -r requirements-ncut.txt)"
@@ -72,9 +72,9 @@ def check_args(args: argparse.Namespace) -> Tuple[np.ndarray, List[int], List[in
     bad = [s for s in sizes if s < 2 * PATCH_SIZE or s % PATCH_SIZE]
     if bad:
         raise ValueError(f"--image_sizes {args.image_sizes}: {bad} not a multiple of {PATCH_SIZE} of at least {2 * PATCH_SIZE}")
-    if args.checkpoint.lower() != "none" and not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint} not found")
-    weights_metadata(args.weights)  # a missing or unreadable --weights file
+    for size in sizes:  # the official file at every size asked for; a best.pth or last.pth on top
+        check_base(args.checkpoint, args.model_type, size)
+    weights_metadata(args.weights)  # a missing, unreadable or unsafe --weights file
     if not Path(args.image).is_file():
         raise FileNotFoundError(f"--image {args.image} not found")
     image = load_image(args.image)

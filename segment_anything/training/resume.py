@@ -10,9 +10,13 @@ last.pth is written by rank 0 (atomically) at every epoch end and in the middle 
     world_size, batch_size, accumulate, steps_per_epoch   the geometry that step counts refer to
     data_order   the current epoch's global sample order (dataset indices)
     meter        every rank's running sums of the current epoch (so its metrics cover all of it)
-    rng          every rank's RNG states; both lists indexed by rank
+    rng          every rank's RNG states (torch's as tensors, numpy's and Python's as tensors of their
+                 words); both lists indexed by rank
     best, stale, bad_steps   early stopping and non-finite step counters
     args         the run's TrainConfig as a dict
+
+Every value is a tensor or a plain number, string, list or dict, so the file loads with
+torch.load(..., weights_only=True): reading a last.pth from elsewhere cannot run code.
 
 A resumed run skips the batches already seen without loading them (ResumableSampler starts at
 an offset), so with the same world size it trains exactly as an uninterrupted run would.
@@ -29,10 +33,12 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from .config import TrainConfig
-from ..utils.save_weight import strip_prefixes, unwrap_model
+from ..utils.save_weight import UnsafeFileError, load_data_only, strip_prefixes, unwrap_model
 from ..utils.trainable import trained_state_dict
 
-RESUME_FORMAT = "sam-resume-v2"
+RESUME_FORMAT = "sam-resume-v3"
+# v2 held numpy's and Python's generator states as pickled objects; its files still load, data-only.
+READABLE_FORMATS = ("sam-resume-v2", RESUME_FORMAT)
 # What defines the schedule and the model: a resumed run may not change these (what trains
 # is checked through the keys of the resume file).
 RESUME_MUST_MATCH = ("model_type", "image_size", "epoch", "batch_size", "lr", "accumulate", "attention", "fft_blocks")
@@ -86,12 +92,15 @@ def run_folder(resume: str, output_dir: Optional[str] = None) -> Path:
 
 
 def load_state(path: Path) -> Dict:
-    """Read last.pth; a clear error for a truncated file or another kind of file."""
+    """Read last.pth, data only; a clear error for a truncated file, a file that holds code, or
+    another kind of file."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_data_only(path)
+    except UnsafeFileError as err:
+        raise ResumeError(f"--resume: {err}") from None
     except Exception as err:  # truncated zip, not a torch file: torch's wording varies
         raise ResumeError(f"--resume: cannot read {path} ({type(err).__name__}: {err}); it may be truncated") from err
-    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ResumeError(f"--resume: {path} is not a resume file of this version (format {found!r}, "
                           f"expected {RESUME_FORMAT!r} as written by run.py into last.pth)")
@@ -143,16 +152,31 @@ def check_world_size(state: Dict, world_size: int, relaxed: bool, path: Path) ->
 
 
 def rng_state() -> Dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's generator states as tensors and plain numbers (weights-only loadable)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: Dict) -> None:
+    """Restore rng_state()'s states exactly; also takes the older format's pickled states."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state, python_state = state["numpy"], state["python"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    if isinstance(python_state, dict):
+        python_state = (python_state["version"], tuple(python_state["words"].tolist()), python_state["gauss_next"])
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

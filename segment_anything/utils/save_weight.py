@@ -16,11 +16,14 @@ next to Meta's stock ``segment_anything``, which has no such module.
 import io
 import logging
 import os
+import pickle
 import uuid
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
@@ -31,6 +34,49 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SHOWN = 10  # keys listed per kind in an error message
 
 PathLike = Union[str, Path]
+
+# Resume files written before the weights-only format held numpy RNG states: numpy arrays and
+# scalars, rebuilt from their dtype and raw bytes. These globals build data and call nothing else,
+# so such a file still loads without running code; any other global in a file is refused.
+NUMPY_ARRAY_GLOBALS = {
+    "numpy._core.multiarray._reconstruct": np._core.multiarray._reconstruct,
+    "numpy._core.multiarray.scalar": np._core.multiarray.scalar,
+    "numpy.ndarray": np.ndarray,
+    "numpy.dtype": np.dtype,
+}
+# The dtype classes such arrays and scalars are built with (numeric kinds only).
+NUMPY_DTYPE_CLASSES = [type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
+                                                   np.uint32, np.uint64, np.float16, np.float32, np.float64)]
+
+
+class UnsafeFileError(ValueError):
+    """A file whose pickle would call code (a function or class that builds no plain data)."""
+
+
+def load_data_only(path: PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``, and nothing looser: tensors, numbers, strings,
+    lists, tuples and dicts (plus numpy arrays, see NUMPY_ARRAY_GLOBALS).
+
+    A file that would run code raises UnsafeFileError naming what it calls; the file's code is
+    never executed (its pickle is read as instructions, not run). Other damage raises what
+    torch.load raises."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        if not zipfile.is_zipfile(path):
+            raise
+        called = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        code = sorted(set(called) - set(NUMPY_ARRAY_GLOBALS))
+        if code:
+            raise UnsafeFileError(
+                f"{path} contains code, not only data (its pickle calls {', '.join(code)}); it was not loaded. "
+                "Weights and run files hold tensors and plain values only: get the file again from its source, "
+                "or ask its author to save it with this version") from None
+        if not called:
+            raise
+        with torch.serialization.safe_globals(list(NUMPY_ARRAY_GLOBALS.values()) + NUMPY_DTYPE_CLASSES):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -172,15 +218,45 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+RESUME_PREFIX = "sam-resume-"  # last.pth's format names (training/resume.py writes them)
+
+
+def _resume_metadata(state: Dict[str, Any]) -> Dict[str, Any]:
+    """What best.pth would record beside the same weights, from a resume file's run flags."""
+    args = state.get("args") or {}
+    meta = {"model_type": args.get("model_type"), "image_size": args.get("image_size"), "epoch": state.get("epoch"),
+            "args": args, "resume_file": True}
+    if args.get("task") == "semantic":
+        meta["task"] = "semantic"
+    if args.get("attention") == "fft":
+        meta["attention"] = {"type": "fft", "blocks": str(args.get("fft_blocks") or "global").split(",")}
+    if args.get("lora_rank"):  # last.pth keeps the adapters themselves
+        meta["lora"] = {"rank": args["lora_rank"], "alpha": args.get("lora_alpha"),
+                        "scaling": args.get("lora_alpha", 1.0) / args["lora_rank"], "save": "adapters"}
+    return meta
+
+
 def _split(obj: Any, path: Path):
-    """(state dict, metadata) from our format or a flat state dict."""
+    """(state dict, metadata) from our format, a run's last.pth, or a flat state dict."""
     if isinstance(obj, dict) and _is_state_dict(obj.get("model")):
-        if obj.get("format", FORMAT) != FORMAT:
+        fmt = obj.get("format", FORMAT)
+        if isinstance(fmt, str) and fmt.startswith(RESUME_PREFIX):
+            return obj["model"], _resume_metadata(obj)
+        if fmt != FORMAT:
             raise ValueError(f"{path}: unsupported format {obj['format']!r} (this code reads {FORMAT!r})")
         return obj["model"], {k: v for k, v in obj.items() if k != "model"}
     if _is_state_dict(obj):
         return obj, {}
     raise ValueError(f"{path} holds neither partial SAM weights nor a state dict (got {type(obj).__name__})")
+
+
+def read_weights_file(path: PathLike) -> "tuple[Dict[str, torch.Tensor], Dict[str, Any]]":
+    """(tensors, metadata) of a best.pth, a run's last.pth or a flat state dict, loaded data-only.
+    Metadata is {} for a flat state dict; for a last.pth it is what best.pth would hold."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    return _split(load_data_only(path), path)
 
 
 def _listing(title: str, lines: list) -> str:
@@ -255,7 +331,7 @@ def load_partial_weight(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"partial weight file not found: {path}")
-    weights, metadata = _split(torch.load(path, map_location="cpu", weights_only=True), path)
+    weights, metadata = read_weights_file(path)
     file_type = metadata.get("model_type")
     if expected_model_type is not None and file_type is not None and file_type != expected_model_type:
         raise ValueError(f"{path} was fine-tuned for model_type {file_type!r}, but the model is {expected_model_type!r}")
@@ -291,6 +367,8 @@ def _warn_other_mixing(model: nn.Module, metadata: Dict[str, Any], path: Path) -
     """A file trained with FFT token mixing (--attention fft) has stock shapes and loads into any
     SAM, but a model that attends in those blocks computes something else: say so."""
     trained = sorted((metadata.get("attention") or {}).get("blocks") or [])
+    if not all(isinstance(b, int) for b in trained):  # a last.pth names them as its flag did ("global")
+        return
     blocks = getattr(getattr(model, "image_encoder", None), "blocks", [])
     have = [i for i, blk in enumerate(blocks) if type(getattr(blk, "attn", None)).__name__ == "FFTAttention"]
     if trained and trained != have:  # by class name: this module must not import the package (load_model_ex.py)

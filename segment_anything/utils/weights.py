@@ -1,18 +1,18 @@
 """What is in a weights file: tell an official state dict from best.pth, last.pth and files that are no checkpoint.
 
     info = inspect_weights("sam_vit_b_01ec64.pth")
-    info.kind        # "full", "partial", "resume", "truncated" or "not_checkpoint"
+    info.kind        # "full", "partial", "resume", "truncated", "unsafe" or "not_checkpoint"
     info.model_type  # "vit_b" (from the keys and shapes, or from the file's metadata)
     info.image_size  # 1024 (from the position embedding's grid, or from the metadata; None if unknown)
     info.describe()  # one sentence for error messages
 
 The run.py preflight uses it before any worker starts, and load_model_ex.py uses it to read the
-model type and input size stored in best.pth. Like save_weight.py this module depends only on
-torch and the standard library, so load_model_ex.py can load it by file path next to Meta's
-stock segment_anything.
+model type and input size stored in best.pth. Every file is read data-only
+(save_weight.load_data_only): a file whose pickle would call code is the kind "unsafe", never run.
+Like save_weight.py this module depends only on torch, numpy and the standard library, so
+load_model_ex.py can load it next to Meta's stock segment_anything.
 """
 
-import pickletools
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +20,19 @@ from typing import Any, Dict, Optional, Set, Union
 
 import torch
 
+from .save_weight import UnsafeFileError, load_data_only
+
 PATCH_SIZE = 16  # every ViT encoder here has a 16-pixel patch; pos_embed is (1, size/16, size/16, C)
 VIT_WIDTHS = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}  # patch_embed.proj.weight's output channels
 VIT_DEPTHS = {"vit_b": 12, "vit_l": 24, "vit_h": 32}
 PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
-RESUME_KEYS = {"optimizer", "scheduler", "model", "epoch"}  # what marks a last.pth (pickled, not weights only)
+RESUME_KEYS = {"optimizer", "scheduler", "model", "epoch"}  # what marks a last.pth
 PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclass
 class WeightsInfo:
-    """What a weights file holds. kind: full | partial | resume | truncated | not_checkpoint."""
+    """What a weights file holds. kind: full | partial | resume | truncated | unsafe | not_checkpoint."""
 
     path: Path
     kind: str
@@ -52,6 +54,8 @@ class WeightsInfo:
             return f"a resume file (last.pth) of a run.py run{typ}{size}"
         if self.kind == "truncated":
             return f"a truncated or damaged PyTorch file ({self.detail})"
+        if self.kind == "unsafe":
+            return f"a file that contains code, not only data ({self.detail}); it was not loaded"
         return f"not a PyTorch checkpoint ({self.detail})"
 
 
@@ -93,27 +97,6 @@ def _from_state_dict(path: Path, weights: Dict[str, torch.Tensor], metadata: Dic
     return WeightsInfo(path, kind, model_type, image_size, parts, metadata)
 
 
-def _pickle_strings(path: Path) -> Set[str]:
-    """String constants of a zip checkpoint's pickle, read without running it (last.pth holds numpy
-    RNG states, which the weights-only loader refuses; executing the pickle just to look is unsafe)."""
-    with zipfile.ZipFile(path) as zf:
-        name = next(n for n in zf.namelist() if n.endswith("data.pkl"))
-        data = zf.read(name)
-    return {arg for op, arg, _ in pickletools.genops(data) if isinstance(arg, str)}
-
-
-def _resume_info(path: Path) -> WeightsInfo:
-    """A resume file, loaded in full only after its pickle was seen to hold the resume keys."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    args = state.get("args") or {}
-    weights = state.get("model") if _is_tensor_dict(state.get("model")) else {}
-    info = _from_state_dict(path, weights, {}, "resume")
-    info.model_type = args.get("model_type", info.model_type)
-    info.image_size = args.get("image_size", info.image_size)
-    info.metadata = {"epoch": state.get("epoch"), "args": args}
-    return info
-
-
 def inspect_weights(path: Union[str, Path]) -> WeightsInfo:
     """Read a weights file (memory-mapped when possible: a vit_h file is 2.5 GB) and tell what it is.
 
@@ -128,23 +111,24 @@ def inspect_weights(path: Union[str, Path]) -> WeightsInfo:
     if not is_zip and head.startswith(b"PK"):
         return WeightsInfo(path, "truncated", detail="a zip archive without its end (an interrupted copy or download?)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        obj = load_data_only(path, mmap=is_zip)
+    except UnsafeFileError as err:
+        calls = str(err).split("(its pickle calls ", 1)[-1].split(")", 1)[0]
+        return WeightsInfo(path, "unsafe", detail=f"its pickle calls {calls}")
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... depending on the damage
         if is_zip:
-            try:
-                strings = _pickle_strings(path)
-            except Exception as zerr:
-                return WeightsInfo(path, "truncated", detail=f"{type(zerr).__name__}: {zerr}")
-            if RESUME_KEYS <= strings:
-                return _resume_info(path)
-            return WeightsInfo(path, "not_checkpoint", detail=f"it holds objects other than tensors: {_first_line(err)}")
+            return WeightsInfo(path, "truncated", detail=_first_line(err))
         if head[:1] == b"\x80":  # a pickle protocol header: an old-style torch.save file cut short
             return WeightsInfo(path, "truncated", detail=_first_line(err))
         return WeightsInfo(path, "not_checkpoint", detail=f"neither torch.save's zip format nor a pickle; it starts with {head!r}")
     if isinstance(obj, dict) and _is_tensor_dict(obj.get("model")):
         meta = {k: v for k, v in obj.items() if k != "model"}
         if RESUME_KEYS <= set(obj):
-            return _from_state_dict(path, obj["model"], meta, "resume")
+            args = obj.get("args") or {}
+            info = _from_state_dict(path, obj["model"], {"epoch": obj.get("epoch"), "args": args}, "resume")
+            info.model_type = args.get("model_type", info.model_type)
+            info.image_size = args.get("image_size", info.image_size)
+            return info
         return _from_state_dict(path, obj["model"], meta, "partial")
     if _is_tensor_dict(obj):
         return _from_state_dict(path, obj, {}, "auto")
@@ -178,7 +162,10 @@ def check_checkpoint(path: Union[str, Path], model_type: str, image_size: int) -
         raise ValueError(f"{found}; {expected}. A best.pth goes on top of those: load_model_ex.py --weights, "
                          "or segment_anything.utils.save_weight.load_partial_weight")
     if info.kind == "resume":
-        raise ValueError(f"{found}; {expected}. To continue that run use --resume {path}")
+        raise ValueError(f"{found}; {expected}. Its trained parameters go on top of those with --weights {path}; "
+                         f"to continue that run: run.py --resume {path}")
+    if info.kind == "unsafe":
+        raise ValueError(found)
     if info.kind != "full":
         raise ValueError(f"{found}; {expected}")
     if info.model_type != model_type:

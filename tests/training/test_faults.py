@@ -42,7 +42,7 @@ def run_py(args: list, env: dict = ENV) -> subprocess.CompletedProcess:
 
 
 def state(out):
-    return torch.load(out / "last.pth", map_location="cpu", weights_only=False)
+    return torch.load(out / "last.pth", map_location="cpu", weights_only=True)
 
 
 def interrupt_mid_epoch(args: list, out, sig: int):

@@ -31,20 +31,25 @@ def overlay(image: np.ndarray, masks: Sequence[np.ndarray], colors: Optional[np.
 
 
 def draw_prompt(image: np.ndarray, box: Optional[Sequence[float]] = None, points: Optional[np.ndarray] = None,
-                labels: Optional[np.ndarray] = None) -> np.ndarray:
+                labels: Optional[np.ndarray] = None, radius: Optional[int] = None, hollow: bool = False) -> np.ndarray:
     """Draw a box (x1, y1, x2, y2) in blue and points (K, 2) with labels (K,): positive green,
-    negative red, both with a white ring so they show on any background."""
+    negative red, both with a white ring so they show on any background. hollow: rings only,
+    so what lies under the point (a small object) stays visible."""
     out = image.copy()
     thick = max(1, min(image.shape[:2]) // 200)
     if box is not None:
         x1, y1, x2, y2 = (int(round(v)) for v in box)
         cv2.rectangle(out, (x1, y1), (x2, y2), BLUE, thick)
     if points is not None:
-        radius = max(3, min(image.shape[:2]) // 80)
+        radius = radius or max(3, min(image.shape[:2]) // 80)
         for (x, y), label in zip(np.asarray(points), np.asarray(labels)):
-            centre = (int(round(x)), int(round(y)))
+            centre, color = (int(round(x)), int(round(y))), GREEN if label > 0 else RED
+            if hollow:
+                cv2.circle(out, centre, radius, WHITE, thick + 1)
+                cv2.circle(out, centre, radius, color, thick)
+                continue
             cv2.circle(out, centre, radius + thick, WHITE, -1)
-            cv2.circle(out, centre, radius, GREEN if label > 0 else RED, -1)
+            cv2.circle(out, centre, radius, color, -1)
     return out
 
 

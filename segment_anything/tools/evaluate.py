@@ -15,7 +15,7 @@ import argparse
 import csv
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -121,11 +121,17 @@ def summarize(results: Dict[str, List[dict]], metrics: List[str], n_resamples: i
 
 
 def table(summary: dict, metrics: List[str], title: str) -> str:
-    lines = [f"{title}: {summary['objects']} objects in {summary['images']} images, mean [95% CI]", "",
-             "| metric | base | fine-tuned | fine-tuned - base |", "|---|---|---|---|"]
+    """The summary as a Markdown table; each row names the images its intervals resample (a
+    metric that does not apply to some objects rests on fewer)."""
+    lines = [f"{title}: {summary['objects']} objects in {summary['images']} images, "
+             "mean [95% bootstrap interval over images]", "",
+             "| metric | images | base | fine-tuned | fine-tuned - base |", "|---|---|---|---|---|"]
     for m in metrics:
-        lines.append(f"| {m} | {format_ci(summary['base'][m])} | {format_ci(summary['tuned'][m])} | "
-                     f"{format_ci(summary['difference'][m], signed=True)} |")
+        lines.append(f"| {m} | {summary['tuned'][m]['images']} | {format_ci(summary['base'][m])} | "
+                     f"{format_ci(summary['tuned'][m])} | {format_ci(summary['difference'][m], signed=True)} |")
+    if summary["images"] == 1:
+        lines += ["", "warning: one image: the interval resamples images, so over one image there is no interval "
+                      "(it would be a single point); evaluate more images to see how much the means can move"]
     return "\n".join(lines)
 
 
@@ -139,26 +145,45 @@ def write_csv(path: Path, results: Dict[str, Dict[str, List[dict]]], metrics: Li
                     writer.writerow([dataset, model, r["image"], r["object"], r["category"]] + [f"{r[m]:.6f}" for m in metrics])
 
 
-def compare_picture(records: List[Record], prompts: List[dict], results: Dict[str, List[dict]], count: int) -> np.ndarray:
-    """Rows: the ``count`` objects with the largest IoU gain, then the ``count`` with the largest
-    loss; columns: image with the prompt, ground truth, base, fine-tuned (cropped around the object)."""
-    gains = np.array([t["iou"] - b["iou"] for b, t in zip(results["base"], results["tuned"])])
+COMPARE_CELL = 160  # pixels per picture in compare.png
+
+
+def compare_rows(results: Dict[str, List[dict]], count: int) -> List[Tuple[int, str]]:
+    """(object index, row label): the ``count`` objects with the largest IoU gain, then the
+    ``count`` with the largest loss; each label says which it is ("gain +0.60: IoU 0.20 -> 0.80")."""
+    base, tuned = [r["iou"] for r in results["base"]], [r["iou"] for r in results["tuned"]]
+    gains = np.array(tuned) - np.array(base)
     order = np.argsort(-gains, kind="stable")
     chosen = list(order[:count]) + [i for i in order[::-1][:count] if i not in order[:count]]
-    rows, labels = [], []
+    rows = []
     for i in chosen:
+        kind = "gain" if gains[i] > 0 else "loss" if gains[i] < 0 else "same"
+        rows.append((int(i), f"{kind} {gains[i]:+.2f}: IoU {base[i]:.2f} -> {tuned[i]:.2f}"))
+    return rows
+
+
+def compare_picture(records: List[Record], prompts: List[dict], results: Dict[str, List[dict]], count: int) -> np.ndarray:
+    """Rows from compare_rows; columns: image with the prompt, ground truth, base, fine-tuned
+    (cropped around the object). The prompt is drawn after the crop is scaled to its cell, with
+    hollow point markers of a fixed size, so a point does not cover a small object."""
+    rows, labels = [], []
+    for i, label in compare_rows(results, count):
         p, record = prompts[i], records[prompts[i]["image_index"]]
         image = record.load_image()
         target = record.load_masks([p["object"]])[0].astype(bool)
         shape = target.shape
         masks = [np.unpackbits(results[m][i]["mask"])[: target.size].reshape(shape).astype(bool) for m in MODELS]
         y0, x0, y1, x1 = crop_around(target, p["box"])
-        prompted = _draw.draw_prompt(image, p["box"], p["points"], p["labels"])
-        pictures = [prompted] + [_draw.overlay(image, [m], [color]) for m, color in
-                                 zip([target, *masks], [_draw.GREEN, _draw.BLUE, _draw.RED])]
-        rows.append([pic[y0:y1, x0:x1] for pic in pictures])
-        labels.append(f"IoU {results['base'][i]['iou']:.2f} -> {results['tuned'][i]['iou']:.2f}")
-    return _draw.grid(rows, ["image + prompt", "ground truth", "base", "fine-tuned"], labels)
+        scale = min(COMPARE_CELL / (x1 - x0), COMPARE_CELL / (y1 - y0))
+        box = None if p["box"] is None else (np.asarray(p["box"]) - [x0, y0, x0, y0]) * scale
+        points = None if p["points"] is None else (np.asarray(p["points"]) - [x0, y0]) * scale
+        prompted = _draw.draw_prompt(_draw.fit(image[y0:y1, x0:x1], COMPARE_CELL), box, points, p["labels"],
+                                     radius=4, hollow=True)
+        pictures = [_draw.overlay(image, [m], [color])[y0:y1, x0:x1] for m, color in
+                    zip([target, *masks], [_draw.GREEN, _draw.BLUE, _draw.RED])]
+        rows.append([prompted] + pictures)
+        labels.append(label)
+    return _draw.grid(rows, ["image + prompt", "ground truth", "base", "fine-tuned"], labels, cell=COMPARE_CELL)
 
 
 def crop_around(target: np.ndarray, box: Optional[np.ndarray], margin: float = 0.75):

@@ -38,7 +38,7 @@ def test_tuned_vs_base_with_clicks_and_reference(tmp_path):
     nails, nuts = require_shared_data("nails"), require_shared_data("labelme-nuts")
     summary, rows, out = run(tmp_path, weights_file(tmp_path / "best.pth", seed=4), "--data_dir", nails,
                              "--split", "val", "--max_images", 2, "--prompt", "box+point", "--clicks", "1,2",
-                             "--reference_data", nuts, "--max_images", 1)
+                             "--reference_data", nuts)
     data = [r for r in rows if r["dataset"] == "data"]
     base, tuned = ([r for r in data if r["model"] == m] for m in ("base", "tuned"))
     assert len(base) == len(tuned) == summary["data"]["objects"] > 0
@@ -86,3 +86,52 @@ def test_bootstrap_by_hand():
     constant = bootstrap_mean([0.5] * 6, list("aabbcc"), n_resamples=50)
     assert constant["ci_low"] == constant["ci_high"] == 0.5
     assert bootstrap_mean([float("nan")], ["a"])["n"] == 0
+
+
+def test_one_image_has_no_interval_and_says_so(tmp_path, capsys):
+    """The bootstrap resamples images: over one image every resample is that image, and the
+    'interval' would be a point. Each statistic states how many images it rests on."""
+    one = bootstrap_mean([0.2, 0.9, 0.4], ["a", "a", "a"], n_resamples=50)
+    assert one["images"] == 1 and one["mean"] == pytest.approx(0.5)
+    assert one["ci_low"] is None and one["ci_high"] is None
+    assert bootstrap_mean([1.0, 0.0, float("nan")], ["a", "b", "c"])["images"] == 2
+    nails = require_shared_data("nails")
+    summary, _, _ = run(tmp_path, weights_file(tmp_path / "best.pth", seed=4), "--data_dir", nails,
+                        "--max_images", 1)
+    out = capsys.readouterr().out
+    assert "warning: one image" in out and "no interval" in out
+    assert summary["data"]["tuned"]["iou"]["images"] == 1
+    assert summary["data"]["tuned"]["iou"]["ci_low"] is None
+
+
+def test_compare_rows_are_labelled_gain_or_loss_and_the_point_leaves_a_small_object_visible():
+    """A 4 x 4 object in a 200 x 200 image with a point prompt at its centre: the first column
+    must still show the object; every row says whether it is a gain or a loss."""
+    magenta = (255, 0, 255)
+    image = np.zeros((200, 200, 3), np.uint8)
+    image[100:104, 100:104] = magenta
+    target = np.zeros((200, 200), bool)
+    target[100:104, 100:104] = True
+
+    class Record:
+        def load_image(self):
+            return image
+
+        def load_masks(self, objects=None):
+            return target[None].astype(np.uint8)
+
+    prompts = [{"image_index": 0, "object": 0, "box": None, "points": np.array([[102.0, 102.0]], np.float32),
+                "labels": np.array([1])}] * 3
+    packed = np.packbits(target)
+    results = {"base": [{"iou": v, "mask": packed} for v in (0.2, 0.5, 0.9)],
+               "tuned": [{"iou": v, "mask": packed} for v in (0.8, 0.5, 0.4)]}
+
+    def object_pixels(prompts):
+        first_cell = evaluate.compare_picture([Record()], prompts, results, 1)[22:22 + 160, :160]
+        return (np.abs(first_cell.astype(int) - magenta).sum(-1) < 60).sum()
+
+    unmarked = object_pixels([dict(p, points=None, labels=None) for p in prompts])
+    assert unmarked > 100
+    assert object_pixels(prompts) > 0.6 * unmarked
+    labels = [label for _, label in evaluate.compare_rows(results, 1)]
+    assert labels[0].startswith("gain +0.60") and labels[1].startswith("loss -0.50")

@@ -24,6 +24,7 @@ from ..predictor import SamPredictor
 from ..utils.clicks import click_session
 from ..utils.data import DataOptions, Record, load_records, split_records
 from ..utils.data.prompts import PROMPTS, PromptConfig, object_prompts
+from ..utils.image_spec import ImageSpec, add_arguments as add_image_arguments, from_arguments
 from ..utils.metrics import boundary_iou, mask_dice, mask_iou
 from ..utils.postprocess import clean_masks
 from . import _draw
@@ -47,14 +48,14 @@ def parse_clicks(text: Optional[str]) -> List[int]:
 
 
 def read_data(path: str, fmt: str, images: Optional[str], split: str, val_fraction: float, seed: int,
-              max_images: int = 0) -> List[Record]:
+              max_images: int = 0, spec: ImageSpec = ImageSpec()) -> List[Record]:
     """Checked records of a data set (a COCO JSON needs its image folder); ``split`` val/train
     reproduces run.py's seeded split of a training folder."""
     if path.endswith(".json") or fmt == "coco":
         if not images:
             raise ValueError(f"{path}: a COCO JSON needs the folder of its images (--data_images / --reference_images)")
         fmt = "coco"
-    records = load_records(path, fmt, DataOptions(fmt), images)
+    records = load_records(path, fmt, DataOptions(fmt, image_spec=spec), images)
     if split != "all":
         train, val = split_records(records, val_fraction, seed)
         records = val if split == "val" else train
@@ -210,7 +211,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args.image_size = args.image_size or meta.get("image_size") or 1024
     check_base(args.checkpoint, args.model_type, args.image_size)
     datasets = {"data": read_data(args.data_dir, args.data_format, args.data_images, args.split, args.val_fraction,
-                                  args.seed, args.max_images)}
+                                  args.seed, args.max_images, from_arguments(args))}
     if args.reference_data:
         datasets["reference"] = read_data(args.reference_data, args.reference_format, args.reference_images, "all", 0,
                                           args.seed, args.max_images)
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_dir", required=True, help="data folder (any --data_format), or a COCO JSON")
     parser.add_argument("--data_format", default="auto", help="auto, folder, objects, instance_map, labelme or coco")
     parser.add_argument("--data_images", help="COCO: the folder of the images")
+    add_image_arguments(parser)  # --data_dir's images (the reference set is read as it is)
     parser.add_argument("--split", default="all", choices=["all", "val", "train"],
                         help="val/train: run.py's seeded split of --data_dir (--val_fraction, --seed)")
     parser.add_argument("--val_fraction", type=float, default=0.2)

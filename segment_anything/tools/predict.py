@@ -20,6 +20,7 @@ optional "box" [x1, y1, x2, y2] and optional "points" [[x, y, label], ...] (labe
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -33,6 +34,8 @@ from ..automatic_mask_generator import SamAutomaticMaskGenerator
 from ..predictor import SamPredictor
 from ..utils.amg import coco_rle
 from ..utils.data import load_image
+from ..utils.data.image_io import load_image_planes
+from ..utils.image_spec import ImageSpec, add_arguments as add_image_arguments, from_arguments
 from ..utils.postprocess import clean_masks
 from . import _draw
 from ._model import add_model_args, cli, load_model
@@ -128,13 +131,15 @@ def list_images(path: Path) -> List[Path]:
     return [path]
 
 
-def plan(args: argparse.Namespace) -> List[Tuple[Path, Optional[List[Prompt]]]]:
+def plan(args: argparse.Namespace, spec: ImageSpec = ImageSpec()) -> List[Tuple[Path, Optional[List[Prompt]]]]:
     """(image, prompts or None for automatic masks) per image; every input check happens here,
-    before the model is loaded (prompts against the sizes of their images too)."""
+    before the model is loaded (prompts against the sizes of their images too; with --plane all,
+    against the first plane: the planes of a stack share one size)."""
+    first = dataclasses.replace(spec, plane=0) if args.plane == "all" else spec
     jobs = []
     for path, prompts in pair_prompts(args):
         if prompts is not None:
-            hw = load_image(path).shape[:2]
+            hw = load_image(path, first).shape[:2]
             fitted = [fit_to_image(p, path.name, hw) for p in prompts]
             for _, note in fitted:
                 if note:
@@ -163,6 +168,14 @@ def pair_prompts(args: argparse.Namespace) -> List[Tuple[Path, Optional[List[Pro
         return [(p, [make_prompt(cli_box, cli_points, f"--box {args.box}", [f"--point {t}" for t in args.point or []])])
                 for p in images]
     return [(p, None) for p in images]
+
+
+def planes_of(jobs, spec, every: bool):
+    """(path, prompts, plane or None, RGB image) per image, and per plane of a stack with --plane
+    all (every); a plain image has plane None. The same prompts apply to every plane."""
+    for path, prompts in jobs:
+        for plane, _, image in load_image_planes(path, spec, every):
+            yield path, prompts, plane, image
 
 
 def predict_prompts(predictor: SamPredictor, prompts: List[Prompt], multimask: bool, min_area: int) -> List[Tuple[np.ndarray, np.ndarray]]:
@@ -214,6 +227,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser)
     parser.add_argument("--image", required=True, help="an image file or a folder of images")
+    add_image_arguments(parser, plane_all=True)
     parser.add_argument("--box", help="x1,y1,x2,y2 in pixels")
     parser.add_argument("--point", action="append", help="x,y[,label] in pixels (label 1 object, 0 background); repeatable")
     parser.add_argument("--prompts", help="JSON file: image name -> prompts (see the module doc)")
@@ -229,29 +243,30 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.task == "semantic":
         return main_semantic(args)
 
-    jobs = plan(args)
+    spec = from_arguments(args)
+    jobs = plan(args, spec)
     sam = load_model(args, args.weights)
     predictor = SamPredictor(sam)
     generator = None
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path, prompts in jobs:
-        image = load_image(path)
+    for path, prompts, plane, image in planes_of(jobs, spec, args.plane == "all"):
+        stem, name = (path.stem, path.name) if plane is None else (f"{path.stem}_plane{plane}", f"{path.name} plane {plane}")
         if prompts is None:
             generator = generator or SamAutomaticMaskGenerator(
                 sam, points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
                 stability_score_thresh=args.stability_score_thresh, min_mask_region_area=args.min_region_area)
             with torch.no_grad():
                 records = generator.generate(image)
-            write_automatic(out_dir, path.stem, image, records)
-            print(f"{path.name}: {len(records)} automatic masks" if records else
-                  f"{path.name}: no automatic mask passed --pred_iou_thresh {args.pred_iou_thresh:g} and "
+            write_automatic(out_dir, stem, image, records)
+            print(f"{name}: {len(records)} automatic masks" if records else
+                  f"{name}: no automatic mask passed --pred_iou_thresh {args.pred_iou_thresh:g} and "
                   f"--stability_score_thresh {args.stability_score_thresh:g} (lower them to keep more); "
                   "wrote the image unchanged as the overlay and an empty list")
         else:
             predictor.set_image(image)
-            write_prompted(out_dir, path.stem, image, prompts, predict_prompts(predictor, prompts, args.multimask, args.min_region_area))
-            print(f"{path.name}: {len(prompts)} object(s)")
+            write_prompted(out_dir, stem, image, prompts, predict_prompts(predictor, prompts, args.multimask, args.min_region_area))
+            print(f"{name}: {len(prompts)} object(s)")
     print(f"wrote {out_dir}")
 
 
@@ -264,8 +279,9 @@ def main_semantic(args: argparse.Namespace) -> None:
     sam, classes = load_semantic_model(args)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    spec = from_arguments(args)
     for path in images:
-        image = load_image(path)
+        image = load_image(path, spec)
         labels = predict_classes(sam, image)
         write_semantic(out_dir, path.stem, image, labels, len(classes))
         found = ", ".join(f"{classes[c]} {n}" for c, n in zip(*np.unique(labels, return_counts=True)))

@@ -26,6 +26,7 @@ from ..utils.data.formats import DataOptions
 from ..utils.data.prepare import describe, load_split
 from ..utils.data.prompts import POINT_MODES, PROMPTS, PromptConfig, object_prompts
 from ..utils.data.records import Record
+from ..utils.image_spec import add_arguments as add_image_arguments
 
 
 def colours(n: int) -> np.ndarray:
@@ -107,7 +108,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="labelme: labels to keep, comma-separated")
     p.add_argument("--categories", help="coco: categories to keep, comma-separated")
     p.add_argument("--foreground_values", help="mask values that are the object, comma-separated")
-    p.add_argument("--intensity_range", default="auto", help="16-bit images: auto or LO,HI")
+    add_image_arguments(p)
     p.add_argument("--skip_bad", action="store_true", help="leave bad samples out (listed in skipped.txt)")
     p.add_argument("--prompt", default="box+point", choices=list(PROMPTS), help="prompts to sample and draw")
     p.add_argument("--num_points", type=int, default=1, help="positive points per object")
@@ -124,7 +125,10 @@ def main(argv=None) -> int:
         sys.exit("error: COCO data needs --json and --images")
     if not coco and not args.data_dir:
         sys.exit("error: --data_dir is required (or --json and --images for COCO)")
-    opts = DataOptions.from_config(args)
+    try:
+        opts = DataOptions.from_config(args)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     out = Path(args.output_dir)
     try:
         loaded = load_split("coco" if coco else args.data_format, args.json if coco else args.data_dir, opts, args.images)

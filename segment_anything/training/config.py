@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
+from ..utils.image_spec import CHANNELS_HELP, PLANE_HELP, RANGE_HELP, ImageSpec
+
 MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "vit_t")
 OFFICIAL_FILES = {
     "vit_h": "sam_vit_h_4b8939.pth",
@@ -154,7 +156,9 @@ class TrainConfig:
     val_images: Optional[str] = _flag(None, "coco: folder of the validation images")
     foreground_values: Optional[str] = _flag(None, "mask values that are the object, e.g. 1,2 (palette indices, "
                                              "label values); class names for labelme/coco")
-    intensity_range: str = _flag("auto", "16-bit/float images: auto (each image's min..max) or LO,HI mapped to 0..255")
+    intensity_range: str = _flag("auto", RANGE_HELP)
+    channels: str = _flag("", CHANNELS_HELP)
+    plane: Optional[int] = _flag(None, PLANE_HELP)
     skip_bad: bool = _flag(False, "leave bad samples out with a warning (list in <run>/skipped.txt) instead of stopping")
     # Objects, prompts, augmentation (utils/data/dataset.py, prompts.py, augment.py)
     max_objects: int = _flag(16, "objects per image per training step (a fresh seeded choice each epoch); "
@@ -259,15 +263,10 @@ class TrainConfig:
             errors.append(f"--mask_threshold must be in [0, 254], got {self.mask_threshold}")
         if self.min_area < 0:
             errors.append(f"--min_area must be >= 0, got {self.min_area}")
-        if self.intensity_range != "auto":
-            parts = self.intensity_range.split(",")
-            try:
-                lo, hi = (float(v) for v in parts)
-                ok = hi > lo
-            except ValueError:
-                ok = False
-            if not ok:
-                errors.append(f"--intensity_range must be auto or LO,HI with HI > LO, got {self.intensity_range!r}")
+        try:
+            ImageSpec.from_flags(self.channels, self.intensity_range, self.plane)
+        except ValueError as err:
+            errors.append(str(err))
         if self.world_size is not None and self.world_size < 1:
             errors.append(f"--world_size must be >= 1, got {self.world_size}")
         if self.threads is not None and self.threads < 1:

@@ -285,7 +285,7 @@ def _decode(data: bytes) -> Optional[torch.Tensor]:
 
 # Flags that change what the encoder sees, beyond the image file and the weights; a flag that
 # does not exist (yet) in the configuration is skipped.
-INPUT_FLAGS = ("model_type", "image_size", "intensity_range", "intensity_scale", "channels")
+INPUT_FLAGS = ("model_type", "image_size", "intensity_range", "intensity_scale", "channels", "plane")
 
 
 def open_cache(cfg, sam: torch.nn.Module, amp_dtype: Optional[torch.dtype], log: bool = True,

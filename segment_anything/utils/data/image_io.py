@@ -4,19 +4,22 @@ OpenCV decodes a JPEG cut in half with only a "Premature end of JPEG file" warni
 bottom half; here a JPEG without its end marker is re-checked by Pillow's strict decoder and
 reported as unreadable. Files are read as bytes and decoded with cv2.imdecode, so non-ASCII paths
 work on every platform. EXIF orientation is applied (as photo viewers and annotation tools show
-the image). High-bit-depth images (12-bit microscopy in 16-bit files, float TIFFs) are scaled to
-8 bits by their own range (per image min..max) or by a fixed `intensity_range` (lo, hi).
+the image). TIFF files are read through tifffile (stacks, many channels, any depth; stacks.py);
+an `ImageSpec` (channels.py) picks the plane and the channels and scales deeper data to 8 bits.
 """
 
 import io
 from pathlib import Path
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, Iterator, Optional, Tuple, Union
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from ..image_spec import ImageSpec, as_spec
+from .channels import to_rgb, to_uint8  # noqa: F401 (to_uint8: the one scaling, used by formats and tests)
 from .checks import BadSample
+from .stacks import Planes, is_tiff, read_tiff
 
 EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 LOSSY = frozenset({".jpg", ".jpeg"})
@@ -24,6 +27,7 @@ BINARY_SETS = ({0, 1}, {0, 255}, {0, 65535})
 EXIF_ORIENTATION = 0x0112
 
 IntensityRange = Optional[Tuple[float, float]]
+SpecLike = Union[ImageSpec, IntensityRange]  # a plain (lo, hi) range reads as ImageSpec(ranges=((lo, hi),))
 
 
 def is_image_file(path: Path) -> bool:
@@ -89,39 +93,65 @@ def _decode(data: bytes, name: str, flags: int) -> np.ndarray:
     return array
 
 
-def to_uint8(array: np.ndarray, intensity_range: IntensityRange = None) -> np.ndarray:
-    """uint8 as is; other depths scaled linearly from (lo, hi) to 0..255 (default: the image's
-    own min..max, so 12-bit data in a 16-bit file uses the full 8-bit range)."""
-    if array.dtype == np.uint8:
-        return array
-    a = array.astype(np.float32)
-    lo, hi = intensity_range if intensity_range else (float(a.min()), float(a.max()))
-    if hi <= lo:
-        return np.zeros(array.shape, np.uint8)
-    return np.clip((a - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
-
-
-def decode_image(data: bytes, name: str, intensity_range: IntensityRange = None) -> np.ndarray:
-    """Encoded bytes -> uint8 (H, W, 3) RGB; EXIF orientation applied, alpha dropped."""
+def decode_planes(data: bytes, name: str) -> Planes:
+    """Encoded bytes -> every plane and channel, any depth (TIFF: tifffile; others: OpenCV)."""
+    if is_tiff(data):
+        return read_tiff(data, name)
     array = _decode(data, name, cv2.IMREAD_UNCHANGED)
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[..., 0]
-    array = to_uint8(array, intensity_range)
     if array.ndim == 2:
-        rgb = cv2.cvtColor(array, cv2.COLOR_GRAY2RGB)
-    elif array.shape[2] == 2:  # grey + alpha
-        rgb = cv2.cvtColor(np.ascontiguousarray(array[..., 0]), cv2.COLOR_GRAY2RGB)
-    elif array.shape[2] == 4:
-        rgb = cv2.cvtColor(array, cv2.COLOR_BGRA2RGB)
-    else:
-        rgb = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
-    return apply_orientation(rgb, exif_orientation(data))
+        array = array[..., None]
+    if array.shape[2] in (3, 4):
+        array = array[..., [2, 1, 0, 3][:array.shape[2]]]  # BGR(A) -> RGB(A)
+    return Planes(array[None], alpha=array.shape[2] in (2, 4))
 
 
-def load_image(path, intensity_range: IntensityRange = None) -> np.ndarray:
+def select_plane(planes: Planes, spec: ImageSpec, name: str) -> Tuple[np.ndarray, str]:
+    """(H, W, C) of the plane spec asks for, and the name to use in messages (file and plane)."""
+    if planes.bare and spec.channels and spec.plane is None and planes.array.shape[3] == 1:
+        planes = planes.as_channels()
+    if spec.plane is None:
+        if planes.count > 1:
+            hint = "; or --channels to read the pages as channels" if planes.bare else ""
+            raise BadSample("stack", f"{name}: {planes.describe()}, --plane not given: pick one with --plane N "
+                                     f"(0..{planes.count - 1}){hint}")
+        return planes.array[0], name
+    if spec.plane >= planes.count:
+        raise BadSample("plane", f"{name}: --plane {spec.plane} asked, the file has {planes.count} plane(s)")
+    return planes.array[spec.plane], f"{name} {planes.where(spec.plane)}"
+
+
+def decode_image(data: bytes, name: str, spec: SpecLike = None) -> np.ndarray:
+    """Encoded bytes -> uint8 (H, W, 3) RGB; EXIF orientation applied, alpha dropped."""
+    spec = as_spec(spec)
+    planes = decode_planes(data, name)
+    array, where = select_plane(planes, spec, name)
+    return apply_orientation(to_rgb(array, spec, where, planes.alpha), exif_orientation(data))
+
+
+def load_image(path, spec: SpecLike = None) -> np.ndarray:
     """Read an image file as uint8 (H, W, 3) RGB (see the module docstring)."""
     path = Path(path)
-    return decode_image(read_bytes(path), str(path), intensity_range)
+    return decode_image(read_bytes(path), str(path), spec)
+
+
+def load_image_planes(path, spec: SpecLike = None, every: bool = False) -> Iterator[Tuple[Optional[int], str, np.ndarray]]:
+    """(plane, name, uint8 RGB) for the plane spec names, or with `every` (--plane all) for each
+    plane of a stack (z-stacks and time series read as separate images); plane is None for a
+    plain image, and name holds the file and the plane."""
+    path, spec = Path(path), as_spec(spec)
+    data = read_bytes(path)
+    planes = decode_planes(data, str(path))
+    if planes.bare and spec.channels and spec.plane is None and planes.array.shape[3] == 1:
+        planes = planes.as_channels()
+    orientation = exif_orientation(data)
+    if spec.plane is None and (planes.count == 1 or not every):
+        array, where = select_plane(planes, spec, str(path))
+        yield None, where, apply_orientation(to_rgb(array, spec, where, planes.alpha), orientation)
+        return
+    for k in [spec.plane] if spec.plane is not None else range(planes.count):
+        one = ImageSpec(spec.channels, spec.ranges, k)
+        array, where = select_plane(planes, one, str(path))
+        yield k, where, apply_orientation(to_rgb(array, one, where, planes.alpha), orientation)
 
 
 def _palette_indices(data: bytes, path: Path) -> Optional[np.ndarray]:
@@ -140,27 +170,34 @@ def _palette_indices(data: bytes, path: Path) -> Optional[np.ndarray]:
         return np.array(im.getchannel(0) if im.mode == "PA" else im)
 
 
-def read_label(path) -> np.ndarray:
+def read_label(path, plane: Optional[int] = None) -> np.ndarray:
     """A mask or label image as integers (H, W): palette PNGs give their indices, colour masks
-    are converted to grey, 16-bit values are kept. No EXIF rotation (masks are written as stored)."""
+    are converted to grey, 16-bit values are kept. No EXIF rotation (masks are written as stored).
+    A label stack (TIFF) gives its `plane`; a single mask serves every plane of its image's stack."""
     path = Path(path)
     data = read_bytes(path)
     palette = _palette_indices(data, path)
     if palette is not None:
         return palette
-    array = _decode(data, str(path), cv2.IMREAD_UNCHANGED)
-    if array.ndim == 3:
-        if array.shape[2] == 4:
-            array = array[..., :3]
-        array = cv2.cvtColor(np.ascontiguousarray(array), cv2.COLOR_BGR2GRAY) if array.shape[2] == 3 else array[..., 0]
-    return array
+    planes = decode_planes(data, str(path))
+    if planes.count > 1:
+        if plane is None:
+            raise BadSample("stack", f"{path}: label stack of {planes.describe()}, --plane not given: pick one with "
+                                     f"--plane N (0..{planes.count - 1})")
+        if plane >= planes.count:
+            raise BadSample("plane", f"{path}: --plane {plane} asked, the label stack has {planes.count} plane(s)")
+    array = planes.array[plane if planes.count > 1 else 0]
+    if array.shape[2] in (3, 4):
+        return cv2.cvtColor(np.ascontiguousarray(array[..., :3]), cv2.COLOR_RGB2GRAY)
+    return array[..., 0]
 
 
 def _shown(values: np.ndarray, limit: int = 5) -> str:
     return ", ".join(str(v) for v in values[:limit].tolist()) + (", ..." if values.size > limit else "")
 
 
-def load_mask(path, threshold: int = 127, foreground_values: Optional[Iterable[int]] = None) -> np.ndarray:
+def load_mask(path, threshold: int = 127, foreground_values: Optional[Iterable[int]] = None,
+              plane: Optional[int] = None) -> np.ndarray:
     """Read a binary mask as uint8 (H, W) in {0, 1}.
 
     foreground_values: the label values that are the object (others are background).
@@ -169,7 +206,7 @@ def load_mask(path, threshold: int = 127, foreground_values: Optional[Iterable[i
     JPEG masks carry compression noise and are thresholded: value > threshold -> 1.
     """
     path = Path(path)
-    labels = read_label(path)
+    labels = read_label(path, plane)
     if foreground_values:
         return np.isin(labels, list(foreground_values)).astype(np.uint8)
     if path.suffix.lower() in LOSSY:

@@ -52,7 +52,7 @@ def semantic_target(record: Record, class_ids: Dict[str, int]) -> np.ndarray:
     whose label values are the ids; values of objects the record dropped, e.g. by --min_area or
     --foreground_values, become background)."""
     if isinstance(record, InstanceMapRecord):
-        labels = read_instances(record.mask).astype(np.int64)
+        labels = read_instances(record.mask, record.image_spec.plane).astype(np.int64)
         return np.where(np.isin(labels, record.objects), labels, 0)
     target = np.zeros(record.size, np.int64)
     for mask, category in zip(record.load_masks(), record.categories):

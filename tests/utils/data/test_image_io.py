@@ -68,7 +68,7 @@ def test_sixteen_bit_scaled_by_range(tmp_path):
     expected = np.round((twelve.astype(np.float32) - 100) * (255 / 3900)).astype(np.uint8)
     np.testing.assert_array_equal(out[..., 0], expected)
     assert out.max() == 255 and out.min() == 0  # not almost black, as a plain 8-bit conversion gives
-    fixed = load_image(tmp_path / "cells.png", intensity_range=(0, 4095))
+    fixed = load_image(tmp_path / "cells.png", (0, 4095))
     np.testing.assert_array_equal(fixed[..., 0], np.round(twelve * (255 / 4095)).astype(np.uint8))
 
 

@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 
 from ....training.config import DATA_FORMATS, INSTANCE_MODES  # noqa: F401 (the one list of names)
+from ...image_spec import ImageSpec
 from ..checks import BadSample, DataError, Problem
 from ..image_io import exif_orientation
 from ..records import MergedRecord, Record
@@ -34,7 +35,7 @@ class DataOptions:
     labels: Tuple[str, ...] = ()  # labelme: keep only these labels
     categories: Tuple[str, ...] = ()  # COCO: keep only these category names
     foreground_values: Tuple[int, ...] = ()  # folder/instance_map: label values that are objects
-    intensity_range: Optional[Tuple[float, float]] = None  # >8-bit images: fixed (lo, hi)
+    image_spec: ImageSpec = ImageSpec()  # --channels, --intensity_range, --plane
 
     @classmethod
     def from_config(cls, cfg) -> "DataOptions":
@@ -43,12 +44,9 @@ class DataOptions:
         labels, categories = _split(cfg.labels), _split(cfg.categories)
         if names and not numeric:  # class names: what --labels / --categories mean
             labels, categories = labels or names, categories or names
-        rng = None
-        if cfg.intensity_range and cfg.intensity_range != "auto":
-            lo, hi = (float(v) for v in cfg.intensity_range.split(","))
-            rng = (lo, hi)
+        spec = ImageSpec.from_flags(cfg.channels, cfg.intensity_range, cfg.plane)
         return cls(cfg.data_format, cfg.instance_mode, cfg.min_area, cfg.mask_threshold, tuple(labels),
-                   tuple(categories), tuple(int(v) for v in names) if numeric else (), rng)
+                   tuple(categories), tuple(int(v) for v in names) if numeric else (), spec)
 
 
 def _split(text: Optional[str]) -> List[str]:

@@ -18,7 +18,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..checks import BadSample, DataError, Problem
-from ..image_io import IntensityRange, load_image
+from ..image_io import ImageSpec, load_image
 from ..records import Record, pick
 from . import DataOptions, Scan, finish, size_mismatch
 
@@ -53,14 +53,14 @@ def decode(rles: List[dict], size: Tuple[int, int]) -> np.ndarray:
 @dataclass(frozen=True)
 class CocoRecord(Record):
     objects: Tuple[Tuple[int, dict], ...] = ()  # (annotation id, compressed RLE) per object
-    intensity_range: IntensityRange = None
+    image_spec: ImageSpec = ImageSpec()
 
     @property
     def annotation_ids(self) -> Tuple[int, ...]:
         return tuple(a for a, _ in self.objects)
 
     def load_image(self) -> np.ndarray:
-        return load_image(self.image, self.intensity_range)
+        return load_image(self.image, self.image_spec)
 
     def load_masks(self, indices: Optional[Sequence[int]] = None) -> np.ndarray:
         chosen = pick(indices, len(self.objects))
@@ -75,7 +75,7 @@ def _bad_polygon(ann: dict) -> bool:
 def build(entry: Entry, opts: DataOptions, names: dict):
     if not entry.path.is_file():
         raise BadSample("missing file", f"{entry.path}: file does not exist (image id {entry.image_id} in {entry.json})")
-    image = load_image(entry.path, opts.intensity_range)
+    image = load_image(entry.path, opts.image_spec)
     h, w = image.shape[:2]
     if (h, w) != entry.size:
         raise size_mismatch(str(entry.path), image, f"{entry.json} (image id {entry.image_id})", entry.size)
@@ -97,7 +97,7 @@ def build(entry: Entry, opts: DataOptions, names: dict):
         else:
             objects.append((int(ann["id"]), to_rle(ann["segmentation"], h, w)))
             categories.append(name)
-    record = CocoRecord(str(entry.path), (h, w), entry.json, tuple(categories), tuple(objects), opts.intensity_range)
+    record = CocoRecord(str(entry.path), (h, w), entry.json, tuple(categories), tuple(objects), opts.image_spec)
     masks = decode([rle for _, rle in objects], (h, w))
     return finish(record, image, masks, opts, drops)
 

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from ..checks import BadSample, DataError, Problem
-from ..image_io import IntensityRange, is_image_file, load_image, load_mask
+from ..image_io import ImageSpec, is_image_file, load_image, load_mask
 from ..records import Record, pick, stack_masks
 from . import IMAGE_DIRS, MASK_DIRS, DataOptions, Scan, find_dir, finish, size_mismatch
 
@@ -73,26 +73,26 @@ class FolderRecord(Record):
     objects: Tuple[int, ...] = ()  # component labels of the mask
     threshold: int = 127
     foreground_values: Tuple[int, ...] = ()
-    intensity_range: IntensityRange = None
+    image_spec: ImageSpec = ImageSpec()
 
     def load_image(self) -> np.ndarray:
-        return load_image(self.image, self.intensity_range)
+        return load_image(self.image, self.image_spec)
 
     def load_masks(self, indices: Optional[Sequence[int]] = None) -> np.ndarray:
         chosen = pick(indices, len(self.objects))
-        labels = components(load_mask(self.mask, self.threshold, self.foreground_values))
+        labels = components(load_mask(self.mask, self.threshold, self.foreground_values, self.image_spec.plane))
         return stack_masks([labels == self.objects[i] for i in chosen], self.size)
 
 
 def build(pair: Pair, opts: DataOptions):
-    image = load_image(pair.image, opts.intensity_range)
-    mask = load_mask(pair.mask, opts.mask_threshold, opts.foreground_values)
+    image = load_image(pair.image, opts.image_spec)
+    mask = load_mask(pair.mask, opts.mask_threshold, opts.foreground_values, opts.image_spec.plane)
     if image.shape[:2] != mask.shape:
         raise size_mismatch(str(pair.image), image, str(pair.mask), mask.shape)
     labels = components(mask)
     n = int(labels.max())
     record = FolderRecord(str(pair.image), image.shape[:2], str(pair.mask), ("object",) * n, str(pair.mask),
-                          tuple(range(1, n + 1)), opts.mask_threshold, opts.foreground_values, opts.intensity_range)
+                          tuple(range(1, n + 1)), opts.mask_threshold, opts.foreground_values, opts.image_spec)
     masks = np.stack([labels == k for k in range(1, n + 1)]).astype(np.uint8) if n else np.zeros((0, *mask.shape), np.uint8)
     return finish(record, image, masks, opts)
 

@@ -12,14 +12,14 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from ..checks import BadSample
-from ..image_io import IntensityRange, load_image, read_label
+from ..image_io import ImageSpec, load_image, read_label
 from ..records import Record, pick, stack_masks
 from . import DataOptions, Scan, finish, size_mismatch
 from .folder import Pair, check_lossless, find_pairs
 
 
-def read_instances(path) -> np.ndarray:
-    labels = read_label(path)
+def read_instances(path, plane: Optional[int] = None) -> np.ndarray:
+    labels = read_label(path, plane)
     if not np.issubdtype(labels.dtype, np.integer):
         raise BadSample("not a label map", f"{path}: label map must hold integers, found {labels.dtype}")
     return labels
@@ -29,28 +29,28 @@ def read_instances(path) -> np.ndarray:
 class InstanceMapRecord(Record):
     mask: str = ""
     objects: Tuple[int, ...] = ()  # label values
-    intensity_range: IntensityRange = None
+    image_spec: ImageSpec = ImageSpec()
 
     def load_image(self) -> np.ndarray:
-        return load_image(self.image, self.intensity_range)
+        return load_image(self.image, self.image_spec)
 
     def load_masks(self, indices: Optional[Sequence[int]] = None) -> np.ndarray:
         chosen = pick(indices, len(self.objects))
-        labels = read_instances(self.mask)
+        labels = read_instances(self.mask, self.image_spec.plane)
         return stack_masks([labels == self.objects[i] for i in chosen], self.size)
 
 
 def build(pair: Pair, opts: DataOptions):
     check_lossless(pair.mask)
-    image = load_image(pair.image, opts.intensity_range)
-    labels = read_instances(pair.mask)
+    image = load_image(pair.image, opts.image_spec)
+    labels = read_instances(pair.mask, opts.image_spec.plane)
     if image.shape[:2] != labels.shape:
         raise size_mismatch(str(pair.image), image, str(pair.mask), labels.shape)
     values = [int(v) for v in np.unique(labels) if v != 0]
     if opts.foreground_values:
         values = [v for v in values if v in opts.foreground_values]
     record = InstanceMapRecord(str(pair.image), image.shape[:2], str(pair.mask), ("object",) * len(values),
-                               str(pair.mask), tuple(values), opts.intensity_range)
+                               str(pair.mask), tuple(values), opts.image_spec)
     masks = stack_masks([labels == v for v in values], labels.shape)
     return finish(record, image, masks, opts)
 

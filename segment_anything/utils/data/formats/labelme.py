@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..checks import BadSample
-from ..image_io import IntensityRange, decode_image, is_image_file, load_image, read_bytes
+from ..image_io import ImageSpec, decode_image, is_image_file, load_image, read_bytes
 from ..records import Record, pick, stack_masks
 from . import DataOptions, Scan, finish
 
@@ -52,12 +52,12 @@ def image_source(path: Path, data: dict) -> Tuple[Optional[Path], bool]:
     raise BadSample("missing image", f"{path}: imagePath {rel!r} does not exist ({image}) and there is no imageData")
 
 
-def embedded_image(path: Path, data: dict, intensity_range: IntensityRange) -> np.ndarray:
+def embedded_image(path: Path, data: dict, image_spec: ImageSpec) -> np.ndarray:
     try:
         raw = base64.b64decode(data["imageData"], validate=False)
     except (ValueError, TypeError) as err:
         raise BadSample("unreadable", f"{path}: imageData is not base64 ({err})") from None
-    return decode_image(raw, f"{path} (imageData)", intensity_range)
+    return decode_image(raw, f"{path} (imageData)", image_spec)
 
 
 def shape_mask(shape: dict, size: Tuple[int, int]) -> np.ndarray:
@@ -90,12 +90,12 @@ def shape_mask(shape: dict, size: Tuple[int, int]) -> np.ndarray:
 class LabelmeRecord(Record):
     objects: Tuple[Tuple[int, ...], ...] = ()  # shape indices of each object
     embedded: bool = False  # image decoded from the JSON's imageData
-    intensity_range: IntensityRange = None
+    image_spec: ImageSpec = ImageSpec()
 
     def load_image(self) -> np.ndarray:
         if self.embedded:
-            return embedded_image(Path(self.source), read_json(Path(self.source)), self.intensity_range)
-        return load_image(self.image, self.intensity_range)
+            return embedded_image(Path(self.source), read_json(Path(self.source)), self.image_spec)
+        return load_image(self.image, self.image_spec)
 
     def load_masks(self, indices: Optional[Sequence[int]] = None) -> np.ndarray:
         chosen = pick(indices, len(self.objects))
@@ -141,7 +141,7 @@ def _group(path: Path, shapes: List[dict], opts: DataOptions, drops: Counter) ->
 def build(path: Path, opts: DataOptions):
     data = read_json(path)
     image_path, embedded = image_source(path, data)
-    image = embedded_image(path, data, opts.intensity_range) if embedded else load_image(image_path, opts.intensity_range)
+    image = embedded_image(path, data, opts.image_spec) if embedded else load_image(image_path, opts.image_spec)
     h, w = image.shape[:2]
     jh, jw = data.get("imageHeight"), data.get("imageWidth")
     if jh and jw and (int(jh), int(jw)) != (h, w):
@@ -157,7 +157,7 @@ def build(path: Path, opts: DataOptions):
         masks[-len(members):] = [np.max(masks[-len(members):], 0)]
     record = LabelmeRecord(str(path if embedded else image_path), (h, w), str(path),
                            tuple(key[0] for key in groups), tuple(tuple(m) for m in groups.values()),
-                           embedded, opts.intensity_range)
+                           embedded, opts.image_spec)
     return finish(record, image, stack_masks(masks, (h, w)), opts, drops)
 
 

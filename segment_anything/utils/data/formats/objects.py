@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from ..checks import BadSample, DataError, Problem
-from ..image_io import IntensityRange, is_image_file, load_image, load_mask
+from ..image_io import ImageSpec, is_image_file, load_image, load_mask
 from ..records import Record, pick, stack_masks
 from . import IMAGE_DIRS, MASK_DIRS, DataOptions, Scan, find_dir, finish, size_mismatch
 
@@ -25,14 +25,14 @@ class Sample:
 class ObjectsRecord(Record):
     objects: Tuple[str, ...] = ()  # one mask file per object
     threshold: int = 127
-    intensity_range: IntensityRange = None
+    image_spec: ImageSpec = ImageSpec()
 
     def load_image(self) -> np.ndarray:
-        return load_image(self.image, self.intensity_range)
+        return load_image(self.image, self.image_spec)
 
     def load_masks(self, indices: Optional[Sequence[int]] = None) -> np.ndarray:
         chosen = pick(indices, len(self.objects))
-        return stack_masks([load_mask(self.objects[i], self.threshold) for i in chosen], self.size)
+        return stack_masks([load_mask(self.objects[i], self.threshold, plane=self.image_spec.plane) for i in chosen], self.size)
 
 
 def _files(folder: Optional[Path]):
@@ -57,17 +57,17 @@ def find_samples(root: Path):
 
 
 def build(sample: Sample, opts: DataOptions):
-    image = load_image(sample.image, opts.intensity_range)
+    image = load_image(sample.image, opts.image_spec)
     masks = []
     for path in sample.masks:
-        mask = load_mask(path, opts.mask_threshold)
+        mask = load_mask(path, opts.mask_threshold, plane=opts.image_spec.plane)
         if mask.shape != image.shape[:2]:
             raise size_mismatch(str(sample.image), image, str(path), mask.shape)
         masks.append(mask)
     if not masks:
         raise BadSample("no objects", f"{sample.folder}: no mask files in masks/")
     record = ObjectsRecord(str(sample.image), image.shape[:2], str(sample.folder), ("object",) * len(masks),
-                           tuple(str(p) for p in sample.masks), opts.mask_threshold, opts.intensity_range)
+                           tuple(str(p) for p in sample.masks), opts.mask_threshold, opts.image_spec)
     return finish(record, image, stack_masks(masks, image.shape[:2]), opts)
 
 

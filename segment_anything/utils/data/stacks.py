@@ -1,0 +1,96 @@
+"""Decoded pixels as planes x channels: TIFF stacks through tifffile, every other file through OpenCV.
+
+OpenCV reads one page of a TIFF and at most four channels; microscopy files are z-stacks, time
+series and multi-channel hyperstacks of 16-bit or float data. tifffile reads a file's first series
+with its axis labels (ImageJ hyperstacks, OME-TIFF, tifffile's own shaped files): the channel axes
+(C, S) become channels, Y and X the image, and every other axis (Z, T, or a bare page sequence)
+counts planes in file order (T=2, Z=3: plane 4 is t=1, z=1). A file tifffile cannot decode (LZW or
+JPEG compression need the optional imagecodecs package) goes through OpenCV's multi-page decoder:
+its pages are planes, without axis labels.
+"""
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Tuple
+
+import cv2
+import numpy as np
+import tifffile
+
+from .checks import BadSample
+
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+CHANNEL_AXES = "CS"
+
+
+@dataclass
+class Planes:
+    array: np.ndarray  # (P, H, W, C), channels in file order (RGB order for colour images)
+    axes: str = ""  # the plane axes, e.g. "TZ"; "" for a plain image
+    shape: Tuple[int, ...] = ()  # their sizes
+    alpha: bool = False  # the last channel is transparency
+    bare: bool = False  # one unlabelled page axis: the pages may as well be channels
+
+    @property
+    def count(self) -> int:
+        return self.array.shape[0]
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{a}={n}" for a, n in zip(self.axes, self.shape))
+        return f"{self.count} planes ({'pages' if self.bare else sizes})"
+
+    def where(self, plane: int) -> str:
+        """'plane 4 (T=1, Z=1)': the plane and, for several plane axes, its index on each."""
+        if len(self.axes) < 2:
+            return f"plane {plane}"
+        index = np.unravel_index(plane, self.shape)
+        return f"plane {plane} ({', '.join(f'{a}={int(i)}' for a, i in zip(self.axes, index))})"
+
+    def as_channels(self) -> "Planes":
+        """Bare pages of one channel each read as the channels of one image."""
+        return Planes(np.moveaxis(self.array[..., 0], 0, -1)[None])
+
+
+def is_tiff(data: bytes) -> bool:
+    return data[:4] in TIFF_MAGIC
+
+
+def read_tiff(data: bytes, name: str) -> Planes:
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            series = tif.series[0]
+            array, axes, page = series.asarray(), series.axes, tif.pages[0]
+            alpha = (page.photometric == tifffile.PHOTOMETRIC.RGB and page.samplesperpixel == 4
+                     and array.dtype == np.uint8 and any(int(e) in (1, 2) for e in page.extrasamples))
+    except Exception as err:  # noqa: BLE001 - any reader failure: OpenCV decides, then the error names both
+        return opencv_pages(data, name, f"{type(err).__name__}: {err}")
+    if "Y" not in axes or "X" not in axes:
+        raise BadSample("unreadable", f"{name}: TIFF series has axes {axes!r}, no Y and X image axes")
+    planes = [i for i, a in enumerate(axes) if a not in CHANNEL_AXES + "YX"]
+    chans = [i for i, a in enumerate(axes) if a in CHANNEL_AXES]
+    array = np.transpose(array, planes + [axes.index("Y"), axes.index("X")] + chans)
+    plane_shape = tuple(array.shape[:len(planes)])
+    h, w = array.shape[len(planes):len(planes) + 2]
+    array = array.reshape(math.prod(plane_shape), h, w, math.prod(array.shape[len(planes) + 2:]))
+    plane_axes = "".join(axes[i] for i in planes)
+    return Planes(array, plane_axes, plane_shape, alpha, bare=len(planes) == 1 and plane_axes in "IQ" and not chans)
+
+
+def opencv_pages(data: bytes, name: str, tifffile_error: str) -> Planes:
+    """A TIFF's pages through OpenCV (BGR converted to RGB)."""
+    try:
+        ok, pages = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        ok, pages = False, []
+    if not ok or not pages:
+        raise BadSample("unreadable", f"{name}: cannot read TIFF ({tifffile_error})")
+    pages = [p[..., None] if p.ndim == 2 else p for p in pages]
+    if any(p.shape != pages[0].shape or p.dtype != pages[0].dtype for p in pages):
+        raise BadSample("unreadable", f"{name}: TIFF pages differ in size or type; cannot read them as one stack")
+    array = np.stack(pages)
+    channels = array.shape[3]
+    if channels in (3, 4):
+        array = array[..., [2, 1, 0, 3][:channels]]
+    return Planes(array, "I" if len(pages) > 1 else "", (len(pages),) if len(pages) > 1 else (),
+                  alpha=channels in (2, 4), bare=len(pages) > 1 and channels == 1)

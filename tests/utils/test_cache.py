@@ -124,6 +124,9 @@ def test_every_key_part_changes_the_key(tmp_path, pairs):
         "model type": key_of(config(tmp_path, model_type="vit_b"), sam, image),
         "cache dtype": key_of(config(tmp_path, cache_dtype="fp32"), sam, image),
         "compute dtype": open_cache(config(tmp_path), sam, torch.bfloat16, log=False).key_for(image),
+        "intensity range": key_of(config(tmp_path, intensity_range="0,4095"), sam, image),
+        "channels": key_of(config(tmp_path, channels="0,1,1"), sam, image),
+        "plane": key_of(config(tmp_path, plane=1), sam, image),
     }
     sam.pixel_mean += 1.0  # the normalisation is part of the encoder input
     changed["pixel mean"] = key_of(config(tmp_path), sam, image)

@@ -3,9 +3,12 @@
 RunWriter writes TensorBoard event files into the run folder (per step: every loss term, IoU,
 Dice, learning rate, images per second; per epoch: the metrics.jsonl record and a figure of a few
 validation images). Without the tensorboard package it says so once and the run goes on.
-curves.png (losses, validation IoU and Dice per epoch) is redrawn at every epoch end;
-samples.png (validation images with ground truth, prediction and box prompt) whenever the
-validation IoU improves, so at the end it shows the best epoch.
+curves.png (losses, validation IoU and Dice per epoch, from metrics.jsonl, so epoch 0 - the base
+model - is in it whether the run is fresh or resumed) is redrawn at every epoch end. samples.png
+is redrawn whenever the validation IoU improves, so at the end it shows the best epoch: a few
+different validation images spread over the set, each with ground truth and prediction side by
+side (box-prompted masks, or class maps with --task semantic), the title saying how many images
+and objects it shows of how many. No samples, no samples.png: never a picture with a title only.
 """
 
 import json
@@ -31,8 +34,9 @@ def _pyplot():
     return plt
 
 
-def plot_curves(records: Sequence[Dict], path: Path) -> None:
-    """curves.png: train and validation loss, validation IoU and Dice, per epoch (metrics.jsonl records)."""
+def curves_figure(records: Sequence[Dict]):
+    """Train and validation loss, validation IoU and Dice per epoch (metrics.jsonl records), on
+    an axis of whole epochs from 0, so a one-epoch run shows its base and its one epoch."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -45,42 +49,119 @@ def plot_curves(records: Sequence[Dict], path: Path) -> None:
     right.plot(*series("val_iou"), "o-", label="val IoU")
     right.plot(*series("val_dice"), "s-", label="val Dice")
     right.set_ylim(0, 1)
+    last = max([r["epoch"] for r in records] + [1])
+    margin = max(0.25, 0.03 * last)
     for ax, title in ((left, "loss"), (right, "validation")):
         ax.set_xlabel("epoch")
+        ax.set_xlim(-margin, last + margin)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(records: Sequence[Dict], path: Path) -> None:
+    """curves.png from metrics.jsonl records."""
+    fig = curves_figure(records)
     fig.savefig(path)
-    plt.close(fig)
+    _pyplot().close(fig)
+
+
+def read_records(metrics: Path) -> List[Dict]:
+    """metrics.jsonl records by epoch (the last line of an epoch wins: a run stopped between its
+    metrics line and last.pth repeats that epoch when resumed); a torn last line is left out."""
+    by_epoch: Dict[int, Dict] = {}
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            by_epoch[record["epoch"]] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def sample_indices(dataset, count: int) -> List[int]:
+    """Dataset positions of `count` different images spread evenly over the set: for a chunked
+    validation set (MaskDataset), the first chunk of each; else one item per image."""
+    chunks = getattr(dataset, "chunks", None)
+    firsts = [k for k, (_, start) in enumerate(chunks) if start == 0] if chunks is not None else list(range(len(dataset)))
+    if count <= 0 or not firsts:
+        return []
+    if len(firsts) <= count:
+        return firsts
+    step = (len(firsts) - 1) / max(count - 1, 1)
+    return [firsts[round(i * step)] for i in range(count)]
+
+
+def _num_images(dataset) -> int:
+    return len(dataset.records) if hasattr(dataset, "records") else len(dataset)
+
+
+class _EvalMode:
+    """Eval mode for the pictures, each module's own mode back afterwards (a frozen TinyViT stays in eval)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __enter__(self):
+        self.modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+
+    def __exit__(self, *exc) -> None:
+        for module, mode in self.modes.items():
+            module.train(mode)
 
 
 @torch.no_grad()
 def predict_samples(sam, dataset, count: int = N_SAMPLES) -> List[Dict]:
-    """Box-prompted predictions for the first `count` items of a validation dataset, at the
-    dataset's resized scale: dicts of image (h, w, 3) uint8, gt and pred (h, w) bool, boxes (N, 4)."""
+    """Box-prompted predictions for `count` different validation images (sample_indices), at the
+    dataset's resized scale: dicts of image (h, w, 3) uint8, gt and pred (h, w) bool, boxes (N, 4),
+    path, drawn (N: the objects of the image's first item, at most --max_objects) of objects (all
+    of the image's objects), and images (the validation images in all)."""
     from ..predictor import SamPredictor
 
-    was_training = {m: m.training for m in sam.modules()}
-    sam.eval()
-    predictor = SamPredictor(sam)
     out = []
-    for i in range(min(count, len(dataset))):
-        item = dataset[i]
-        image = item["image"].permute(1, 2, 0).numpy()
-        h, w = image.shape[:2]
-        scale = np.array([w, h, w, h], dtype=np.float32) / np.array(item["original_size"][::-1] * 2, dtype=np.float32)
-        boxes = item["boxes"].numpy() * scale
-        masks = torch.nn.functional.interpolate(item["masks"][None].float(), size=(h, w), mode="nearest")[0]
-        predictor.set_image(image)
-        pred = np.zeros((h, w), dtype=bool)
-        for box in boxes:
-            mask, _, _ = predictor.predict(box=box, multimask_output=False)
-            pred |= mask[0]
-        out.append({"image": image, "gt": masks.amax(0).bool().numpy(), "pred": pred, "boxes": boxes})
-    for module, mode in was_training.items():
-        module.train(mode)
+    with _EvalMode(sam):
+        predictor = SamPredictor(sam)
+        for i in sample_indices(dataset, count):
+            item = dataset[i]
+            image = item["image"].permute(1, 2, 0).numpy()
+            h, w = image.shape[:2]
+            scale = np.array([w, h, w, h], dtype=np.float32) / np.array(item["original_size"][::-1] * 2, dtype=np.float32)
+            boxes = item["boxes"].numpy() * scale
+            masks = torch.nn.functional.interpolate(item["masks"][None].float(), size=(h, w), mode="nearest")[0]
+            predictor.set_image(image)
+            pred = np.zeros((h, w), dtype=bool)
+            for box in boxes:
+                mask, _, _ = predictor.predict(box=box, multimask_output=False)
+                pred |= mask[0]
+            records = getattr(dataset, "records", None)
+            total = records[item["index"]].num_objects if records is not None else len(boxes)
+            out.append({"image": image, "gt": masks.amax(0).bool().numpy(), "pred": pred, "boxes": boxes,
+                        "path": item["path"], "drawn": len(boxes), "objects": total, "images": _num_images(dataset)})
+    return out
+
+
+@torch.no_grad()
+def predict_class_maps(sam, dataset, count: int = N_SAMPLES) -> List[Dict]:
+    """--task semantic: class maps for `count` different validation images of a SemanticDataset,
+    at its resized scale: dicts of image (h, w, 3) uint8, gt and pred (h, w) int64 class ids,
+    classes (names, index = id), path, images (the validation images in all)."""
+    classes = sorted(dataset.class_ids, key=dataset.class_ids.get)
+    device = next(sam.parameters()).device
+    out = []
+    with _EvalMode(sam):
+        for i in sample_indices(dataset, count):
+            item = dataset[i]
+            h, w = item["input_size"]
+            x = sam.preprocess(item["image"].to(device).float())[None]
+            pred = sam.semantic_head(sam.image_encoder(x))[0, :, :h, :w].argmax(0).cpu().numpy()
+            gt = torch.nn.functional.interpolate(item["target"][None, None].float(), size=(h, w), mode="nearest")[0, 0]
+            out.append({"image": item["image"].permute(1, 2, 0).numpy(), "gt": gt.long().numpy(), "pred": pred,
+                        "classes": classes, "path": item["path"], "images": _num_images(dataset)})
     return out
 
 
@@ -91,7 +172,8 @@ def _overlay(image: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
 
 
 def samples_figure(samples: List[Dict], title: str):
-    """One row per image: input with the box prompt, ground truth (green), prediction (red)."""
+    """One row per image: input with the box prompts, ground truth (green), prediction (red); the
+    title says how many images and objects are drawn of how many."""
     plt = _pyplot()
     from matplotlib.patches import Rectangle
 
@@ -99,8 +181,9 @@ def samples_figure(samples: List[Dict], title: str):
     for row, s in zip(axes, samples):
         inter, union = (s["gt"] & s["pred"]).sum(), (s["gt"] | s["pred"]).sum()
         iou = inter / union if union else 1.0
-        panels = ((s["image"], "image + box prompt"), (_overlay(s["image"], s["gt"], (0, 255, 0)), "ground truth"),
-                  (_overlay(s["image"], s["pred"], (255, 0, 0)), f"prediction (IoU {iou:.2f})"))
+        panels = ((s["image"], "image + box prompts"), (_overlay(s["image"], s["gt"], (0, 255, 0)), "ground truth"),
+                  (_overlay(s["image"], s["pred"], (255, 0, 0)),
+                   f"prediction (IoU {iou:.2f}, {s['drawn']} of {s['objects']} objects)"))
         for ax, (picture, name) in zip(row, panels):
             ax.imshow(picture)
             ax.set_title(name, fontsize=9)
@@ -109,6 +192,60 @@ def samples_figure(samples: List[Dict], title: str):
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=1.2))
     for ax in axes.flat[3 * len(samples):]:
         ax.axis("off")
+    if samples:
+        title += (f"\n{len(samples)} of {samples[0]['images']} validation images, {sum(s['drawn'] for s in samples)} of "
+                  f"{sum(s['objects'] for s in samples)} of their objects drawn")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def class_colours(k: int) -> np.ndarray:
+    """(K, 3) uint8 RGB: background (class 0) black, the classes from matplotlib's tab10 from its
+    orange on (its blue first would hide among blue-ish images), then tab20b's colours."""
+    plt = _pyplot()
+    table = [plt.get_cmap("tab10")(i) for i in range(1, 10)] + [plt.get_cmap("tab20b")(i) for i in range(20)]
+    return np.array([(0, 0, 0)] + [tuple(int(255 * v) for v in table[c % len(table)][:3]) for c in range(k - 1)], np.uint8)
+
+
+def _paint(image: np.ndarray, classes: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """A class map over the image: the image dimmed to grey, each class in its colour."""
+    grey = image.astype(np.float32).mean(2, keepdims=True) * 0.6
+    shown = np.repeat(grey, 3, 2)
+    fg = classes > 0
+    shown[fg] = 0.25 * shown[fg] + 0.75 * colours[classes[fg]].astype(np.float32)
+    return shown.astype(np.uint8)
+
+
+def class_maps_figure(samples: List[Dict], title: str):
+    """--task semantic, one row per image: input, ground-truth class map, predicted class map
+    (class colours over the image, a legend of the classes shown)."""
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    fig, axes = plt.subplots(max(len(samples), 1), 3, figsize=(7.5, 2.6 * max(len(samples), 1)), dpi=100, squeeze=False)
+    shown = set()
+    for row, s in zip(axes, samples):
+        colours = class_colours(len(s["classes"]))
+        present = [c for c in range(1, len(s["classes"])) if (s["gt"] == c).any() or (s["pred"] == c).any()]
+        ious = [((s["gt"] == c) & (s["pred"] == c)).sum() / ((s["gt"] == c) | (s["pred"] == c)).sum() for c in present]
+        score = f"mean IoU {np.mean(ious):.2f}" if ious else "background only"
+        panels = ((s["image"], "image"), (_paint(s["image"], s["gt"], colours), "ground truth"),
+                  (_paint(s["image"], s["pred"], colours), f"prediction ({score})"))
+        for ax, (picture, name) in zip(row, panels):
+            ax.imshow(picture)
+            ax.set_title(name, fontsize=9)
+            ax.axis("off")
+        shown.update(present)
+    for ax in axes.flat[3 * len(samples):]:
+        ax.axis("off")
+    if samples:
+        names, colours = samples[0]["classes"], class_colours(len(samples[0]["classes"]))
+        handles = [Patch(color=colours[c] / 255, label=names[c]) for c in sorted(shown)[:12]]
+        if handles:
+            axes[0, 0].legend(handles=handles, loc="upper left", fontsize=7, framealpha=0.8)
+        title += f"\n{len(samples)} of {samples[0]['images']} validation images, {len(names)} classes ({', '.join(names[:6])}" \
+                 + (", ...)" if len(names) > 6 else ")")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
@@ -135,8 +272,6 @@ class RunWriter:
     def __init__(self, out_dir: Path, val_dataset, images_per_step: int, n_samples: int = N_SAMPLES) -> None:
         self.out_dir, self.val_dataset, self.images_per_step = Path(out_dir), val_dataset, images_per_step
         self.n_samples = n_samples
-        metrics = self.out_dir / "metrics.jsonl"  # a resumed run's curves start at its first epoch; epoch 0 comes later
-        self.records: List[Dict] = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
         self.last_time: Optional[float] = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -162,19 +297,28 @@ class RunWriter:
 
     def epoch(self, record: Dict, sam, improved: bool) -> None:
         """After an epoch's metrics.jsonl line: epoch scalars, curves.png, sample figures."""
-        self.records.append(record)
         self.last_time = None  # validation time is not training time
-        plot_curves(self.records, self.out_dir / "curves.png")
-        samples = predict_samples(sam, self.val_dataset, self.n_samples)
-        picture = figure_array(samples_figure(samples, f"epoch {record['epoch']}: validation IoU {record['val_iou']:.3f}"))
-        if improved:
+        records = [r for r in read_records(self.out_dir / "metrics.jsonl") if r["epoch"] != record["epoch"]]
+        plot_curves(sorted(records + [record], key=lambda r: r["epoch"]), self.out_dir / "curves.png")
+        picture = self.samples_picture(record, sam)
+        if improved and picture is not None:
             cv2.imwrite(str(self.out_dir / "samples.png"), picture[..., ::-1])
         if self.tb is not None:
             for key, value in record.items():  # every number of the metrics.jsonl line, loss terms included
                 if key != "epoch" and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"epoch/{key}", value, record["epoch"])
-            self.tb.add_image("validation_samples", picture, record["epoch"], dataformats="HWC")
+            if picture is not None:
+                self.tb.add_image("validation_samples", picture, record["epoch"], dataformats="HWC")
             self.tb.flush()
+
+    def samples_picture(self, record: Dict, sam) -> Optional[np.ndarray]:
+        """The samples figure as (H, W, 3) RGB, or None when there is nothing to draw."""
+        title = f"epoch {record['epoch']}: validation IoU {record['val_iou']:.3f}"
+        if hasattr(self.val_dataset, "class_ids"):  # --task semantic
+            samples = predict_class_maps(sam, self.val_dataset, self.n_samples)
+            return figure_array(class_maps_figure(samples, title)) if samples else None
+        samples = predict_samples(sam, self.val_dataset, self.n_samples)
+        return figure_array(samples_figure(samples, title)) if samples else None
 
     def close(self) -> None:
         if self.tb is not None:

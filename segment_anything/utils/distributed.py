@@ -52,10 +52,15 @@ def init_distributed(
 
     NCCL on CUDA, gloo otherwise. init_method None means env:// (torchrun's MASTER_ADDR/PORT).
     timeout_s: how long a collective waits for a rank that died or hangs before it fails.
+    More processes on a node than GPUs (a test of the multi-process path on one GPU) share the
+    GPUs round robin over gloo, which takes CUDA tensors: NCCL refuses two ranks on one device.
     """
+    backend = "gloo"
     if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        backend = "nccl" if local_world <= torch.cuda.device_count() else "gloo"
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
     else:
         device = torch.device(device_type)
     if world_size > 1:
@@ -65,12 +70,12 @@ def init_distributed(
         if device_type == "mps":
             raise RuntimeError("several processes on one Apple GPU are not supported; use --world_size 1")
         dist.init_process_group(
-            backend="nccl" if device_type == "cuda" else "gloo",
+            backend=backend,
             init_method=init_method or "env://",
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
-            **({"device_id": device} if device_type == "cuda" else {}),
+            **({"device_id": device} if backend == "nccl" else {}),
         )
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 

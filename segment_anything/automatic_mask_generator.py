@@ -19,30 +19,18 @@ from .utils import amg
 from .utils.postprocess import clean_mask
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
-# Per-mask fields carried through filtering; rles is a list, the others are tensors.
-FIELDS = ("rles", "boxes", "iou_preds", "points", "stability_score", "crop_boxes")
 
 
-def _select(data: Dict[str, Any], keep: torch.Tensor) -> Dict[str, Any]:
-    """The masks of ``data`` at ``keep`` (a bool mask or an index tensor)."""
-    idx = keep.nonzero().flatten() if keep.dtype == torch.bool else keep
-    idx = idx.cpu()
-    out = {}
-    for key, value in data.items():
-        out[key] = [value[i] for i in idx.tolist()] if isinstance(value, list) else value[idx.to(value.device)]
-    return out
-
-
-def _concat(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
+def _concat(parts: List[amg.MaskData]) -> amg.MaskData:
+    """The masks of all parts, in order; empty columns of the usual dtypes when there is none."""
     parts = [p for p in parts if len(p["rles"])]
     if not parts:
-        return {"rles": [], "boxes": torch.zeros(0, 4, dtype=torch.long), "iou_preds": torch.zeros(0),
-                "points": torch.zeros(0, 2, dtype=torch.float64), "stability_score": torch.zeros(0),
-                "crop_boxes": torch.zeros(0, 4, dtype=torch.long)}
-    out = {}
-    for key in parts[0]:
-        values = [p[key] for p in parts]
-        out[key] = sum(values, []) if isinstance(values[0], list) else torch.cat([v.cpu() for v in values])
+        return amg.MaskData(rles=[], boxes=torch.zeros(0, 4, dtype=torch.long), iou_preds=torch.zeros(0),
+                            points=torch.zeros(0, 2, dtype=torch.float64), stability_score=torch.zeros(0),
+                            crop_boxes=torch.zeros(0, 4, dtype=torch.long))
+    out = amg.MaskData()
+    for part in parts:
+        out.cat(part)
     return out
 
 
@@ -130,55 +118,53 @@ class SamAutomaticMaskGenerator:
             data = self.postprocess_small_regions(data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh))
         return [self._record(data, i) for i in range(len(data["rles"]))]
 
-    def _record(self, data: Dict[str, Any], i: int) -> Dict[str, Any]:
+    def _record(self, data: amg.MaskData, i: int) -> Dict[str, Any]:
         rle = data["rles"][i]
         if self.output_mode == "binary_mask":
             segmentation = amg.rle_to_mask(rle)
         elif self.output_mode == "coco_rle":
-            segmentation = amg.coco_rle(amg.rle_to_mask(rle))
+            segmentation = amg.coco_encode_rle(rle)
         else:
             segmentation = rle
         return {
             "segmentation": segmentation,
-            "area": amg.rle_area(rle),
-            "bbox": amg.xyxy_to_xywh(data["boxes"][i].tolist()),
+            "area": amg.area_from_rle(rle),
+            "bbox": amg.box_xyxy_to_xywh(data["boxes"][i]).tolist(),
             "predicted_iou": data["iou_preds"][i].item(),
             "point_coords": [data["points"][i].tolist()],
             "stability_score": data["stability_score"][i].item(),
-            "crop_box": amg.xyxy_to_xywh(data["crop_boxes"][i].tolist()),
+            "crop_box": amg.box_xyxy_to_xywh(data["crop_boxes"][i]).tolist(),
         }
 
-    def _generate_masks(self, image: np.ndarray) -> Dict[str, Any]:
+    def _generate_masks(self, image: np.ndarray) -> amg.MaskData:
         orig_size = image.shape[:2]
         crop_boxes, layers = amg.generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
         data = _concat([self._process_crop(image, box, layer, orig_size) for box, layer in zip(crop_boxes, layers)])
         if len(crop_boxes) > 1 and len(data["rles"]):
             # Across crops, prefer the mask from the smaller crop (it saw the object at a higher resolution).
-            data = _select(data, _nms(data["boxes"], 1 / box_area(data["crop_boxes"].float()), self.crop_nms_thresh))
+            data.filter(_nms(data["boxes"], 1 / box_area(data["crop_boxes"].float()), self.crop_nms_thresh))
         return data
 
-    def _process_crop(self, image: np.ndarray, crop_box: List[int], layer: int, orig_size: Tuple[int, int]) -> Dict[str, Any]:
+    def _process_crop(self, image: np.ndarray, crop_box: List[int], layer: int, orig_size: Tuple[int, int]) -> amg.MaskData:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
         self.predictor.set_image(crop)
         # Grid points in [0, 1] scaled to crop pixels (x by width, y by height).
         points = self.point_grids[layer] * np.array(crop.shape[:2])[None, ::-1]
-        parts = [
-            self._process_batch(points[i : i + self.points_per_batch], crop.shape[:2], crop_box, orig_size)
-            for i in range(0, len(points), self.points_per_batch)
-        ]
+        parts = [self._process_batch(batch, crop.shape[:2], crop_box, orig_size)
+                 for (batch,) in amg.batch_iterator(self.points_per_batch, points)]
         self.predictor.reset_image()
         data = _concat(parts)
         if len(data["rles"]):
-            data = _select(data, _nms(data["boxes"], data["iou_preds"], self.box_nms_thresh))
-        data["boxes"] = amg.uncrop_boxes(data["boxes"], crop_box)
+            data.filter(_nms(data["boxes"], data["iou_preds"], self.box_nms_thresh))
+        data["boxes"] = amg.uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = amg.uncrop_points(data["points"], crop_box)
         data["crop_boxes"] = torch.tensor([crop_box] * len(data["rles"]), dtype=torch.long).reshape(-1, 4)
         return data
 
     def _process_batch(
         self, points: np.ndarray, crop_size: Tuple[int, int], crop_box: List[int], orig_size: Tuple[int, int]
-    ) -> Dict[str, Any]:
+    ) -> amg.MaskData:
         """Decode (B, 2) crop-pixel points into up to 3B filtered masks (boxes still in the crop frame)."""
         predictor = self.predictor
         coords = torch.as_tensor(predictor.transform.apply_coords(points, crop_size), device=predictor.device)
@@ -193,36 +179,38 @@ class SamAutomaticMaskGenerator:
             keep &= iou_preds > self.pred_iou_thresh
         logits, iou_preds, pts = logits[keep], iou_preds[keep], pts[keep.cpu()]
         threshold = predictor.model.mask_threshold
-        stability = amg.stability_score(logits, threshold, self.stability_score_offset)
+        stability = amg.calculate_stability_score(logits, threshold, self.stability_score_offset)
         keep = stability >= self.stability_score_thresh if self.stability_score_thresh > 0 else torch.ones_like(stability, dtype=torch.bool)
         masks = logits[keep] > threshold
-        boxes = amg.masks_to_boxes(masks)
+        boxes = amg.batched_mask_to_box(masks)
         orig_h, orig_w = orig_size
-        inside = ~amg.box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+        inside = ~amg.is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
         keep_idx = keep.nonzero().flatten()[inside]
-        masks = amg.uncrop_masks(masks[inside], crop_box, orig_h, orig_w).cpu().numpy()
-        return {
-            "rles": [amg.mask_to_rle(m) for m in masks],
-            "boxes": boxes[inside].cpu(),
-            "iou_preds": iou_preds[keep_idx].float().cpu(),
-            "points": pts[keep_idx.cpu()],
-            "stability_score": stability[keep_idx].float().cpu(),
-        }
+        masks = amg.uncrop_masks(masks[inside], crop_box, orig_h, orig_w)
+        return amg.MaskData(
+            rles=amg.mask_to_rle_pytorch(masks),
+            boxes=boxes[inside].cpu(),
+            iou_preds=iou_preds[keep_idx].float().cpu(),
+            points=pts[keep_idx.cpu()],
+            stability_score=stability[keep_idx].float().cpu(),
+        )
 
     @staticmethod
-    def postprocess_small_regions(data: Dict[str, Any], min_area: int, nms_thresh: float) -> Dict[str, Any]:
+    def postprocess_small_regions(mask_data: amg.MaskData, min_area: int, nms_thresh: float) -> amg.MaskData:
         """Fill holes and remove islands below ``min_area`` pixels in every mask, then NMS again
         with unchanged masks preferred (score 1) over changed ones (score 0). Returns new data."""
+        data = mask_data
         if not len(data["rles"]):
             return data
         cleaned = [clean_mask(amg.rle_to_mask(rle), min_area) for rle in data["rles"]]
         masks = torch.from_numpy(np.stack([m for m, _ in cleaned]))
         unchanged = torch.tensor([0.0 if changed else 1.0 for _, changed in cleaned])
-        boxes = amg.masks_to_boxes(masks)
+        boxes = amg.batched_mask_to_box(masks)
         keep = _nms(boxes, unchanged, nms_thresh)
-        data = dict(data, rles=list(data["rles"]), boxes=data["boxes"].clone())
+        data = amg.MaskData(**dict(data.items(), rles=list(data["rles"]), boxes=data["boxes"].clone()))
         for i in keep.tolist():
             if cleaned[i][1]:
-                data["rles"][i] = amg.mask_to_rle(cleaned[i][0])
+                data["rles"][i] = amg.mask_to_rle_pytorch(torch.from_numpy(cleaned[i][0])[None])[0]
                 data["boxes"][i] = boxes[i]
-        return _select(data, keep)
+        data.filter(keep)
+        return data

@@ -106,14 +106,14 @@ def test_helpers_against_the_oracle(mobile_sam):
     masks[2] = False
     masks[3, 4, 5] = True
     masks[3, ~(torch.arange(9) == 4)] = False
-    assert torch.equal(amg.masks_to_boxes(masks), ref.batched_mask_to_box(masks))
+    assert torch.equal(amg.batched_mask_to_box(masks), ref.batched_mask_to_box(masks))
     for m in masks:
-        rle = amg.mask_to_rle(m.numpy())
+        rle = amg.mask_to_rle_pytorch(m[None])[0]
         assert rle == ref.mask_to_rle_pytorch(m[None])[0]
         assert np.array_equal(amg.rle_to_mask(rle), m.numpy())
-        assert amg.rle_area(rle) == int(m.sum())
+        assert amg.area_from_rle(rle) == int(m.sum())
     logits = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(amg.stability_score(logits, 0.0, 0.5), ref.calculate_stability_score(logits, 0.0, 0.5))
+    torch.testing.assert_close(amg.calculate_stability_score(logits, 0.0, 0.5), ref.calculate_stability_score(logits, 0.0, 0.5))
 
 
 def test_bad_arguments_are_clear_errors(twins):

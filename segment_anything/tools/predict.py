@@ -32,7 +32,7 @@ import torch
 
 from ..automatic_mask_generator import SamAutomaticMaskGenerator
 from ..predictor import SamPredictor
-from ..utils.amg import coco_rle
+from ..utils.amg import coco_encode_rle, mask_to_rle_pytorch
 from ..utils.data import load_image
 from ..utils.data.image_io import load_image_planes
 from ..utils.image_spec import ImageSpec, add_arguments as add_image_arguments, from_arguments
@@ -207,7 +207,8 @@ def write_automatic(out_dir: Path, stem: str, image: np.ndarray, records: List[D
     for i, record in enumerate(records):
         cv2.imwrite(str(out_dir / f"{stem}_mask_{i}.png"), record["segmentation"].astype(np.uint8) * 255)
     _draw.save_rgb(out_dir / f"{stem}_overlay.png", _draw.overlay(image, [r["segmentation"] for r in records]))
-    listing = [dict(r, segmentation=coco_rle(r["segmentation"])) for r in records]
+    listing = [dict(r, segmentation=coco_encode_rle(mask_to_rle_pytorch(torch.from_numpy(r["segmentation"])[None])[0]))
+               for r in records]
     (out_dir / f"{stem}_auto.json").write_text(json.dumps(listing))
 
 

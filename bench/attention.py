@@ -26,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench._machine import machine_line  # noqa: E402
+from segment_anything.build_sam import VIT_CONFIGS  # noqa: E402
 
 ATTENTIONS = ("standard", "fft")
 
@@ -69,7 +70,7 @@ def cell(r: dict, key: str, fmt: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_type", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
+    parser.add_argument("--model_type", default="vit_b", choices=list(VIT_CONFIGS))
     parser.add_argument("--sizes", default="256,512,1024,2048")
     parser.add_argument("--fft_blocks", default="global")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the best time counts")

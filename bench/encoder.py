@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segment_anything import sam_model_registry  # noqa: E402
+from segment_anything.build_sam import MODEL_TYPES  # noqa: E402
 from segment_anything.utils.random_weights import randomize_  # noqa: E402
 from bench._machine import machine_line  # noqa: E402
 
@@ -67,7 +68,7 @@ def run_once(encoder, x, bf16: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "vit_t"])
+    parser.add_argument("--model_type", default="vit_b", choices=MODEL_TYPES)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (plus one warm-up round)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip_official_bf16", action="store_true", help="skip the slowest row")

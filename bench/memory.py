@@ -24,6 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench._machine import machine_line  # noqa: E402
+from segment_anything.build_sam import MODEL_TYPES  # noqa: E402
 
 CASES = {  # name -> (TrainPlan keyword arguments, description)
     "full": (dict(parts=("image_encoder", "mask_decoder")), "full encoder + decoder"),
@@ -77,7 +78,7 @@ def one_case(name: str, model_type: str, image_size: int, device: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "vit_t"])
+    parser.add_argument("--model_type", default="vit_b", choices=MODEL_TYPES)
     parser.add_argument("--image_size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the best round counts")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from segment_anything import sam_model_registry  # noqa: E402
+from segment_anything.build_sam import MODEL_TYPES  # noqa: E402
 from segment_anything.training.compile import compile_decode  # noqa: E402
 from segment_anything.training.config import TrainConfig  # noqa: E402
 from segment_anything.utils.data import MaskDataset, load_records  # noqa: E402
@@ -147,7 +148,7 @@ def run_phase(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "vit_t"])
+    parser.add_argument("--model_type", default="vit_b", choices=MODEL_TYPES)
     parser.add_argument("--image_size", type=int, default=1024)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "nails"))
     parser.add_argument("--images", type=int, default=6, help="images per epoch (the first N of the data)")

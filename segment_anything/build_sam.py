@@ -11,16 +11,25 @@ from torch import nn
 from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from .modeling.fft_attention import ATTENTIONS, parse_fft_blocks, use_fft_attention
 from .modeling.image_encoder import resize_rel_pos
+from .modeling.tiny_vit import TinyViT
 
 PROMPT_EMBED_DIM = 256
 PATCH_SIZE = 16  # every encoder here outputs an img_size / 16 grid
+OFFICIAL_SIZE = 1024  # the input side of the published weights
 
-# Where the official weights are published, for the error message when a file is missing.
+# The model table: every model type, its published weights file and where it is published, and
+# (below) the encoder each is built with. Config choices, weights inspection, the tools and the
+# benchmarks read it from here.
+MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "vit_t")
+OFFICIAL_FILES = {
+    "vit_h": "sam_vit_h_4b8939.pth",
+    "vit_l": "sam_vit_l_0b3195.pth",
+    "vit_b": "sam_vit_b_01ec64.pth",
+    "vit_t": "mobile_sam.pt",
+}
 OFFICIAL_WEIGHTS = {
-    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-    "vit_t": "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
+    **{name: f"https://dl.fbaipublicfiles.com/segment_anything/{OFFICIAL_FILES[name]}" for name in ("vit_h", "vit_l", "vit_b")},
+    "vit_t": f"https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/{OFFICIAL_FILES['vit_t']}",
 }
 
 PathLike = Union[str, Path]
@@ -60,8 +69,6 @@ VIT_T_CONFIG = dict(
 
 
 def _tiny_vit_encoder(image_size: int) -> nn.Module:
-    from .modeling.tiny_vit import TinyViT
-
     return TinyViT(img_size=image_size, in_chans=3, num_classes=1000, **VIT_T_CONFIG)
 
 

@@ -8,13 +8,12 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from ..build_sam import sam_model_registry
+from ..build_sam import MODEL_TYPES, sam_model_registry
 from ..modeling import Sam
+from ..utils.data.prepare import DEFAULT_SEED
 from ..utils.save_weight import load_partial_weight, read_weights_file
 from ..utils.weights import check_checkpoint, inspect_weights
 
-MODEL_TYPES = sorted(set(sam_model_registry) - {"default"})
-RUN_SEED = 21  # run.py's default --seed: a --checkpoint none run started from this random model
 
 
 def add_model_args(parser: argparse.ArgumentParser, weights: bool = True) -> None:
@@ -26,7 +25,7 @@ def add_model_args(parser: argparse.ArgumentParser, weights: bool = True) -> Non
                             help="fine-tuned partial weights (a run's best.pth, or its last.pth) loaded on top")
     parser.add_argument("--image_size", type=int, default=None,
                         help="encoder input side; default: the size recorded in --weights, else 1024")
-    parser.add_argument("--seed", type=int, default=RUN_SEED, help="seed of the random model with --checkpoint none")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the random model with --checkpoint none")
     parser.add_argument("--attention", choices=["standard", "fft"], default=None,
                         help="image encoder token mixing; default: what --weights was trained with, else standard")
     parser.add_argument("--fft_blocks", default=None,
@@ -60,7 +59,7 @@ def check_base(checkpoint: str, model_type: str, image_size: int) -> None:
         check_checkpoint(checkpoint, model_type, image_size)
 
 
-def build_base(model_type: str, checkpoint: str, image_size: int, seed: int = RUN_SEED, **encoder: str) -> Sam:
+def build_base(model_type: str, checkpoint: str, image_size: int, seed: int = DEFAULT_SEED, **encoder: str) -> Sam:
     """The starting model: official weights, or with 'none' the seeded random initialisation.
     encoder: attention= and fft_blocks= for the builder (FFT token mixing)."""
     if checkpoint.lower() == "none":

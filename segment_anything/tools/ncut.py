@@ -23,13 +23,14 @@ import cv2
 import numpy as np
 import torch
 
-from ..build_sam import ENCODERS, PATCH_SIZE
+from ..build_sam import ENCODERS, MODEL_TYPES, PATCH_SIZE
 from ..utils.block_features import block_outputs, encoder_blocks
 from ..utils.data import load_image
+from ..utils.data.prepare import DEFAULT_SEED
 from ..utils.save_weight import load_partial_weight
 from ..utils.transforms import ResizeLongestSide
 from . import _draw
-from ._model import MODEL_TYPES, RUN_SEED, build_base, check_base, cli, weights_metadata
+from ._model import build_base, check_base, cli, weights_metadata
 
 PINS = "ncut-pytorch==3.2.0 fpsample==0.3.3"
 INSTALL = f"pip install --no-deps {PINS}  (or: pip install --no-deps -r requirements-ncut.txt)"
@@ -181,7 +182,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="2,5,8,11", help="block indices, comma-separated (vit_t: its 12 blocks across stages)")
     p.add_argument("--n_eig", type=int, default=10, help="NCut eigenvectors computed (the colours use the leading three)")
     p.add_argument("--cell", type=int, default=256, help="longest side of one picture in the grid, pixels")
-    p.add_argument("--seed", type=int, default=RUN_SEED, help="seed of the random model with --checkpoint none")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the random model with --checkpoint none")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default="ncut.png", help="the PNG to write")
     return p

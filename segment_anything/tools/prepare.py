@@ -20,7 +20,7 @@ from typing import Dict, List
 import cv2
 import numpy as np
 
-from ..training.config import DATA_FORMATS, INSTANCE_MODES
+from ..utils.data.formats import DATA_FORMATS, INSTANCE_MODES
 from ..utils.data.checks import DataError, raise_problems, summary
 from ..utils.data.formats import DataOptions
 from ..utils.data.prepare import describe, load_split

@@ -6,19 +6,13 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
+from ..build_sam import MODEL_TYPES, OFFICIAL_FILES
+from ..utils.data.formats import DATA_FORMATS, INSTANCE_MODES
+from ..utils.data.prepare import DEFAULT_SEED
 from ..utils.image_spec import CHANNELS_HELP, PLANE_HELP, RANGE_HELP, ImageSpec
 
-MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "vit_t")
-OFFICIAL_FILES = {
-    "vit_h": "sam_vit_h_4b8939.pth",
-    "vit_l": "sam_vit_l_0b3195.pth",
-    "vit_b": "sam_vit_b_01ec64.pth",
-    "vit_t": "mobile_sam.pt",
-}
 TRUE_WORDS = ("yes", "true", "t", "y", "1")
 FALSE_WORDS = ("no", "false", "f", "n", "0")
-DATA_FORMATS = ("auto", "folder", "objects", "instance_map", "labelme", "coco")
-INSTANCE_MODES = ("per_object", "per_image")
 
 
 def str2bool(value: Any) -> bool:
@@ -177,7 +171,7 @@ class TrainConfig:
     weight_decay: float = _flag(0.01, "AdamW weight decay")
     amp: str = _flag("auto", "mixed precision: auto (bf16/fp16 on CUDA, off elsewhere), bf16, fp16 or off", choices=["auto", "bf16", "fp16", "off"])
     patience: int = _flag(0, "stop after this many epochs without a better validation IoU (0 = never)")
-    seed: int = _flag(21, "random seed (data split, shuffling)")
+    seed: int = _flag(DEFAULT_SEED, "random seed (data split, shuffling)")
     # What trains and the loss (issue 9; logic in utils/trainable.py and utils/losses.py)
     loss: str = _flag("bce=1,iou=1,iou_head=1", "weighted loss terms: bce, focal, dice, iou (soft IoU), iou_head (MSE of the IoU prediction); "
                       "--task semantic: ce, dice (this default then means ce=1)")

@@ -18,6 +18,9 @@ from .checks import DataError, Problem, raise_problems, run_checks, summary
 from .formats import DataOptions, Scan, detect, layout_hint
 from .records import Record
 
+# run.py's default --seed: the train/val split, the shuffling, and a --checkpoint none run's random model.
+DEFAULT_SEED = 21
+
 
 @dataclass
 class Loaded:
@@ -85,7 +88,7 @@ def load_records(source: str, fmt: str = "auto", opts: Optional[DataOptions] = N
     return loaded.records
 
 
-def split_records(records: Sequence[Record], val_fraction: float = 0.2, seed: int = 21):
+def split_records(records: Sequence[Record], val_fraction: float = 0.2, seed: int = DEFAULT_SEED):
     """Seeded split into (train, val), each sorted by image; both non-empty; independent of order."""
     if len(records) < 2:
         raise DataError(f"need at least 2 images to split into train and val, got {len(records)}")

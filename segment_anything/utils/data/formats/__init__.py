@@ -14,11 +14,13 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from ....training.config import DATA_FORMATS, INSTANCE_MODES  # noqa: F401 (the one list of names)
 from ...image_spec import ImageSpec
 from ..checks import BadSample, DataError, Problem
 from ..image_io import exif_orientation
 from ..records import MergedRecord, Record
+
+DATA_FORMATS = ("auto", "folder", "objects", "instance_map", "labelme", "coco")  # --data_format
+INSTANCE_MODES = ("per_object", "per_image")  # --instance_mode
 
 IMAGE_DIRS = ("image", "images", "img")
 MASK_DIRS = ("mask", "masks", "label", "labels", "gt")

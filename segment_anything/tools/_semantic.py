@@ -14,15 +14,15 @@ import torch
 
 from ..modeling import Sam
 from ..modeling.semantic_head import attach_head, upsample_logits
+from ..utils import draw
 from ..utils.save_weight import load_partial_weight
 from ..utils.transforms import ResizeLongestSide
-from . import _draw
 from ._model import build_base, check_base, weights_metadata
 
 
 def palette(k: int) -> np.ndarray:
-    """(K, 3) uint8 RGB: class 0 (background) black, the others _draw.colours(K - 1)."""
-    return np.concatenate([np.zeros((1, 3), np.uint8), _draw.colours(max(k - 1, 1))[: k - 1]])
+    """(K, 3) uint8 RGB: class 0 (background) black, the others draw.colours(K - 1)."""
+    return np.concatenate([np.zeros((1, 3), np.uint8), draw.colours(max(k - 1, 1))[: k - 1]])
 
 
 def load_semantic_model(args: argparse.Namespace) -> Tuple[Sam, List[str]]:
@@ -52,7 +52,7 @@ def predict_classes(sam: Sam, image: np.ndarray) -> np.ndarray:
 
 def write_semantic(out_dir: Path, stem: str, image: np.ndarray, classes: np.ndarray, k: int) -> None:
     colours = palette(k)
-    _draw.save_rgb(out_dir / f"{stem}_labels.png", colours[classes])
+    draw.save_rgb(out_dir / f"{stem}_labels.png", colours[classes])
     cv2.imwrite(str(out_dir / f"{stem}_classes.png"), classes.astype(np.uint8 if k <= 256 else np.uint16))
     masks = [classes == c for c in range(1, k)]
-    _draw.save_rgb(out_dir / f"{stem}_overlay.png", _draw.overlay(image, masks, colours[1:]))
+    draw.save_rgb(out_dir / f"{stem}_overlay.png", draw.overlay(image, masks, colours[1:]))

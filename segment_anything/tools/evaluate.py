@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from ..predictor import SamPredictor
+from ..utils import draw
 from ..utils.clicks import click_session
 from ..utils.data import DataOptions, Record, load_records, split_records
 from ..utils.data.prompts import PROMPTS, PromptConfig, object_prompts
 from ..utils.image_spec import ImageSpec, add_arguments as add_image_arguments, from_arguments
 from ..utils.metrics import boundary_iou, mask_dice, mask_iou
 from ..utils.postprocess import clean_masks
-from . import _draw
 from ._model import add_model_args, check_base, cli, load_model, weights_metadata
 from ._stats import bootstrap_mean, format_ci
 
@@ -178,13 +178,13 @@ def compare_picture(records: List[Record], prompts: List[dict], results: Dict[st
         scale = min(COMPARE_CELL / (x1 - x0), COMPARE_CELL / (y1 - y0))
         box = None if p["box"] is None else (np.asarray(p["box"]) - [x0, y0, x0, y0]) * scale
         points = None if p["points"] is None else (np.asarray(p["points"]) - [x0, y0]) * scale
-        prompted = _draw.draw_prompt(_draw.fit(image[y0:y1, x0:x1], COMPARE_CELL), box, points, p["labels"],
+        prompted = draw.draw_prompt(draw.fit(image[y0:y1, x0:x1], COMPARE_CELL), box, points, p["labels"],
                                      radius=4, hollow=True)
-        pictures = [_draw.overlay(image, [m], [color])[y0:y1, x0:x1] for m, color in
-                    zip([target, *masks], [_draw.GREEN, _draw.BLUE, _draw.RED])]
+        pictures = [draw.overlay(image, [m], [color])[y0:y1, x0:x1] for m, color in
+                    zip([target, *masks], [draw.GREEN, draw.BLUE, draw.RED])]
         rows.append([prompted] + pictures)
         labels.append(label)
-    return _draw.grid(rows, ["image + prompt", "ground truth", "base", "fine-tuned"], labels, cell=COMPARE_CELL)
+    return draw.grid(rows, ["image + prompt", "ground truth", "base", "fine-tuned"], labels, cell=COMPARE_CELL)
 
 
 def crop_around(target: np.ndarray, box: Optional[np.ndarray], margin: float = 0.75):
@@ -238,7 +238,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     write_csv(out_dir / "per_object.csv", results, metrics)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     picture = compare_picture(datasets["data"], prompts["data"], results["data"], args.compare_count)
-    _draw.save_rgb(out_dir / "compare.png", picture)
+    draw.save_rgb(out_dir / "compare.png", picture)
     print(f"wrote {out_dir}/per_object.csv, summary.json, compare.png")
     return summary
 

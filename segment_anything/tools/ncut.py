@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from ..build_sam import ENCODERS, MODEL_TYPES, PATCH_SIZE
+from ..utils import draw
 from ..utils.block_features import block_outputs, encoder_blocks
 from ..utils.data import load_image
 from ..utils.data.prepare import DEFAULT_SEED
 from ..utils.save_weight import load_partial_weight
 from ..utils.transforms import ResizeLongestSide
-from . import _draw
 from ._model import build_base, check_base, cli, weights_metadata
 
 PINS = "ncut-pytorch==3.2.0 fpsample==0.3.3"
@@ -153,7 +153,7 @@ def blow_up(picture: np.ndarray, box: Tuple[int, int]) -> np.ndarray:
 
 
 def grid_shape(n_layers: int, n_sizes: int, with_weights: bool, image_hw: Tuple[int, int], cell: int) -> Tuple[int, int]:
-    """(height, width) in pixels of the PNG: _draw.grid's 22-pixel header, cells of cell_box's
+    """(height, width) in pixels of the PNG: draw.grid's 22-pixel header, cells of cell_box's
     size with 2-pixel gaps, one image column plus one column per size (two with --weights)."""
     n_cols = 1 + n_sizes * (2 if with_weights else 1)
     ch, cw = cell_box(image_hw, cell)
@@ -168,7 +168,7 @@ def make_picture(args: argparse.Namespace, image: np.ndarray, layers: List[int],
     for i in layers:
         colours = spectral_colours([column[i] for column in columns], args.n_eig, args.device)
         rows.append([shown] + [blow_up(c, box) for c in colours])
-    return _draw.grid(rows, ["image"] + titles, [f"block {i}" for i in layers], cell=box[1], cell_height=box[0])
+    return draw.grid(rows, ["image"] + titles, [f"block {i}" for i in layers], cell=box[1], cell_height=box[0])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -194,7 +194,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     picture = make_picture(args, image, layers, sizes)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _draw.save_rgb(out, picture)
+    draw.save_rgb(out, picture)
     print(f"wrote {out} ({picture.shape[1]}x{picture.shape[0]}: blocks {layers}, sizes {sizes})")
     return out
 

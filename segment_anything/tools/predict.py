@@ -32,12 +32,12 @@ import torch
 
 from ..automatic_mask_generator import SamAutomaticMaskGenerator
 from ..predictor import SamPredictor
+from ..utils import draw
 from ..utils.amg import coco_encode_rle, mask_to_rle_pytorch
 from ..utils.data import load_image
 from ..utils.data.image_io import load_image_planes
 from ..utils.image_spec import ImageSpec, add_arguments as add_image_arguments, from_arguments
 from ..utils.postprocess import clean_masks
-from . import _draw
 from ._model import add_model_args, cli, load_model
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -194,10 +194,10 @@ def write_prompted(out_dir: Path, stem: str, image: np.ndarray, prompts: List[Pr
             name = f"{stem}_mask_{i}_{k}.png" if len(masks) > 1 else f"{stem}_mask_{i}.png"
             cv2.imwrite(str(out_dir / name), mask.astype(np.uint8) * 255)
         best.append(masks[int(np.argmax(scores))])
-    picture = _draw.overlay(image, best)
+    picture = draw.overlay(image, best)
     for prompt in prompts:
-        picture = _draw.draw_prompt(picture, prompt["box"], prompt["points"], prompt["labels"])
-    _draw.save_rgb(out_dir / f"{stem}_overlay.png", picture)
+        picture = draw.draw_prompt(picture, prompt["box"], prompt["points"], prompt["labels"])
+    draw.save_rgb(out_dir / f"{stem}_overlay.png", picture)
 
 
 def write_automatic(out_dir: Path, stem: str, image: np.ndarray, records: List[Dict[str, Any]]) -> None:
@@ -206,7 +206,7 @@ def write_automatic(out_dir: Path, stem: str, image: np.ndarray, records: List[D
     records = sorted(records, key=lambda r: -r["area"])
     for i, record in enumerate(records):
         cv2.imwrite(str(out_dir / f"{stem}_mask_{i}.png"), record["segmentation"].astype(np.uint8) * 255)
-    _draw.save_rgb(out_dir / f"{stem}_overlay.png", _draw.overlay(image, [r["segmentation"] for r in records]))
+    draw.save_rgb(out_dir / f"{stem}_overlay.png", draw.overlay(image, [r["segmentation"] for r in records]))
     listing = [dict(r, segmentation=coco_encode_rle(mask_to_rle_pytorch(torch.from_numpy(r["segmentation"])[None])[0]))
                for r in records]
     (out_dir / f"{stem}_auto.json").write_text(json.dumps(listing))

@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 import torch
 
+from ..predictor import SamPredictor
+from ..utils.draw import overlay
 from ..utils.log import get_logger
 
 N_SAMPLES = 4  # validation images shown
@@ -121,8 +123,6 @@ def predict_samples(sam, dataset, count: int = N_SAMPLES) -> List[Dict]:
     dataset's resized scale: dicts of image (h, w, 3) uint8, gt and pred (h, w) bool, boxes (N, 4),
     path, drawn (N: the objects of the image's first item, at most --max_objects) of objects (all
     of the image's objects), and images (the validation images in all)."""
-    from ..predictor import SamPredictor
-
     out = []
     with _EvalMode(sam):
         predictor = SamPredictor(sam)
@@ -165,12 +165,6 @@ def predict_class_maps(sam, dataset, count: int = N_SAMPLES) -> List[Dict]:
     return out
 
 
-def _overlay(image: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
-    shown = image.astype(np.float32).copy()
-    shown[mask] = 0.55 * shown[mask] + 0.45 * np.array(colour, dtype=np.float32)
-    return shown.astype(np.uint8)
-
-
 def samples_figure(samples: List[Dict], title: str):
     """One row per image: input with the box prompts, ground truth (green), prediction (red); the
     title says how many images and objects are drawn of how many."""
@@ -181,8 +175,8 @@ def samples_figure(samples: List[Dict], title: str):
     for row, s in zip(axes, samples):
         inter, union = (s["gt"] & s["pred"]).sum(), (s["gt"] | s["pred"]).sum()
         iou = inter / union if union else 1.0
-        panels = ((s["image"], "image + box prompts"), (_overlay(s["image"], s["gt"], (0, 255, 0)), "ground truth"),
-                  (_overlay(s["image"], s["pred"], (255, 0, 0)),
+        panels = ((s["image"], "image + box prompts"), (overlay(s["image"], [s["gt"]], [(0, 255, 0)], outline=False), "ground truth"),
+                  (overlay(s["image"], [s["pred"]], [(255, 0, 0)], outline=False),
                    f"prediction (IoU {iou:.2f}, {s['drawn']} of {s['objects']} objects)"))
         for ax, (picture, name) in zip(row, panels):
             ax.imshow(picture)

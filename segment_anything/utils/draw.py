@@ -1,5 +1,6 @@
-"""Pictures for the tools: masks over an image with the prompt drawn, and labelled grids.
-All images are uint8 RGB (H, W, 3); masks are (H, W) bool; coordinates are pixels."""
+"""Pictures: masks over an image with the prompt drawn, labelled grids, distinct colours; the one
+place the tools and the training run's samples.png draw with. All images are uint8 RGB (H, W, 3);
+masks are (H, W) bool; coordinates are pixels."""
 
 from typing import List, Optional, Sequence
 
@@ -18,13 +19,16 @@ def colours(n: int, seed: int = 0) -> np.ndarray:
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
 
 
-def overlay(image: np.ndarray, masks: Sequence[np.ndarray], colors: Optional[np.ndarray] = None, alpha: float = 0.45) -> np.ndarray:
-    """The image with each mask tinted in its colour and outlined."""
+def overlay(image: np.ndarray, masks: Sequence[np.ndarray], colors: Optional[np.ndarray] = None, alpha: float = 0.45,
+            outline: bool = True) -> np.ndarray:
+    """The image with each mask tinted in its colour and (outline=True) outlined."""
     out = image.copy()
     colors = colours(len(masks)) if colors is None else colors
     for mask, color in zip(masks, colors):
         mask = mask.astype(bool)
         out[mask] = ((1 - alpha) * out[mask] + alpha * np.asarray(color, np.float32)).astype(np.uint8)
+        if not outline:
+            continue
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(out, contours, -1, tuple(int(c) for c in color), max(1, min(image.shape[:2]) // 300))
     return out

@@ -22,11 +22,12 @@ from torch.utils.data import DataLoader
 
 from ..build_sam import sam_model_registry
 from ..modeling.fft_attention import attention_metadata, fft_block_indices
-from .resume import ResumableSampler, ResumeError, check_resume, check_world_size, find_resume_file, load_state, make_state, restore, rng_state
+from .resume import ResumeError, check_resume, check_world_size, find_resume_file, load_state, make_state, restore, rng_state
 from .config import TrainConfig
 from ..utils.data import DataError, RunData, collate, prepare_data
 from ..utils.data.cache import EmbeddingCache, open_cache
-from ..utils.data.dataset import EpochSampler, describe, make_datasets
+from ..utils.data.dataset import describe, make_datasets
+from ..utils.data.samplers import EpochSampler, ResumableSampler
 from ..utils.distributed import DistInfo, all_gather_objects, barrier, broadcast_object, share_buffers
 from .faults import StepGuard, faults_to_exit, stop_signals
 from ..utils.log import FILE_ONLY, add_log_file, get_logger

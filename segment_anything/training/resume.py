@@ -23,18 +23,17 @@ an offset), so with the same world size it trains exactly as an uninterrupted ru
 """
 
 import json
-import math
 import random
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
 
 from .config import TrainConfig
 from ..utils.save_weight import UnsafeFileError, load_data_only, strip_prefixes, unwrap_model
 from ..utils.trainable import trained_state_dict
+from ..utils.data.samplers import ResumableSampler
 
 RESUME_FORMAT = "sam-resume-v3"
 # v2 held numpy's and Python's generator states as pickled objects; its files still load, data-only.
@@ -182,46 +181,6 @@ def set_rng_state(state: Dict) -> None:
 
 
 # ----------------------------------------------------------------------------- data order
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch after its first `start` batches.
-
-    The skipped indices are never yielded, so their samples are never loaded. The order is the
-    parent's (seeded by seed + epoch), identical for every world size split.
-    """
-
-    def __init__(self, dataset, batch_size: int, accumulate: int = 1, **kw) -> None:
-        super().__init__(dataset, **kw)
-        self.batch_size, self.accumulate = batch_size, accumulate
-        self.start = 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """start: optimizer steps of this epoch already trained (by every rank)."""
-        super().set_epoch(epoch)
-        self.start = start
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps: batches per epoch over --accumulate (the last group may be short)."""
-        return math.ceil(math.ceil(self.num_samples / self.batch_size) / self.accumulate)
-
-    @property
-    def samples_per_step(self) -> int:
-        return self.batch_size * self.accumulate
-
-    def global_order(self, epoch: int) -> List[int]:
-        """An epoch's order over all ranks (before sharding), for the resume file."""
-        g = torch.Generator()
-        g.manual_seed(self.seed + epoch)
-        return torch.randperm(len(self.dataset), generator=g).tolist() if self.shuffle else list(range(len(self.dataset)))
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start * self.samples_per_step:])
-
-    def __len__(self) -> int:
-        return max(self.num_samples - self.start * self.samples_per_step, 0)
 
 
 # ----------------------------------------------------------------------------- state dict

@@ -14,9 +14,9 @@ from torch import nn
 
 from conftest import REPO, run_ranks
 from segment_anything.training.resume import (
-    RESUME_FORMAT, ResumableSampler, ResumeError, check_model_keys, check_resume, check_world_size, load_state,
-    make_state, restore,
+    RESUME_FORMAT, ResumeError, check_model_keys, check_resume, check_world_size, load_state, make_state, restore,
 )
+from segment_anything.utils.data.samplers import ResumableSampler
 from segment_anything.training.config import TrainConfig
 from segment_anything.training.faults import _test_fault
 

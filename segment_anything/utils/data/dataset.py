@@ -12,11 +12,11 @@ one image are consecutive and share `index`; the trainer encodes the image once)
 stays bounded however many objects an image holds. No augmentation, no box jitter.
 """
 
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from ..transforms import ResizeLongestSide
 from .augment import build_augment, parse_augment
@@ -31,33 +31,6 @@ def item_rng(seed: int, epoch: int, index: int, *more: int) -> np.random.Generat
     """The Generator for one image in one epoch (more: e.g. an object index). The same numbers
     give the same stream on any process."""
     return np.random.default_rng([seed, epoch, index, *more])
-
-
-class EpochSampler(Sampler):
-    """Wraps an index sampler (e.g. DistributedSampler) and yields (index, epoch) pairs, so the
-    epoch travels with each index into DataLoader workers; set_epoch sets both."""
-
-    def __init__(self, sampler: Sampler) -> None:
-        self.sampler = sampler
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int, **kw) -> None:
-        self.epoch = epoch
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch, **kw)  # e.g. start= of a resumable sampler
-
-    def __getattr__(self, name: str):
-        """Anything else (steps_per_epoch, ...) is the wrapped sampler's."""
-        if name == "sampler":
-            raise AttributeError(name)
-        return getattr(self.sampler, name)
-
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
-        epoch = self.epoch
-        return ((int(i), epoch) for i in self.sampler)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
 
 
 class MaskDataset(Dataset):

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from segment_anything.utils.data import collate
-from segment_anything.utils.data.dataset import EpochSampler, MaskDataset
+from segment_anything.utils.data.dataset import MaskDataset
+from segment_anything.utils.data.samplers import EpochSampler
 from segment_anything.utils.data.prompts import PromptConfig, mask_to_box
 from segment_anything.utils.data.records import Record
 from segment_anything.utils.transforms import ResizeLongestSide

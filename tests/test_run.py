@@ -21,7 +21,7 @@ import torch
 
 from conftest import REPO, require_shared_data
 from segment_anything import sam_model_registry
-from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import make_synthetic_dataset
 
 SIZE = 128
 SEED = 21

@@ -12,7 +12,7 @@ import pytest
 
 import run
 from conftest import require_shared_data
-from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import make_synthetic_dataset
 
 
 

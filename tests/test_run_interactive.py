@@ -5,7 +5,7 @@ Helpers and tolerances are those of tests/test_run.py's synchronisation test."""
 
 import pytest
 
-from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import make_synthetic_dataset
 from segment_anything.training.config import TrainConfig
 from test_run import assert_synchronised, base_flags, free_port, initial_decoder, last_weights, max_diff, metrics, run_ok
 

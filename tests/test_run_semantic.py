@@ -16,7 +16,7 @@ from conftest import REPO
 from segment_anything import sam_model_registry
 from segment_anything.modeling.semantic_head import attach_head
 from segment_anything.tools._semantic import palette, write_semantic
-from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import make_synthetic_dataset
 from segment_anything.utils.data import collate, load_records
 from segment_anything.utils.save_weight import load_partial_weight
 from segment_anything.utils.data.semantic import SemanticDataset

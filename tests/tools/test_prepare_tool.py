@@ -8,7 +8,7 @@ import pytest
 
 from conftest import require_shared_data
 from segment_anything.tools import prepare
-from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import make_synthetic_dataset
 from segment_anything.utils.data import load_records
 
 

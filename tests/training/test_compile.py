@@ -15,7 +15,7 @@ import torch
 
 from conftest import REPO, run_ranks
 from segment_anything import sam_model_registry
-from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import make_synthetic_dataset
 from segment_anything.training.compile import CompiledOrEager, compile_decode, cpu_compiler
 from segment_anything.training.config import TrainConfig
 from segment_anything.utils.data import MaskDataset, load_records

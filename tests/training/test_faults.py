@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import make_synthetic_dataset
 from test_run import ENV, TIMEOUT, free_port, max_diff, metrics, output, run_cmd
 
 # 8 training images, batch 1 on 2 ranks: 4 steps per epoch; 1 validation image: rank 1's

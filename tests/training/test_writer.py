@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from segment_anything import sam_model_registry
-from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import make_synthetic_dataset
 from segment_anything.utils.data import MaskDataset, load_records
 from segment_anything.utils.log import LOGGER_NAME
 from segment_anything.training.writer import (RunWriter, figure_array, plot_curves, predict_samples, sample_indices,

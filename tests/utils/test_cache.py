@@ -18,7 +18,7 @@ import torch
 from conftest import REPO
 from segment_anything import sam_model_registry
 from segment_anything.training.config import TrainConfig
-from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import make_synthetic_dataset
 from segment_anything.utils.data import MaskDataset, load_records
 from segment_anything.utils.data.cache import EmbeddingCache, open_cache
 from segment_anything.utils.interactive import InteractiveSpec, InteractiveStep

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from segment_anything import sam_model_registry
-from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import make_synthetic_dataset
 from segment_anything.utils.click_eval import click_keys, click_metrics
 from segment_anything.utils.data import MaskDataset, load_records
 from segment_anything.utils.interactive import (

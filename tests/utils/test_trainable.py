@@ -8,7 +8,7 @@ import torch
 
 from conftest import REPO
 from segment_anything import sam_model_registry
-from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import make_synthetic_dataset
 from segment_anything.utils.data import MaskDataset, load_records
 from segment_anything.utils.random_weights import randomize_
 from segment_anything.utils.save_weight import load_partial_weight, save_partial_weight

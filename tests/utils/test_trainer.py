@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, relative_error, run_ranks
 from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.training.config import FALSE_WORDS, TRUE_WORDS, TrainConfig
-from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import make_synthetic_dataset
 from segment_anything.utils.data import MaskDataset, load_image, load_records
 from segment_anything.utils.metrics import mask_iou
 from segment_anything.utils.random_weights import randomize_

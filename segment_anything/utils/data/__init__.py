@@ -6,6 +6,8 @@
     checks.py       DataError, per-sample problems, --skip_bad summary
     prepare.py      prepare_data(cfg): every file checked before training
     dataset.py      MaskDataset, collate
+    samplers.py     resumable distributed sampling, the epoch sent with each index
+    synthetic.py    small deterministic datasets for the demo and the tests
 """
 
 from .checks import BadSample, DataError, Problem
@@ -14,17 +16,9 @@ from .formats import DataOptions
 from .image_io import load_image, load_mask
 from .prepare import RunData, load_records, prepare_data, split_records
 from .records import Record, mask_to_box
+from .synthetic import make_synthetic_dataset
 
 __all__ = ["BadSample", "DataError", "DataOptions", "MaskDataset", "Problem", "Record", "RunData", "collate",
            "load_image", "load_mask", "load_records", "make_synthetic_dataset", "mask_to_box", "prepare_data",
            "split_records"]
 
-
-def __getattr__(name):
-    # The synthetic generator lives in tools/; this keeps `from ...utils.data import
-    # make_synthetic_dataset` working without importing tools on every data import.
-    if name == "make_synthetic_dataset":
-        from ...tools.synthetic_data import make_synthetic_dataset
-
-        return make_synthetic_dataset
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

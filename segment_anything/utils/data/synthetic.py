@@ -1,7 +1,5 @@
-"""Small deterministic synthetic datasets for the demo and the tests.
-
-    python -m segment_anything.tools.synthetic_data demo_data --n 48
-    python -m segment_anything.tools.synthetic_data cells --kind instance_map --objects 6
+"""Small deterministic synthetic datasets for the demo and the tests
+(command line: python -m segment_anything.tools.synthetic_data).
 
 kind folder (images/ + labels/ binary masks), objects (<id>/images/ + <id>/masks/, one file per
 object) or instance_map (image/ + mask/ 16-bit label images). Each object is a filled ellipse or
@@ -9,7 +7,6 @@ star-shaped polygon, saturated and striped on a muted blotchy background, so SAM
 learn it from a box; several objects sit in separate grid cells and never touch.
 """
 
-import argparse
 import json
 import math
 import os
@@ -20,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..utils.data.checks import DataError
+from .checks import DataError
 
 MARKER = ".synthetic"
 KINDS = ("folder", "objects", "instance_map")
@@ -160,19 +157,3 @@ def make_synthetic_dataset(root, n: int = 40, size_range=(160, 320), seed: int =
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", help="folder to create; an existing synthetic set with the same options is reused")
-    parser.add_argument("--n", type=int, default=48, help="number of images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kind", default="folder", choices=KINDS, help="data format to write")
-    parser.add_argument("--objects", type=int, default=1, help="objects per image")
-    args = parser.parse_args(argv)
-    path = make_synthetic_dataset(args.root, n=args.n, seed=args.seed, kind=args.kind, objects=args.objects)
-    print(f"synthetic dataset: {path} ({args.n} images, {args.kind}, {args.objects} object(s) each)")
-
-
-if __name__ == "__main__":
-    main()

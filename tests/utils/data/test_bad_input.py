@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import require_shared_data
-from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import make_synthetic_dataset
 from segment_anything.training.config import TrainConfig
 from segment_anything.utils.data import DataError, prepare_data
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import require_shared_data
-from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import make_synthetic_dataset
 from segment_anything.utils.data import (
     DataError, DataOptions, MaskDataset, collate, load_image, load_mask, load_records, mask_to_box, split_records,
 )

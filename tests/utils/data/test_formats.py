@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import require_shared_data
-from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import make_synthetic_dataset
 from segment_anything.utils.data import DataError, DataOptions, load_image, load_records, mask_to_box
 from segment_anything.utils.data.formats import detect
 from segment_anything.utils.data.prepare import load_split

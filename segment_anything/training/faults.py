@@ -37,10 +37,6 @@ class TrainingStopped(RuntimeError):
         self.exit_code = exit_code
 
 
-class RankLost(RuntimeError):
-    """Another rank died or stopped responding; the message names it when it can."""
-
-
 def _test_fault(rank: int, step: int) -> Optional[str]:
     for spec in filter(None, os.environ.get(TEST_FAULT_ENV, "").split(",")):
         kind, fault_rank, at = spec.split(":")

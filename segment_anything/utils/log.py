@@ -3,12 +3,11 @@
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 LOGGER_NAME = "sam_finetune"
 
 
-def setup_logging(rank: int, log_file: Optional[Path] = None) -> logging.Logger:
+def setup_logging(rank: int) -> logging.Logger:
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers.clear()
     logger.propagate = False
@@ -18,8 +17,6 @@ def setup_logging(rank: int, log_file: Optional[Path] = None) -> logging.Logger:
     stream.setFormatter(fmt)
     stream.addFilter(lambda record: not getattr(record, "file_only", False))
     logger.addHandler(stream)
-    if log_file is not None and rank == 0:
-        add_log_file(logger, log_file)
     return logger
 
 

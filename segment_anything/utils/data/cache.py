@@ -283,9 +283,8 @@ def _decode(data: bytes) -> Optional[torch.Tensor]:
     return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(c, h, w)
 
 
-# Flags that change what the encoder sees, beyond the image file and the weights; a flag that
-# does not exist (yet) in the configuration is skipped.
-INPUT_FLAGS = ("model_type", "image_size", "intensity_range", "intensity_scale", "channels", "plane")
+# Flags that change what the encoder sees, beyond the image file and the weights.
+INPUT_FLAGS = ("model_type", "image_size", "intensity_range", "channels", "plane")
 
 
 def open_cache(cfg, sam: torch.nn.Module, amp_dtype: Optional[torch.dtype], log: bool = True,
@@ -305,10 +304,10 @@ def open_cache(cfg, sam: torch.nn.Module, amp_dtype: Optional[torch.dtype], log:
         if log:
             logger.info(f"embedding cache off: {reason}")
         return None
-    parts = {flag: getattr(cfg, flag) for flag in INPUT_FLAGS if hasattr(cfg, flag)}
+    parts = {flag: getattr(cfg, flag) for flag in INPUT_FLAGS}
     parts["weights"] = weights_hash(sam.image_encoder, _Preprocess(sam))
     parts["compute_dtype"] = str(amp_dtype)
-    if fft_block_indices(sam):  # FFT mixing (issue 10) makes other embeddings from the same weights;
+    if fft_block_indices(sam):  # FFT mixing makes other embeddings from the same weights;
         parts["fft_blocks"] = fft_block_indices(sam)  # only then in the key: stock runs keep their entries
     cache = EmbeddingCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), cfg.cache_dtype, parts,
                            max_bytes=int(cfg.cache_max_gb * 2**30))

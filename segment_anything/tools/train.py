@@ -31,9 +31,14 @@ def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_
         die_with_parent()  # a worker never outlives the launcher that started it
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     setup_logging(rank)
-    # CPU processes share the cores; more threads than cores makes every rank crawl.
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    torch.set_num_threads(cfg.threads or default_threads(local_world))
+    # CPU processes share the cores with each other and with other programs.
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    else:
+        threads, note = default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+        torch.set_num_threads(threads)
+        if rank == 0:
+            get_logger().info(note)
     info = init_distributed(device_type, rank, local_rank, world_size, init_method, cfg.dist_timeout)
     try:
         prepared = setup_run(cfg, info, prepared)

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _WATCH_SECONDS = 1.0
@@ -73,10 +73,21 @@ def pick_port(port: Optional[int]) -> int:
     return port
 
 
-def default_threads(local_processes: int) -> int:
-    """CPU threads per process: the usable cores shared by this node's processes (at least 1)."""
+def default_threads(local_processes: int) -> Tuple[int, str]:
+    """CPU threads per process when --threads is not given, and a log line saying why.
+
+    The cores this process may use (its affinity mask: taskset, cgroups, a scheduler's
+    allocation) less those other programs keep busy (the 1-minute load average, rounded), shared
+    by this node's processes; at least 1. More threads than free cores make every thread wait for
+    the others at each parallel region: on a busy machine that is many times slower than one thread.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(local_processes, 1))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = max(cores - int(load + 0.5), 1)
+    threads = max(1, free // max(local_processes, 1))
+    note = (f"CPU threads per process: {threads} ({cores} usable cores, 1-minute load average {load:.1f}, "
+            f"{local_processes} process(es) on this node; --threads N sets it)")
+    return threads, note
 
 
 def discard_unstarted_run(out_dir: Path, existed: bool) -> bool:

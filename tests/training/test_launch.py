@@ -5,6 +5,7 @@ Runs are vit_t with random weights at 64 px on a few synthetic images; every sub
 
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -117,7 +118,7 @@ def test_a_text_file_as_checkpoint_stops_before_any_worker_and_leaves_no_folder(
 
 def test_two_process_run_logs_quietly_to_a_pipe(data, tmp_path):
     """Not a terminal: no carriage-return bars, no deprecation warning per rank, the model table and the
-    skipped files in train.log only, threads per process = cores / processes (the default)."""
+    skipped files in train.log only, the default threads per process said and used."""
     train, val = data
     empty = np.zeros((40, 40), np.uint8)
     cv2.imwrite(str(train / "images" / "blank.png"), np.full((40, 40, 3), 90, np.uint8))
@@ -134,7 +135,7 @@ def test_two_process_run_logs_quietly_to_a_pipe(data, tmp_path):
     log = (out / "train.log").read_text()
     assert "Total params" in log and "Total params" not in result.stdout
     assert "skipped: " in log and "blank.png" in log and "blank.png" not in result.stdout
-    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    threads = re.search(r"CPU threads per process: (\d+) \(", result.stdout + result.stderr).group(1)
     assert f"2 process(es) on cpu ({threads} CPU threads each)" in log
 
 
@@ -207,3 +208,16 @@ def test_progress_reads_the_loss_rarely_and_writes_plain_lines_off_a_terminal(ca
         logger.removeHandler(caplog.handler)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and lines[1].startswith("epoch 2/3 | 8/8 img | loss 0.5000 | ") and lines[1].endswith(" img/s")
+
+
+@pytest.mark.parametrize("cores,load,procs,expected", [(2, 4.7, 1, 1), (2, 0.1, 1, 2), (2, 0.9, 1, 1),
+                                                        (16, 3.2, 2, 6), (16, 0.0, 4, 4), (4, 40.0, 2, 1)])
+def test_default_threads_leave_the_cores_other_programs_use(monkeypatch, cores, load, procs, expected):
+    from segment_anything.training import launch
+
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(launch.os, "getloadavg", lambda: (load, load, load))
+    threads, note = launch.default_threads(procs)
+    assert threads == expected
+    assert note.startswith(f"CPU threads per process: {expected} ") and f"{cores} usable cores" in note
+    assert f"load average {load:.1f}" in note and "--threads" in note

@@ -5,6 +5,7 @@
 #   NNODES=2 NODE_RANK=1 RDZV_ENDPOINT=node1:29500 bash launch/multinode.sh --train_dir data/train ...
 # Every argument goes to run.py. NPROC: workers per node (default: visible GPUs, else 1);
 # RDZV_ID: a name shared by the nodes of one run; under SLURM, NODE_RANK defaults to SLURM_NODEID.
+# torchrun through segment_anything.tools.torchrun: the same flags, no traceback on Ctrl-C.
 set -euo pipefail
 source "$(dirname "$0")/python.sh"
 : "${NNODES:?set NNODES (number of nodes)}" "${RDZV_ENDPOINT:?set RDZV_ENDPOINT (host:port on the first node)}"
@@ -13,6 +14,6 @@ NPROC=${NPROC:-$("$PY" -c "import torch; print(max(torch.cuda.device_count(), 1)
 # The first node hosts the rendezvous store; the others connect to it (explicit, so that two
 # "nodes" on one machine do not both try to host it).
 IS_HOST=${IS_HOST:-$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)}
-exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
+exec "$PY" -m segment_anything.tools.torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
   --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-sam-finetune}" \
   --rdzv_conf "is_host=$IS_HOST" run.py "$@"

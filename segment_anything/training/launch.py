@@ -1,8 +1,11 @@
-"""Worker processes: die with the launcher, a free or checked port, threads per process, no orphan run folders."""
+"""Worker processes: die with the launcher, a free or checked port, threads per process, no orphan
+run folders, and the command that resumes a run the way it was launched."""
 
 import ctypes
 import errno
+import multiprocessing
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -10,7 +13,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
+
+from ..utils.distributed import launched_by_torchrun
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _WATCH_SECONDS = 1.0
@@ -105,3 +110,38 @@ def discard_unstarted_run(out_dir: Path, existed: bool) -> bool:
     for child in list(out_dir.iterdir()):
         shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
     return True
+
+
+def launch_cmdline() -> List[str]:
+    """The command line the user typed to start this run: torchrun's (this worker's parent) under
+    torchrun, the run.py launcher's (the parent) in a worker it spawned, else this process's own."""
+    if launched_by_torchrun() or multiprocessing.parent_process() is not None:
+        try:
+            return [a.decode(errors="replace") for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0") if a]
+        except OSError:  # not Linux: the fallback below
+            return []
+    return list(getattr(sys, "orig_argv", []))
+
+
+def resume_command(out_dir, cmdline: Optional[Sequence[str]] = None, argv0: Optional[str] = None) -> str:
+    """The command that continues out_dir the way this run was started: the launch command up to
+    the training script (torchrun and its flags included: the world size must match), then
+    --resume out_dir, which takes the run's saved flags. 'python run.py --resume out_dir' when
+    the command line cannot be read."""
+    cmd = list(launch_cmdline() if cmdline is None else cmdline)
+    script = sys.argv[0] if argv0 is None else argv0
+    prefix: List[str] = []
+    for i, arg in enumerate(cmd[1:], 1):
+        if arg == script:
+            prefix = cmd[:i + 1]
+            break
+        if arg == "-m" and i + 1 < len(cmd) and not cmd[i + 1].startswith("torch.distributed"):
+            prefix = cmd[:i + 2]  # python -m segment_anything.tools.train
+            break
+    if len(prefix) >= 2 and not prefix[1].startswith("-") and not prefix[1].endswith(".py"):
+        prefix = [os.path.basename(prefix[1])] + prefix[2:]  # a console script (torchrun, sam-train) by its name
+    if not prefix:
+        prefix = ["python", "run.py"]
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1)
+    text = shlex.join(prefix + ["--resume", str(out_dir)])
+    return text + (f" (on each of the {nodes} nodes, with its own torchrun flags)" if nodes > 1 else "")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, free_port
 from segment_anything.tools import train as launcher
 from segment_anything.training import engine
 from segment_anything.training.config import TrainConfig
@@ -221,3 +221,20 @@ def test_default_threads_leave_the_cores_other_programs_use(monkeypatch, cores, 
     assert threads == expected
     assert note.startswith(f"CPU threads per process: {expected} ") and f"{cores} usable cores" in note
     assert f"load average {load:.1f}" in note and "--threads" in note
+
+
+@pytest.mark.parametrize("cmdline,argv0,expected", [
+    (["/v/bin/python", "-m", "torch.distributed.run", "--nproc_per_node", "2", "run.py", "--lr", "1e-3"], "run.py",
+     "/v/bin/python -m torch.distributed.run --nproc_per_node 2 run.py --resume out"),
+    (["/v/bin/python3", "/v/bin/torchrun", "--standalone", "--nproc_per_node=8", "/r/run.py", "--epoch", "3"], "/r/run.py",
+     "torchrun --standalone --nproc_per_node=8 /r/run.py --resume out"),
+    ([".venv/bin/python", "run.py", "--world_size", "2"], "run.py", ".venv/bin/python run.py --resume out"),
+    (["/v/bin/python", "/v/bin/sam-train", "--train_dir", "d"], "/v/bin/sam-train", "sam-train --resume out"),
+    (["python", "-m", "segment_anything.tools.train", "--train_dir", "d"], "/r/segment_anything/tools/train.py",
+     "python -m segment_anything.tools.train --resume out"),
+    ([], "run.py", "python run.py --resume out"),  # nothing readable: the documented command
+])
+def test_resume_command_repeats_how_the_run_was_launched(cmdline, argv0, expected):
+    from segment_anything.training.launch import resume_command
+
+    assert resume_command("out", cmdline, argv0) == expected

@@ -10,10 +10,12 @@ A rank that dies or hangs makes the others' next collective fail (at once for a 
 every rank writes into the process group's store before its all_reduce.
 """
 
+import errno
 import os
 import signal
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import torch
@@ -21,6 +23,8 @@ import torch.distributed as dist
 
 from ..utils.distributed import DistInfo, all_reduce_sum, is_dist
 from ..utils.log import get_logger
+from ..utils.save_weight import WriteError, load_data_only
+from .launch import resume_command
 
 # TEST-ONLY fault injection, read here and nowhere else: comma-separated "KIND:RANK:STEP", KIND
 # nan (this rank's gradients become NaN at that global step; "STEP+" = from that step on), exit
@@ -178,11 +182,49 @@ def faults_to_exit(info: DistInfo):
         if info.is_main:  # every rank stops for the same reason: say it once
             get_logger().error(str(err))
         raise SystemExit(err.exit_code) from None
+    except WriteError as err:  # the rank that writes (rank 0); the others then lose it
+        get_logger().error(write_failure_message(err))
+        raise SystemExit(1) from None
     except RuntimeError as err:
         if not is_collective_failure(err):
             raise
         get_logger().error(lost_rank_message(err, info))
         raise SystemExit(1) from None
+
+
+def _saved_at(path: Path) -> Optional[str]:
+    """'epoch 3', or 'epoch 4 step 120' for a mid-epoch last.pth; None if unreadable. mmap: only
+    the few bytes of the numbers are read, however large the file."""
+    try:
+        saved = load_data_only(path, mmap=True)
+        done, step = int(saved["epoch"]), int(saved.get("step") or 0)
+    except Exception:  # a damaged file: the message goes on without its epoch
+        return None
+    return f"epoch {done + 1} step {step}" if step else f"epoch {done}"
+
+
+def write_failure_message(err: WriteError) -> str:
+    """One line: which file could not be written and why, what in the run folder is intact, what
+    to do, and the command that resumes (when there is a last.pth to resume from)."""
+    folder = err.path.parent
+    kept = {name: _saved_at(folder / name) for name in ("best.pth", "last.pth") if (folder / name).is_file()}
+    if err.errno in (errno.EFBIG,):
+        fix = "raise the file size limit (ulimit -f)"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = f"make {folder} writable"
+    else:
+        fix = "free space on its disk"
+    if not kept:
+        return f"{err}; the run stopped before its first save, nothing to resume: {fix} and start it again"
+    names = " and ".join(kept)
+    epochs = set(kept.values())
+    when = f" ({epochs.pop()})" if len(epochs) == 1 and None not in epochs else ""
+    if not when:
+        names = " and ".join(f"{n} ({e})" if e else n for n, e in kept.items())
+    intact = f"{names} in {folder} {'are' if len(kept) > 1 else 'is'} intact{when}"
+    if "last.pth" not in kept:
+        return f"{err}; the run stopped. {intact}; no last.pth yet, so nothing to resume: {fix} and start it again"
+    return f"{err}; the run stopped. {intact}. To continue, {fix}, then: {resume_command(folder)}"
 
 
 def is_collective_failure(err: BaseException) -> bool:

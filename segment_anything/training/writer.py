@@ -11,6 +11,7 @@ side (box-prompted masks, or class maps with --task semantic), the title saying 
 and objects it shows of how many. No samples, no samples.png: never a picture with a title only.
 """
 
+import io
 import json
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from ..predictor import SamPredictor
 from ..utils.draw import overlay
 from ..utils.log import get_logger
+from ..utils.save_weight import atomic_write_bytes
 
 N_SAMPLES = 4  # validation images shown
 
@@ -65,10 +67,12 @@ def curves_figure(records: Sequence[Dict]):
 
 
 def plot_curves(records: Sequence[Dict], path: Path) -> None:
-    """curves.png from metrics.jsonl records."""
+    """curves.png from metrics.jsonl records, replaced whole or not at all (WriteError)."""
     fig = curves_figure(records)
-    fig.savefig(path)
+    data = io.BytesIO()
+    fig.savefig(data, format="png")
     _pyplot().close(fig)
+    atomic_write_bytes(data.getvalue(), path)
 
 
 def read_records(metrics: Path) -> List[Dict]:
@@ -296,7 +300,7 @@ class RunWriter:
         plot_curves(sorted(records + [record], key=lambda r: r["epoch"]), self.out_dir / "curves.png")
         picture = self.samples_picture(record, sam)
         if improved and picture is not None:
-            cv2.imwrite(str(self.out_dir / "samples.png"), picture[..., ::-1])
+            atomic_write_bytes(cv2.imencode(".png", picture[..., ::-1])[1].tobytes(), self.out_dir / "samples.png")
         if self.tb is not None:
             for key, value in record.items():  # every number of the metrics.jsonl line, loss terms included
                 if key != "epoch" and isinstance(value, (int, float)):

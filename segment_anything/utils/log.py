@@ -20,8 +20,26 @@ def setup_logging(rank: int) -> logging.Logger:
     return logger
 
 
+class RunLogFile(logging.FileHandler):
+    """train.log. When it cannot be written (a full disk), the console says so once and the run's
+    messages go on there; logging's default is a traceback on stderr for every line."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        self.failed = True
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        logging.getLogger(LOGGER_NAME).warning(f"could not write {self.baseFilename}: {reason}; "
+                                               "the log goes on on the console only")
+
+
 def add_log_file(logger: logging.Logger, log_file: Path) -> None:
-    handler = logging.FileHandler(log_file)
+    handler = RunLogFile(log_file)
     handler.setFormatter(logger.handlers[0].formatter)
     logger.addHandler(handler)
 

@@ -20,8 +20,9 @@ import pickle
 import uuid
 import warnings
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -156,23 +157,65 @@ def _check_weights_only(metadata: Dict[str, Any]) -> None:
         ) from err
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+class WriteError(OSError):
+    """A file could not be written (disk full, quota, file size limit, read-only, permissions).
+
+    path: the file; reason: the system's words ("No space left on device"); errno as the system's.
+    A file that atomic_save or atomic_write_bytes would have replaced is unchanged."""
+
+    def __init__(self, path: PathLike, reason: str, code: Optional[int] = None) -> None:
+        super().__init__(code, reason)
+        self.path, self.reason = Path(path), reason
+
+    def __str__(self) -> str:
+        return f"could not write {self.path}: {self.reason}"
+
+
+def _os_error_in(err: BaseException) -> Optional[OSError]:
+    """The OSError behind err: itself, or one it was raised from or while handling (torch.save
+    answers a failed write with a RuntimeError from its zip writer)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextmanager
+def writing(path: PathLike):
+    """Turns a failed write of path (an OSError, or torch's RuntimeError over one) into WriteError."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except (OSError, RuntimeError) as err:
+        cause = _os_error_in(err)
+        if cause is None:
+            raise
+        raise WriteError(path, cause.strerror or str(cause), cause.errno) from err
+
+
+def _replace(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """write(file) into a temporary file in path's folder, fsync, then rename over path.
 
     os.replace is atomic within a file system, so readers see the old file or the new one,
-    never a half-written one, and a crash while writing leaves the previous file intact.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    never a half-written one, and a crash or a full disk while writing leaves the previous file
+    intact and no temporary file behind. WriteError when it cannot be written."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # plain open, not mkstemp: the file gets the usual umask permissions
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "xb") as f:  # plain open, not mkstemp: the file gets the usual umask permissions
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     try:  # make the rename itself durable; not possible on every OS / file system
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -181,6 +224,23 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to path atomically (see _replace); WriteError when it cannot be written."""
+    _replace(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_bytes(data: bytes, path: PathLike) -> None:
+    """Write bytes to path atomically (see _replace); WriteError when it cannot be written."""
+    _replace(Path(path), lambda f: f.write(data))
+
+
+def append_text(path: PathLike, text: str) -> None:
+    """Append text to path (a log-like file: a torn last line is the worst a failure leaves);
+    WriteError when it cannot be written."""
+    with writing(path), open(path, "a") as f:
+        f.write(text)
 
 
 def save_partial_weight(

@@ -1,5 +1,5 @@
 """Validation that measures interaction: IoU after k simulated corrective clicks, starting from a
-point and from a box (issue 8).
+point and from a box.
 
 Each object starts from a prompt made from its ground truth, deterministically: the point is its
 deepest pixel (utils.data.prompts.center_points), the box its bounding rectangle. A point start
@@ -16,8 +16,9 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
+from .clicks import next_clicks, to_input_frame
 from .data.prompts import center_points, mask_to_box
-from .interactive import Prompts, decode_all, next_clicks, to_input_frame
+from .interactive import Prompts, decode_all
 from .metrics import mask_iou
 from .transforms import ResizeLongestSide
 

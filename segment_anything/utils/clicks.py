@@ -1,4 +1,6 @@
-"""Simulated corrective clicks: where a user would click next to fix a predicted mask.
+"""Simulated corrective clicks: where a user would click next to fix a predicted mask, one object
+at a time (click_session, as the evaluate tool scores) or for every prompt of a batch at once
+(next_clicks, as interactive training and validation use).
 
 The next click goes into the larger of the two error regions (missed object pixels -> a positive
 click, wrongly included pixels -> a negative click), at the pixel of that region farthest from
@@ -10,6 +12,9 @@ from typing import Callable, List, Optional, Tuple
 
 import cv2
 import numpy as np
+import torch
+
+from .transforms import ResizeLongestSide
 
 
 def _depth(region: np.ndarray) -> np.ndarray:
@@ -35,6 +40,45 @@ def corrective_click(pred: np.ndarray, target: np.ndarray) -> Optional[Tuple[np.
     depth = _depth(missed if positive else extra)
     y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
     return np.array([x, y], np.float32), int(positive)
+
+
+def random_click(pred: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> Optional[Tuple[np.ndarray, int]]:
+    """As clicks.corrective_click (same region and label), but at a pixel drawn uniformly from
+    the region rather than its deepest pixel."""
+    pred, target = pred.astype(bool), target.astype(bool)
+    missed, extra = target & ~pred, pred & ~target
+    if not missed.any() and not extra.any():
+        return None
+    positive = missed.sum() >= extra.sum()
+    ys, xs = np.nonzero(missed if positive else extra)
+    j = int(rng.integers(ys.size))
+    return np.array([xs[j], ys[j]], np.float32), int(positive)
+
+
+def next_clicks(preds: List[torch.Tensor], targets: List[torch.Tensor], mode: str,
+                rngs: Optional[List[np.random.Generator]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """One click per prompt from its prediction and target (both per image (n, H, W), same
+    frame). Returns xy (P, 2) float32 in that frame's pixels and labels (P,) (1 positive,
+    0 negative, -1 no click: the prediction is already exact)."""
+    xy, labels, j = [], [], 0
+    for pred, target in zip(preds, targets):
+        for p, t in zip(pred.cpu().numpy(), target.cpu().numpy()):
+            click = corrective_click(p, t) if mode == "center" else random_click(p, t, rngs[j])
+            xy.append(click[0] if click else np.zeros(2, np.float32))
+            labels.append(click[1] if click else -1)
+            j += 1
+    return np.stack(xy).astype(np.float32), np.array(labels, np.float32)
+
+
+def to_input_frame(xy: np.ndarray, batch, frame_sizes: List[Tuple[int, int]], image_size: int) -> torch.Tensor:
+    """Clicks (P, 2) in each image's frame_sizes[i] pixels -> the encoder's resized frame."""
+    transform = ResizeLongestSide(image_size)
+    counts = [m.shape[0] for m in batch.masks]
+    parts, start = [], 0
+    for n, size in zip(counts, frame_sizes):
+        parts.append(transform.apply_coords(xy[start:start + n].copy(), size))
+        start += n
+    return torch.from_numpy(np.concatenate(parts).astype(np.float32)).to(batch.image_index.device)
 
 
 # predict(points (K, 2), labels (K,), mask_input (1, h, w) logits or None)

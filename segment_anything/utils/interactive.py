@@ -16,11 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .clicks import corrective_click
+from .clicks import next_clicks, to_input_frame
 from .losses import LossSpec, low_res_pair
 from .metrics import mask_dice, mask_iou
 from .resize import resize_logits
-from .transforms import ResizeLongestSide
 
 PROMPT_KINDS = ("box", "point")
 CLICK_MODES = ("center", "random")
@@ -248,48 +247,6 @@ def score_round(sam, loss: LossSpec, low: torch.Tensor, iou: torch.Tensor, batch
         preds.append((pred, truth.bool()))
         start += n
     return {k: torch.cat(v) for k, v in terms.items()}, torch.cat(choices), preds
-
-
-# --- Corrective clicks ---
-
-
-def random_click(pred: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> Optional[Tuple[np.ndarray, int]]:
-    """As clicks.corrective_click (same region and label), but at a pixel drawn uniformly from
-    the region rather than its deepest pixel."""
-    pred, target = pred.astype(bool), target.astype(bool)
-    missed, extra = target & ~pred, pred & ~target
-    if not missed.any() and not extra.any():
-        return None
-    positive = missed.sum() >= extra.sum()
-    ys, xs = np.nonzero(missed if positive else extra)
-    j = int(rng.integers(ys.size))
-    return np.array([xs[j], ys[j]], np.float32), int(positive)
-
-
-def next_clicks(preds: List[torch.Tensor], targets: List[torch.Tensor], mode: str,
-                rngs: Optional[List[np.random.Generator]] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """One click per prompt from its prediction and target (both per image (n, H, W), same
-    frame). Returns xy (P, 2) float32 in that frame's pixels and labels (P,) (1 positive,
-    0 negative, -1 no click: the prediction is already exact)."""
-    xy, labels, j = [], [], 0
-    for pred, target in zip(preds, targets):
-        for p, t in zip(pred.cpu().numpy(), target.cpu().numpy()):
-            click = corrective_click(p, t) if mode == "center" else random_click(p, t, rngs[j])
-            xy.append(click[0] if click else np.zeros(2, np.float32))
-            labels.append(click[1] if click else -1)
-            j += 1
-    return np.stack(xy).astype(np.float32), np.array(labels, np.float32)
-
-
-def to_input_frame(xy: np.ndarray, batch, frame_sizes: List[Tuple[int, int]], image_size: int) -> torch.Tensor:
-    """Clicks (P, 2) in each image's frame_sizes[i] pixels -> the encoder's resized frame."""
-    transform = ResizeLongestSide(image_size)
-    counts = [m.shape[0] for m in batch.masks]
-    parts, start = [], 0
-    for n, size in zip(counts, frame_sizes):
-        parts.append(transform.apply_coords(xy[start:start + n].copy(), size))
-        start += n
-    return torch.from_numpy(np.concatenate(parts).astype(np.float32)).to(batch.image_index.device)
 
 
 # --- The step ---

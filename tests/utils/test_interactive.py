@@ -13,11 +13,10 @@ from segment_anything.utils.data import make_synthetic_dataset
 from segment_anything.utils.click_eval import click_keys, click_metrics
 from segment_anything.utils.data import MaskDataset, load_records
 from segment_anything.utils.interactive import (
-    InteractiveSpec, InteractiveStep, Prompts, mixed_choice, min_loss_select, next_clicks, parse_prompt_probs,
-    random_click, step_prompts,
+    InteractiveSpec, InteractiveStep, Prompts, mixed_choice, min_loss_select, parse_prompt_probs, step_prompts,
 )
 from segment_anything.utils.losses import DEFAULT_LOSS_SPEC, LossSpec, parse_loss
-from segment_anything.utils.clicks import corrective_click
+from segment_anything.utils.clicks import corrective_click, next_clicks, random_click
 from segment_anything.utils.random_weights import randomize_
 from segment_anything.utils.trainable import TrainPlan, configure
 from segment_anything.utils.trainer import prepare_batch

@@ -39,6 +39,7 @@ from ..utils.data.image_io import load_image_planes
 from ..utils.image_spec import ImageSpec, add_arguments as add_image_arguments, from_arguments
 from ..utils.postprocess import clean_masks
 from ._model import add_model_args, cli, load_model
+from ._semantic import load_semantic_model, predict_classes, write_semantic
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 Prompt = Dict[str, Optional[np.ndarray]]  # "box" (4,), "points" (K, 2), "labels" (K,)
@@ -272,8 +273,6 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 def main_semantic(args: argparse.Namespace) -> None:
-    from ._semantic import load_semantic_model, predict_classes, write_semantic
-
     if args.box or args.point or args.prompts:
         raise ValueError("--task semantic takes no prompts (--box, --point, --prompts)")
     images = list_images(Path(args.image))

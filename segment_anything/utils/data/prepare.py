@@ -10,13 +10,15 @@ import random
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
-from importlib import import_module
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .checks import DataError, Problem, raise_problems, run_checks, summary
-from .formats import DataOptions, Scan, detect, layout_hint
+from .formats import DataOptions, Scan, detect, folder, instance_map, labelme, layout_hint, objects
+from .formats import coco as coco_format
 from .records import Record
+
+FOLDER_FORMATS = {"folder": folder, "objects": objects, "instance_map": instance_map, "labelme": labelme}
 
 # run.py's default --seed: the train/val split, the shuffling, and a --checkpoint none run's random model.
 DEFAULT_SEED = 21
@@ -47,13 +49,13 @@ class RunData:
 def scan(fmt: str, source: str, opts: DataOptions, images: Optional[str] = None) -> Scan:
     """List one split's candidates in format fmt ("auto": detected from the folder)."""
     if fmt == "coco":
-        return import_module(".formats.coco", __package__).scan(source, images, opts)
+        return coco_format.scan(source, images, opts)
     root = Path(source)
     if fmt == "auto":
         fmt = detect(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
-    return import_module(f".formats.{fmt}", __package__).scan(root, opts)
+    return FOLDER_FORMATS[fmt].scan(root, opts)
 
 
 def load_split(fmt: str, source: str, opts: DataOptions, images: Optional[str] = None) -> Loaded:

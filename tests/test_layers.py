@@ -62,7 +62,8 @@ def violations(edges=None):
         here = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         package = here.split(".")[:-1] if parts[-1] != "__init__" else here.split(".")
         tree = ast.parse(path.read_text())
-        top = {id(node) for node in tree.body}
+        local = {id(inner) for outer in ast.walk(tree) if isinstance(outer, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 for inner in ast.walk(outer) if isinstance(inner, ast.ImportFrom)}
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and any(a.arg == "cfg" and (a.annotation is None or "TrainConfig" in ast.unparse(a.annotation))
                                                                       for a in node.args.args):
@@ -75,7 +76,7 @@ def violations(edges=None):
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module.removeprefix("segment_anything").lstrip(".")
-            if id(node) not in top:
+            if id(node) in local:
                 yield f"{here} imports {target} inside a function"
             for alias in node.names:
                 path = PACKAGE.joinpath(*target.split("."), alias.name)

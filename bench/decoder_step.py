@@ -9,6 +9,14 @@ Meta's modeling code) runs once per image, as the reference loop of bench/train.
 takes every prompt of every image in one call (image_index), as our trainer does. Rows in
 float32 and in bf16 autocast. Prints a Markdown table with the command and machine line, and
 each row's masks' max relative difference from the official float32 masks.
+
+Each step is also given as a multiple of this machine's floor, as bench/encoder.py does for
+the encoder: the step's floating-point operations (forward + backward, counted with
+torch.utils.flop_counter) over the rate of a large matrix product measured in the same rounds
+(float32 for the float32 rows, bf16 for the autocast rows). Two counts: the official step's
+work (the convention of bench/encoder.py) and each decoder's own (ours does fewer operations:
+the folded cross-attention projections), so the second ratio says how close a step runs to the
+machine's rate for the work it actually does.
 """
 
 import argparse
@@ -24,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segment_anything import sam_model_registry  # noqa: E402
 from segment_anything.utils.random_weights import randomize_  # noqa: E402
-from bench._machine import machine_line  # noqa: E402
+from bench._machine import gemm_rate, machine_line  # noqa: E402
 
 
 def models():
@@ -68,6 +76,15 @@ def step(sam, ours: bool, amp: bool, data) -> torch.Tensor:
     return masks.detach().float()
 
 
+def count_flops(sam, is_ours: bool, data) -> int:
+    """Floating-point operations (2 per multiply-add) of one float32 step, forward + backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(sam, is_ours, False, data)
+    return counter.get_total_flops()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=6, help="box prompts per step")
@@ -82,7 +99,11 @@ def main() -> None:
             ("official", True): (official, False), ("ours", True): (ours, True)}
     masks = {key: step(sam, is_ours, key[1], data) for key, (sam, is_ours) in rows.items()}  # warm-up
     best = {key: float("inf") for key in rows}
+    flops = {name: count_flops(sam, is_ours, data) for (name, amp), (sam, is_ours) in rows.items() if not amp}
+    rates = {False: 0.0, True: 0.0}
     for _ in range(args.repeats):
+        for amp in rates:  # the floor's rate in the same rounds, so it sees the same neighbours
+            rates[amp] = max(rates[amp], gemm_rate(torch.bfloat16 if amp else torch.float32, repeats=1))
         for key, (sam, is_ours) in rows.items():
             start = time.perf_counter()
             step(sam, is_ours, key[1], data)
@@ -92,13 +113,19 @@ def main() -> None:
     print(f"command: python bench/{Path(__file__).name} " + " ".join(sys.argv[1:]))
     print(machine_line(args.threads))
     print(f"step: mask decoder forward + backward, {args.prompts} box prompts on {args.images} image(s), "
-          f"best of {args.repeats} interleaved rounds\n")
-    print("| decoder | precision | ms / step | vs official float32 | max rel. difference of the masks |")
-    print("|---|---|---:|---:|---:|")
+          f"best of {args.repeats} interleaved rounds")
+    print(f"work: {flops['official'] / 1e9:.2f} GFLOP per step (official), {flops['ours'] / 1e9:.2f} GFLOP (ours)")
+    for amp, name in ((False, "float32"), (True, "bf16")):
+        print(f"floor {name}: 4096^3 matmul at {rates[amp] / 1e9:,.0f} GFLOP/s (best of the rounds) -> "
+              f"{flops['official'] / rates[amp] * 1000:,.1f} ms (official work), {flops['ours'] / rates[amp] * 1000:,.1f} ms (ours)")
+    print("\n| decoder | precision | ms / step | vs official float32 | x floor (official work) | x floor (own work) "
+          "| max rel. difference of the masks |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for (name, amp), seconds in best.items():
         diff = ((masks[(name, amp)] - ref).abs().max() / ref.abs().max()).item()
         print(f"| {name} | {'bf16 autocast' if amp else 'float32'} | {seconds * 1000:,.0f} | "
-              f"{ref_time / seconds:.2f}x | {diff:.1e} |")
+              f"{ref_time / seconds:.2f}x | {seconds * rates[amp] / flops['official']:.1f}x "
+              f"| {seconds * rates[amp] / flops[name]:.1f}x | {diff:.1e} |")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from segment_anything import sam_model_registry  # noqa: E402
 from segment_anything.build_sam import MODEL_TYPES  # noqa: E402
 from segment_anything.utils.random_weights import randomize_  # noqa: E402
-from bench._machine import machine_line  # noqa: E402
+from bench._machine import gemm_rate, machine_line  # noqa: E402
 
 
 def official_encoder(model_type: str) -> torch.nn.Module:
@@ -45,18 +45,6 @@ def count_flops(encoder: torch.nn.Module, side: int) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         meta(torch.empty(1, 3, side, side, device="meta"))
     return counter.get_total_flops()
-
-
-def gemm_rate(dtype: torch.dtype, n: int = 4096, repeats: int = 3) -> float:
-    """FLOP/s of an n x n x n matrix product, best of repeats after one warm-up."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    best = float("inf")
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        if i:
-            best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
 
 
 def run_once(encoder, x, bf16: bool):

@@ -189,7 +189,7 @@ def rel_pos_attention(
     rel_pos_h: torch.Tensor,
     rel_pos_w: torch.Tensor,
     size: Tuple[int, int],
-    max_bias_elements: int = 2**21,
+    max_bias_elements: Optional[int] = None,
 ) -> torch.Tensor:
     """softmax(scale * q k^T + bias) v with SAM's decomposed relative-position bias.
 
@@ -202,6 +202,11 @@ def rel_pos_attention(
     (8 MB: cache-sized), and without autograd one buffer serves every chunk. The score matrix is
     never stored. (Appending the tables to q and one-hot codes to k gives the same scores in
     one kernel call, but triples the head size; it measured slower on CPU.)
+
+    The explicit low-precision path (LOW_PRECISION_EXPLICIT) takes chunks of 2**23 scores by
+    default (half a head of a 64 x 64 grid): each product repacks its whole right-hand operand
+    (one head's keys, then values), so the fewer row blocks per head, the fewer repacks; with
+    cache-sized chunks the repacking cost as much as the products themselves.
     """
     H, W = size
     B, heads, N, C = q.shape
@@ -211,15 +216,20 @@ def rel_pos_attention(
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh).reshape(B, heads, N, H, 1).to(q.dtype)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw).reshape(B, heads, N, 1, W).to(q.dtype)
 
+    reuse = not (torch.is_grad_enabled() and (q.requires_grad or rel_pos_h.requires_grad))
+    explicit = reuse and q.device.type == "cpu" and q.dtype in LOW_PRECISION_EXPLICIT
+    if max_bias_elements is None:
+        max_bias_elements = 2**23 if explicit else 2**21
     if heads * N * N <= max_bias_elements:  # small grids (windows): whole samples per call
         samples, head_step, rows = max(1, max_bias_elements // (heads * N * N)), heads, N
     else:  # large grids: one head, a block of queries
         samples, head_step, rows = 1, 1, max(1, max_bias_elements // N)
     samples = min(samples, B)
-    reuse = not (torch.is_grad_enabled() and (q.requires_grad or rel_pos_h.requires_grad))
-    explicit = reuse and q.device.type == "cpu" and q.dtype in LOW_PRECISION_EXPLICIT
     if explicit:  # scores from plain matrix products; see LOW_PRECISION_EXPLICIT
-        k = (k * scale).transpose(-1, -2)
+        # Keys and values as dense per-head blocks, copied once rather than gathered from the
+        # qkv layout by every chunk's product.
+        k = (k * scale).transpose(-1, -2).contiguous()
+        v = v.contiguous()
     buffer = q.new_empty(samples, head_step, rows, H, W) if reuse and not explicit else None
     out = q.new_empty(B, N, heads, C)
     for b in range(0, B, samples):

@@ -172,7 +172,7 @@ class TrainConfig:
     amp: str = _flag("auto", "mixed precision: auto (bf16/fp16 on CUDA, off elsewhere), bf16, fp16 or off", choices=["auto", "bf16", "fp16", "off"])
     patience: int = _flag(0, "stop after this many epochs without a better validation IoU (0 = never)")
     seed: int = _flag(DEFAULT_SEED, "random seed (data split, shuffling)")
-    # What trains and the loss (issue 9; logic in utils/trainable.py and utils/losses.py)
+    # What trains and the loss (logic in utils/trainable.py and utils/losses.py)
     loss: str = _flag("bce=1,iou=1,iou_head=1", "weighted loss terms: bce, focal, dice, iou (soft IoU), iou_head (MSE of the IoU prediction); "
                       "--task semantic: ce, dice (this default then means ce=1)")
     focal_alpha: float = _flag(0.25, "focal loss: weight of the foreground class (negative = no class weighting)")
@@ -188,27 +188,27 @@ class TrainConfig:
     min_region_area: int = _flag(0, "validation also reports IoU/Dice after filling holes and removing islands smaller than this (pixels; 0 = off)")
     loss_size: str = _flag("original", "compute the loss at each image's original size or on the decoder's low-resolution grid",
                            choices=["original", "low_res"])
-    # FFT token mixing (issue 10 part 1; logic in modeling/fft_attention.py, built by build_sam)
+    # FFT token mixing (logic in modeling/fft_attention.py, built by build_sam)
     attention: str = _flag("standard", "image encoder token mixing: standard self-attention, or fft (an O(N log N) "
                            "FFT mixer in the --fft_blocks; vit_b/l/h only)", choices=["standard", "fft"])
     fft_blocks: str = _flag("global", "with --attention fft, the blocks that mix by FFT: global (the global-attention "
                             "blocks), all, or block indices such as 2,5")
-    # Semantic segmentation (issue 10 part 2; utils/semantic_train.py, training/tasks/semantic.py, modeling/semantic_head.py)
+    # Semantic segmentation (utils/semantic_train.py, training/tasks/semantic.py, modeling/semantic_head.py)
     task: str = _flag("prompt", "prompt: SAM's promptable masks (the mask decoder); semantic: a K-class segmentation head "
                       "on the image-encoder features, cross-entropy (--loss ce=1[,dice=1])", choices=["prompt", "semantic"])
     num_classes: Optional[int] = _flag(None, "--task semantic: classes including background (default: from the data; "
                                        "instance_map label values are class ids)")
-    # Evaluation (issue 11; the evaluate tool is segment_anything/tools/evaluate.py)
+    # Evaluation (the evaluate tool is segment_anything/tools/evaluate.py)
     eval_base: bool = _flag(True, "score the starting model on the validation set before the first epoch (epoch 0 in metrics.jsonl)")
-    # Embedding cache (issue 7): frozen-encoder embeddings computed once, read in later epochs and runs
+    # Embedding cache: frozen-encoder embeddings computed once, read in later epochs and runs
     cache_dir: Optional[str] = _flag(None, "embedding cache folder (default: $XDG_CACHE_HOME/sam_finetune/embeddings, i.e. ~/.cache/sam_finetune/embeddings)")
     cache_dtype: str = _flag("fp16", "precision of cached embeddings: fp16, bf16 or fp32", choices=["fp16", "bf16", "fp32"])
     no_cache: bool = _flag(False, "compute the image embedding on every step (no embedding cache)")
     cache_max_gb: float = _flag(0.0, "bound the embedding cache folder to this many GB, least recently used entries removed first (0: no bound)")
-    # Compiled step (issue 7; logic in training/compile.py)
+    # Compiled step (logic in training/compile.py)
     compile: bool = _flag(False, "torch.compile the per-step prompt encoder + mask decoder (dynamic shapes); "
                           "falls back to eager with a warning if compiling fails")
-    # Interactive training (issue 8; logic in utils/interactive.py, utils/click_eval.py)
+    # Interactive training (logic in utils/interactive.py, utils/click_eval.py)
     prompt_probs: str = _flag("box=0.5,point=0.5", "--prompt mixed: per object a box or 1..--num_points positive points, "
                               "with these probabilities")
     multimask: bool = _flag(True, "single-point prompts train the three multimask outputs, back-propagating the one with "
@@ -347,7 +347,8 @@ class TrainConfig:
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
             if f.type in (bool, "bool"):
-                kw.update(type=str2bool, metavar="BOOL")
+                # --skip_bad alone means true; --skip_bad True / --dist no still take a value.
+                kw.update(type=str2bool, metavar="BOOL", nargs="?", const=True)
             elif f.type in (int, "int", Optional[int], "Optional[int]"):
                 kw["type"] = int
             elif f.type in (float, "float"):

@@ -4,6 +4,7 @@ The model is vit_t with random weights at a 128-pixel encoder input (8 x 8 embed
 low-resolution masks); 64 pixels runs too but is no faster, as building the model dominates.
 """
 
+import dataclasses
 import json
 import sys
 import textwrap
@@ -305,6 +306,28 @@ def test_dist_flag_accepts_false_words(word):
 
 def test_bool_words_are_the_documented_ones():
     assert TRUE_WORDS == ("yes", "true", "t", "y", "1") and FALSE_WORDS == ("no", "false", "f", "n", "0")
+
+
+@pytest.mark.parametrize("argv, skip_bad, dist", [
+    (["--skip_bad"], True, True),
+    (["--skip_bad", "True"], True, True),
+    (["--skip_bad", "no"], False, True),
+    (["--dist"], False, True),
+    (["--dist", "False", "--skip_bad"], True, False),
+    (["--skip_bad", "--dist", "0", "--batch_size", "2"], True, False),
+])
+def test_bool_flags_stand_alone_or_take_a_value(argv, skip_bad, dist):
+    """A bare boolean flag means true; a value after it is still read (the README's --dist True)."""
+    cfg = TrainConfig.from_args(argv)
+    assert (cfg.skip_bad, cfg.dist) == (skip_bad, dist)
+
+
+def test_every_bool_flag_stands_alone():
+    flags = [f.name for f in dataclasses.fields(TrainConfig) if f.type in (bool, "bool")]
+    assert {"dist", "skip_bad", "no_cache", "compile"} <= set(flags)
+    parser = TrainConfig.parser()
+    for name in flags:
+        assert getattr(parser.parse_args([f"--{name}"]), name) is True, name
 
 
 @pytest.mark.parametrize("word", ["maybe", "2", "", "on", "off", "yess"])

@@ -39,7 +39,7 @@ def table(actions) -> list:
         if not action.option_strings or action.dest == "help":
             continue
         meaning = action.help or ""
-        if action.choices:
+        if action.choices and not all(str(c) in meaning for c in action.choices):
             meaning += " (one of: " + ", ".join(f"`{c}`" for c in action.choices) + ")"
         rows.append(f"| `{action.option_strings[0]}` | {cell(default_of(action))} | {cell(meaning)} |")
     return rows if len(rows) > 2 else []
@@ -52,8 +52,9 @@ def render() -> str:
         rows = table(group._group_actions)
         if not rows:
             continue
-        title = group.title if group.title not in ("options", "optional arguments") else "Flags"
-        lines += ["", f"## {title[:1].upper()}{title[1:]}", ""] + rows
+        if group.title not in ("options", "optional arguments"):  # sections, where the parser has them
+            lines += ["", f"## {group.title[:1].upper()}{group.title[1:]}"]
+        lines += [""] + rows
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""pyproject.toml (issue 13 §5): runtime dependencies are requirements.txt, extras pinned as in
+"""pyproject.toml: runtime dependencies are requirements.txt, extras pinned as in
 requirements-dev.txt, every console command points at a main() that exists. The install itself is
 checked by .ci/check_install (pip install -e . into a fresh virtual environment)."""
 
@@ -20,10 +20,18 @@ def test_dependencies_and_extras_follow_the_requirements_files():
     dev_pins = requirement_lines("requirements-dev.txt") | requirement_lines("requirements.txt")
     dev_pins |= requirement_lines("requirements-ncut.txt")  # installed by .ci/run with --no-deps
     extras = project["project"]["optional-dependencies"]
-    assert {"train", "coco", "onnx", "dev"} <= set(extras)
+    assert {"train", "onnx", "ncut", "dev"} <= set(extras)
     for name, pins in extras.items():
         assert set(pins) <= dev_pins, (name, set(pins) - dev_pins)
     assert set(extras["dev"]) == requirement_lines("requirements-dev.txt")
+
+
+def test_a_default_run_needs_only_the_runtime_requirements():
+    """curves.png and samples.png are drawn by every default run, COCO data is read by run.py:
+    their packages are runtime requirements, not extras (.ci/check_main_job runs the demo so)."""
+    runtime = {line.split("=")[0].split(">")[0] for line in requirement_lines("requirements.txt")}
+    assert {"torch", "matplotlib", "pycocotools", "albumentations", "opencv-python-headless"} <= runtime
+    assert "bash .ci/check_main_job" in (REPO / ".ci" / "run").read_text()
 
 
 def test_console_commands_point_at_existing_functions():

@@ -6,6 +6,7 @@ and outputs of Meta's scripts/export_onnx_model.py (see segment_anything/utils/o
 """
 
 import argparse
+import importlib.util
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -53,14 +54,14 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="one mask per call (the best one, as SamPredictor picks it) instead of all four")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     args = parser.parse_args(argv)
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:  # torch's exporter needs both; say so before the model is loaded
+        raise ValueError(f"ONNX export needs {' and '.join(missing)}: install the onnx extra, pip install -e \".[onnx]\"")
     sam = load_model(args, args.weights)
     path = export(sam, Path(args.output), args.return_single_mask, args.opset)
-    try:
-        import onnx
+    import onnx
 
-        onnx.checker.check_model(str(path))
-    except ImportError:
-        print("onnx is not installed: the file was written but not checked (pip install onnx)")
+    onnx.checker.check_model(str(path))
     print(f"wrote {path} (inputs {', '.join(INPUT_NAMES)}; outputs {', '.join(OUTPUT_NAMES)})")
 
 

@@ -98,3 +98,13 @@ def test_weights_for_another_model_type_is_a_clear_error(tmp_path):
                 "model": {"mask_decoder.iou_token.weight": torch.zeros(1, 256)}}, bad)
     with pytest.raises(ValueError, match="vit_b"):
         export_onnx.main(["--checkpoint", "none", "--weights", str(bad), "--output", str(tmp_path / "d.onnx"), "--image_size", "256"])
+
+
+def test_without_the_onnx_extra_one_line_names_it(tmp_path, monkeypatch):
+    """Without onnx (a requirements.txt-only environment) the tool stops before loading the model,
+    with one line naming the extra, and writes nothing."""
+    real = export_onnx.importlib.util.find_spec
+    monkeypatch.setattr(export_onnx.importlib.util, "find_spec", lambda name: None if name == "onnx" else real(name))
+    with pytest.raises(ValueError, match=r'needs onnx: install the onnx extra, pip install -e "\.\[onnx\]"'):
+        export_onnx.main(["--model_type", "vit_t", "--checkpoint", "none", "--output", str(tmp_path / "d.onnx")])
+    assert not (tmp_path / "d.onnx").exists()

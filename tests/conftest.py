@@ -37,7 +37,7 @@ def private_embedding_cache(tmp_path_factory):
 def one_thread():
     """One torch thread for a test module (use it with pytestmark = pytest.mark.usefixtures("one_thread")).
     Tiny tensors gain nothing from a second thread, and on a shared 2-core machine every parallel
-    region waits for the busy core (measured: 2 s instead of 50 ms per encoder call)."""
+    region waits for the busy core (a tiny encoder call then takes many times longer)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,4 +1,4 @@
-"""End-to-end runs of run.py for issue 9: accumulation under DDP, encoder training of vit_t under
+"""End-to-end runs of run.py for adapting what trains: accumulation under DDP, encoder training of vit_t under
 2 processes, and LoRA / prompt-encoder runs whose best.pth Meta's own package loads.
 
 Helpers and the synthetic-data fixtures come from tests/test_run.py.

@@ -1,4 +1,4 @@
-"""run.py with --attention fft (issue 10 part 1): vit_b's encoder trains under 2 DDP processes with FFT
+"""run.py with --attention fft: vit_b's encoder trains under 2 DDP processes with FFT
 mixing in its global blocks, and the choice survives into best.pth, resume and the tools.
 
 vit_b at 128 px on the synthetic fixtures of tests/test_run.py, one epoch of 2 steps per rank.

@@ -1,4 +1,4 @@
-"""launch/*.sh (issue 12 §5, 13 §5): the multi-node script as two "nodes" of one CPU process each on this
+"""launch/*.sh: the multi-node script as two "nodes" of one CPU process each on this
 machine (two torchrun agents on localhost, c10d rendezvous), without an activated virtual environment."""
 
 import os

@@ -1,4 +1,4 @@
-"""load_model_ex.py with this package (issue 13 §2): model type and input size from best.pth, last.pth accepted,
+"""load_model_ex.py with this package: model type and input size from best.pth, last.pth accepted,
 clear errors. Meta's package is covered by tests/test_stock_sam.py. vit_t at 64 px: a few seconds per run."""
 
 import subprocess

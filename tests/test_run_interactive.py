@@ -1,4 +1,4 @@
-"""run.py end to end with interactive training (issue 8): 2 gloo processes x batch 2 end with
+"""run.py end to end with interactive training: 2 gloo processes x batch 2 end with
 the weights of 1 process x batch 4, with corrective click rounds (and mixed prompts, where the
 --prompt flag offers them), and metrics.jsonl carries the IoU after k validation clicks.
 Helpers and tolerances are those of tests/test_run.py's synchronisation test."""

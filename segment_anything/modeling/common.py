@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 # On CPU, the fused attention kernel runs bf16 at about the float32 rate (its backward far
-# below), while bf16 matrix products (oneDNN, AVX512-BF16 / AMX) run 2-3x faster. Attention
-# in these dtypes is then faster as explicit products and a softmax: measured 1.6-1.8x on the
-# encoder's 4096-token global block (no autograd, cache-sized chunks; in float32 the fused
-# kernel stays ahead), and 1.3x on a decoder training step (forward and backward).
+# below), while bf16 matrix products (oneDNN, AVX512-BF16 / AMX) run several times faster.
+# Attention in these dtypes is then faster as explicit products and a softmax, on the encoder's
+# 4096-token global block (no autograd, cache-sized chunks; in float32 the fused kernel stays
+# ahead) and on a decoder training step (docs/performance.md).
 LOW_PRECISION_EXPLICIT = {torch.bfloat16}
 
 
@@ -28,7 +28,7 @@ class MLPBlock(nn.Module):
         if type(self.act) is nn.GELU and self.act.approximate == "none" and not (torch.is_grad_enabled() and h.requires_grad):
             # Without autograd the activation can overwrite the hidden tensor: a fresh one (50 MB
             # for vit_b at 1024) is a new mmap on every call, whose page faults cost more than the
-            # GELU itself (MLP 11-12% faster, fp32 and bf16, same values).
+            # GELU itself (same values; docs/performance.md).
             return self.lin2(torch.ops.aten.gelu_(h))
         return self.lin2(self.act(h))
 

@@ -1,4 +1,4 @@
-"""A K-class segmentation head on SAM's image-encoder features (issue 10, semantic mode).
+"""A K-class segmentation head on SAM's image-encoder features (--task semantic).
 
 The encoder's neck output (C, g, g) with g = image_size / 16 goes through log2(16) = 4 blocks of
 (3x3 conv, BatchNorm, ReLU, 2x bilinear upsampling), halving the channels each time, and a 1x1

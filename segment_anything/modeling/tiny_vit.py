@@ -138,7 +138,7 @@ class Attention(nn.Module):
         qkv = self.qkv(self.norm(x)).view(B, N, self.num_heads, 3, C // self.num_heads)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
         # Gathered on every call rather than cached, so it can never go stale after loading
-        # weights. A 4-D mask takes the fused CPU kernel; a 3-D one was ~2x slower.
+        # weights. A 4-D mask takes the fused CPU kernel; a 3-D one runs a slower path.
         bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0).to(q.dtype)
         if x.is_cpu and (q.requires_grad or bias.requires_grad):
             # With autograd, SDPA on CPU falls back to this same unfused math, only slower.

@@ -215,7 +215,7 @@ class Attention(nn.Module):
         h, d = self.num_heads, self.internal_dim // self.num_heads
         kh = self._separate_heads(self.k_proj(k)) * (1.0 / math.sqrt(d))  # P, H, T, d
         # Scores laid out (P, H, T, N): the softmax over the few tokens then runs along
-        # contiguous rows of N (10x faster on CPU than over a trailing axis of T).
+        # contiguous rows of N (far faster on CPU than over a trailing axis of T).
         if q_index is not None:
             qh = self._separate_heads(self.q_proj(q))  # B, H, N, d
             if qh.shape[0] == 1:  # one image: all prompts' tokens in one product per head

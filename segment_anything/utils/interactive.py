@@ -1,4 +1,4 @@
-"""Training the way SAM was trained (issue 8): mixed prompts, the minimum loss over the three
+"""Training the way SAM was trained: mixed prompts, the minimum loss over the three
 multimask outputs for single-point prompts, and rounds of simulated corrective clicks with the
 previous low-resolution logits fed back as the mask prompt.
 

@@ -7,9 +7,8 @@ align_corners=False. Each step is linear and acts on rows and columns separately
 is ``Ah @ X @ Aw.T`` with Ah (H, h) and Aw (W, w). In training this avoids materialising an
 (S, S) map per prompt and its gradient: bilinear upsampling's backward made it a visible share
 of a step from cached embeddings. Without a gradient the interpolations are cheaper (the dense
-products cost h multiply-adds per output pixel), so that path keeps them. One thread of a
-shared 2-core CPU, 6 prompts, 256x256 logits to (750, 562): forward+backward 98 -> 38 ms;
-forward alone 14 ms interpolating, 19 ms by products; at 12 MP forward+backward is even.
+products cost h multiply-adds per output pixel), so that path keeps them (timings in
+docs/performance.md).
 Sam.postprocess_masks stays as it is for prediction (parity with Meta's code).
 """
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 
-@lru_cache(maxsize=64)  # (H, 256) matrices, ~1 MB at 1000 px; a miss costs ~1 ms (two small interpolations)
+@lru_cache(maxsize=64)  # (H, 256) matrices, ~1 MB at 1000 px; a miss costs two small interpolations
 def axis_matrix(n_low: int, n_input: int, n_orig: int, img_size: int, device: torch.device,
                 dtype: torch.dtype) -> torch.Tensor:
     """(n_orig, n_low): one axis of postprocess_masks as a matrix (upsample n_low -> img_size,

@@ -1,4 +1,4 @@
-"""Semantic mode's step, loss, metrics and epoch loops (issue 10 part 2).
+"""Semantic mode's step, loss, metrics and epoch loops.
 
 The step: image-encoder features (from the encoder, or from the embedding cache when it is
 frozen) -> sam.semantic_head -> (B, K, S, S) logits over the padded encoder input. The loss is

@@ -39,8 +39,8 @@ class TrainPlan:
 
     parts: Tuple[str, ...] = ("mask_decoder",)
     prompt: str = "box"  # the training prompts: which prompt-encoder embeddings are ever used
-    multimask: bool = False  # the three multimask outputs reach the loss (issue 8: single-point prompts)
-    mask_prompt: bool = False  # previous logits are fed back as mask prompts (issue 8: corrective clicks)
+    multimask: bool = False  # the three multimask outputs reach the loss (single-point prompts)
+    mask_prompt: bool = False  # previous logits are fed back as mask prompts (corrective clicks)
     lora_rank: int = 0  # 0 = no adapters
     lora_alpha: float = 8.0
     lora_targets: Tuple[str, ...] = ("qkv", "proj")

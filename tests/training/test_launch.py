@@ -1,4 +1,4 @@
-"""The launcher (issue 13 §1, §4, §6, §7): workers die with it, ports, bad weights, run folders, logs, threads.
+"""The launcher: workers die with it, ports, bad weights, run folders, logs, threads.
 
 Runs are vit_t with random weights at 64 px on a few synthetic images; every subprocess has a timeout.
 """

@@ -1,4 +1,4 @@
-"""inspect_weights / check_checkpoint: what a weights file is, and the --checkpoint preflight (issue 12 §4, 13 §1)."""
+"""inspect_weights / check_checkpoint: what a weights file is, and the --checkpoint preflight."""
 
 from pathlib import Path
 

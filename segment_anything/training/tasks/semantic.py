@@ -1,4 +1,4 @@
-"""What engine.fit does differently with --task semantic (issue 10 part 2), in one place, so the
+"""What engine.fit does differently with --task semantic, in one place, so the
 engine keeps one `if semantic` per hook: classes, model, loaders, epoch records, metadata."""
 
 import time

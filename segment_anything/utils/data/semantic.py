@@ -1,4 +1,4 @@
-"""Semantic mode's data side (issue 10 part 2): class names, per-pixel class targets, the Dataset.
+"""Semantic mode's data side: class names, per-pixel class targets, the Dataset.
 
 Classes: index 0 is always "background".
   - instance_map: a pixel's label value IS its class id (0 background); K = --num_classes, or

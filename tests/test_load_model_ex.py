@@ -1,6 +1,7 @@
 """load_model_ex.py with this package: model type and input size from best.pth, last.pth accepted,
 clear errors. Meta's package is covered by tests/test_stock_sam.py. vit_t at 64 px: a few seconds per run."""
 
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,8 @@ import torch
 from conftest import REPO
 from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.utils.random_weights import randomize_
-from segment_anything.utils.save_weight import save_partial_weight
+from segment_anything.utils.data import load_image
+from segment_anything.utils.save_weight import load_partial_weight, save_partial_weight
 
 SIZE = 64
 
@@ -47,6 +49,8 @@ def files(tmp_path_factory):
 def example(root, *args):
     cmd = [sys.executable, str(REPO / "load_model_ex.py"), "--checkpoint", str(root / "mobile_sam.pt"),
            "--image", str(root / "image.png"), "--output", str(root / "mask.png"), *map(str, args)]
+    if "--image" in args[:-1]:
+        cmd[4:6] = []
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
 
 
@@ -77,3 +81,65 @@ def test_a_file_that_is_no_checkpoint_is_named(files, tmp_path):
     result = example(root, "--weights", tmp_path / "best.pth")
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert f"--weights {tmp_path / 'best.pth'} is not a PyTorch checkpoint" in result.stderr
+
+
+def test_checkpoint_none_and_a_missing_checkpoint(files, tmp_path):
+    """'none' is the seeded random model every other tool accepts; a missing file is one line."""
+    root, _ = files
+    cmd = [sys.executable, str(REPO / "load_model_ex.py"), "--weights", str(root / "best.pth"),
+           "--image", str(root / "image.png"), "--output", str(tmp_path / "mask.png")]
+    ran = subprocess.run(cmd + ["--checkpoint", "none"], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0 and "Traceback" not in ran.stderr, ran.stderr
+    assert "random" in ran.stdout and (tmp_path / "mask.png").is_file()
+    missing = subprocess.run(cmd + ["--checkpoint", str(tmp_path / "gone.pth")], capture_output=True, text=True,
+                             timeout=300)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr, missing.stderr
+    assert missing.stderr.strip() == f"error: --checkpoint {tmp_path / 'gone.pth'} not found"
+
+
+def test_the_script_says_which_package_it_runs(files, tmp_path):
+    """--package picks this repository's segment_anything (default) or the installed one, whatever
+    sys.path holds, and the first line printed names the one that ran."""
+    root, _ = files
+    help_text = subprocess.run([sys.executable, str(REPO / "load_model_ex.py"), "--help"], capture_output=True,
+                               text=True, timeout=300).stdout
+    assert "--package" in help_text and "installed" in help_text
+    ours = example(root, "--weights", root / "best.pth")
+    assert ours.stdout.splitlines()[0] == f"segment_anything: this repository's ({REPO / 'segment_anything'})"
+    meta = REPO / ".oracle" / "segment-anything-1.0"
+    if not (meta / "segment_anything").is_dir():
+        pytest.skip(f"Meta's package is not in {meta}")
+    env = {**os.environ, "PYTHONPATH": str(meta)}
+    cmd = [sys.executable, str(REPO / "load_model_ex.py"), "--package", "installed", "--checkpoint",
+           str(root / "mobile_sam.pt"), "--weights", str(root / "best.pth"), "--image", str(root / "image.png")]
+    installed = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert installed.stdout.splitlines()[0] == f"segment_anything: installed ({meta / 'segment_anything'})"
+    # Meta's package has no vit_t: one line saying so, no traceback.
+    assert installed.returncode != 0 and "Traceback" not in installed.stderr, installed.stderr
+    assert "which this segment_anything does not have" in installed.stderr
+
+
+def test_a_16_bit_image_is_read_as_training_reads_it(files, tmp_path):
+    """12-bit data in a 16-bit PNG: stretched to 0..255 by its own range (training's 'auto'), or
+    by the range best.pth was trained with, or by --intensity_range; never cut to its top 8 bits."""
+    root, _ = files
+    image = np.random.default_rng(3).integers(0, 4096, (48, 80), dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "deep.png"), image)
+    sam = sam_model_registry["vit_t"](checkpoint=str(root / "mobile_sam.pt"), image_size=SIZE)
+    load_partial_weight(sam, root / "best.pth")
+    predictor = SamPredictor(sam.eval())
+    box = np.array([0.1 * 80, 0.1 * 48, 0.9 * 80, 0.9 * 48])
+    ranged = tmp_path / "ranged.pth"
+    save_partial_weight(sam, ranged, metadata={"model_type": "vit_t", "image_size": SIZE, "intensity_range": "0,8191"},
+                        keys=["mask_decoder"])
+    for weights, flags, expected_range in ((root / "best.pth", [], None), (ranged, [], (0, 8191)),
+                                           (ranged, ["--intensity_range", "100,3000"], (100, 3000))):
+        predictor.set_image(load_image(tmp_path / "deep.png", expected_range))
+        expected = predictor.predict(box=box, multimask_output=False, return_logits=True)[0][0]
+        result = example(root, "--weights", weights, "--image", tmp_path / "deep.png", "--logits", tmp_path / "l.npy",
+                         *flags)
+        assert result.returncode == 0, result.stderr
+        assert np.abs(np.load(tmp_path / "l.npy") - expected).max() < 1e-5, (weights, flags)
+    bad = example(root, "--weights", root / "best.pth", "--intensity_range", "5,1")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "--intensity_range" in bad.stderr

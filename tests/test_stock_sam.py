@@ -24,18 +24,6 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 META_SAM_DIR = REPO / ".oracle" / "segment-anything-1.0"
 IMAGES = SHARED_DATA / "nails" / "images"
 
-# Runs the example as a script after reporting which segment_anything it sees. runpy.run_path does
-# not put the script's folder on sys.path, and PYTHONSAFEPATH keeps python from adding the cwd, so
-# PYTHONPATH alone decides which package is imported (a plain `python load_model_ex.py` would put
-# the repository first and always import ours).
-RUN_EXAMPLE = (
-    "import runpy, sys, segment_anything\n"
-    "print('segment_anything:', segment_anything.__file__)\n"
-    "sys.argv = sys.argv[1:]\n"
-    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
-)
-
-
 def meta_sam_dir() -> Path:
     if not (META_SAM_DIR / "segment_anything").is_dir():
         message = f"Meta's segment-anything 1.0 is not installed in {META_SAM_DIR}; run `bash .ci/run`"
@@ -45,9 +33,10 @@ def meta_sam_dir() -> Path:
     return META_SAM_DIR
 
 
-def run_example(python_path: Path, args: list, cwd: Path) -> str:
-    env = {**os.environ, "PYTHONPATH": str(python_path), "PYTHONSAFEPATH": "1"}
-    result = subprocess.run([sys.executable, "-c", RUN_EXAMPLE, str(REPO / "load_model_ex.py"), *args],
+def run_example(package: str, args: list, cwd: Path) -> str:
+    """load_model_ex.py with --package repo or installed; Meta's package is the installed one here."""
+    env = {**os.environ, "PYTHONPATH": str(META_SAM_DIR)}
+    result = subprocess.run([sys.executable, str(REPO / "load_model_ex.py"), "--package", package, *args],
                             cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"load_model_ex.py failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
@@ -90,12 +79,12 @@ def test_partial_weights_load_into_meta_sam(tmp_path):
     save_partial_weight(sam, weights, metadata={"model_type": "vit_b", "image_size": 1024})
 
     masks = {}
-    for package, python_path in (("ours", REPO), ("meta", meta_dir)):
+    for package, which, python_path in (("ours", "repo", REPO), ("meta", "installed", meta_dir)):
         out = tmp_path / f"{package}.png"
-        stdout = run_example(python_path, ["--checkpoint", str(checkpoint), "--weights", str(weights),
-                                           "--image", str(image), "--output", str(out)], cwd=tmp_path)
-        used = Path(stdout.splitlines()[0].split(": ", 1)[1]).resolve()
-        assert used == (python_path / "segment_anything" / "__init__.py").resolve(), stdout
+        stdout = run_example(which, ["--checkpoint", str(checkpoint), "--weights", str(weights),
+                                     "--image", str(image), "--output", str(out)], cwd=tmp_path)
+        used = Path(stdout.splitlines()[0].rsplit(" (", 1)[1].rstrip(")")).resolve()
+        assert used == (python_path / "segment_anything").resolve(), stdout
         assert "predicted IoU" in stdout, stdout
         masks[package] = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
         assert masks[package].shape == (h, w) and set(np.unique(masks[package])) <= {0, 255}

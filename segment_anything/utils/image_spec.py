@@ -89,15 +89,31 @@ def as_spec(value) -> ImageSpec:
     return ImageSpec(ranges=((float(lo), float(hi)),))
 
 
-def add_arguments(parser, plane_all: bool = False) -> None:
+FROM_WEIGHTS = "; default: what --weights was trained with"
+
+
+def add_arguments(parser, plane_all: bool = False, from_weights: bool = False) -> None:
     """--channels, --intensity_range and --plane on a tool's parser (plane_all: --plane all reads
-    every plane of a stack as its own image)."""
-    parser.add_argument("--channels", default="", help=CHANNELS_HELP)
-    parser.add_argument("--intensity_range", default="auto", help=RANGE_HELP)
+    every plane of a stack as its own image; from_weights: a flag left out takes the value the
+    weights were trained with, see with_recorded)."""
+    note = FROM_WEIGHTS if from_weights else ""
+    parser.add_argument("--channels", default=None if from_weights else "", help=CHANNELS_HELP + note)
+    parser.add_argument("--intensity_range", default=None if from_weights else "auto", help=RANGE_HELP + note)
     if plane_all:
-        parser.add_argument("--plane", default=None, help=PLANE_HELP + "; all: every plane, each its own image")
+        parser.add_argument("--plane", default=None, help=PLANE_HELP + "; all: every plane, each its own image" + note)
     else:
-        parser.add_argument("--plane", type=int, default=None, help=PLANE_HELP)
+        parser.add_argument("--plane", type=int, default=None, help=PLANE_HELP + note)
+
+
+def with_recorded(args, recorded: dict) -> list:
+    """Fill the image flags left out (None) with ``recorded`` (save_weight.recorded_image_flags),
+    in place; returns the notes that say which were taken from the weights ("--intensity_range 0,4095")."""
+    notes = []
+    for name in ("channels", "intensity_range", "plane"):
+        if getattr(args, name, None) is None and recorded.get(name) is not None:
+            setattr(args, name, recorded[name])
+            notes.append(f"--{name} {recorded[name]}")
+    return notes
 
 
 def from_arguments(args) -> ImageSpec:

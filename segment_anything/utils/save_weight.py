@@ -286,6 +286,7 @@ def _resume_metadata(state: Dict[str, Any]) -> Dict[str, Any]:
     args = state.get("args") or {}
     meta = {"model_type": args.get("model_type"), "image_size": args.get("image_size"), "epoch": state.get("epoch"),
             "args": args, "resume_file": True}
+    meta.update(image_flags(args))
     if args.get("task") == "semantic":
         meta["task"] = "semantic"
     if args.get("attention") == "fft":
@@ -308,6 +309,21 @@ def _split(obj: Any, path: Path):
     if _is_state_dict(obj):
         return obj, {}
     raise ValueError(f"{path} holds neither partial SAM weights nor a state dict (got {type(obj).__name__})")
+
+
+IMAGE_FLAGS = ("channels", "intensity_range", "plane")  # how training turned a file into SAM's 8-bit RGB
+
+
+def image_flags(args: Dict[str, Any]) -> Dict[str, Any]:
+    """The run flags that say how images were read (--channels, --intensity_range, --plane), for
+    best.pth's metadata: whoever uses the weights must read images the same way."""
+    return {k: args[k] for k in IMAGE_FLAGS if args.get(k) not in (None, "")}
+
+
+def recorded_image_flags(metadata: Dict[str, Any]) -> Dict[str, Any]:
+    """How the weights' run read its images: best.pth's record, else its run flags ({} when the
+    file does not say: training's defaults)."""
+    return {**image_flags(metadata.get("args") or {}), **image_flags(metadata)}
 
 
 def read_weights_file(path: PathLike) -> "tuple[Dict[str, torch.Tensor], Dict[str, Any]]":

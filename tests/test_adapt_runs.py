@@ -117,8 +117,8 @@ def test_best_pth_loads_into_meta_sam_and_predicts_like_our_adapter_model(flags,
     best_1024 = tmp_path / "best_1024.pth"
     torch.save({**best, "image_size": 1024}, best_1024)
     mask_file, logits_file = tmp_path / "meta.png", tmp_path / "meta.npy"
-    stdout = run_example(meta_dir, ["--checkpoint", str(vit_b_checkpoint), "--weights", str(best_1024),
-                                    "--image", str(image), "--output", str(mask_file), "--logits", str(logits_file)],
+    stdout = run_example("installed", ["--checkpoint", str(vit_b_checkpoint), "--weights", str(best_1024),
+                                       "--image", str(image), "--output", str(mask_file), "--logits", str(logits_file)],
                          cwd=tmp_path)
     assert str(meta_dir) in stdout.splitlines()[0], stdout
     meta = np.load(logits_file)

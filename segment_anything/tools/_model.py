@@ -11,7 +11,8 @@ import torch
 from ..build_sam import MODEL_TYPES, sam_model_registry
 from ..modeling import Sam
 from ..utils.data.prepare import DEFAULT_SEED
-from ..utils.save_weight import load_partial_weight, read_weights_file
+from ..utils.image_spec import ImageSpec, from_arguments, with_recorded
+from ..utils.save_weight import load_partial_weight, read_weights_file, recorded_image_flags
 from ..utils.weights import check_checkpoint, inspect_weights
 
 
@@ -51,6 +52,15 @@ def weights_metadata(path: Optional[str]) -> Dict[str, Any]:
         return {}
     check_weights(path)
     return read_weights_file(path)[1]
+
+
+def image_spec_as_trained(args: argparse.Namespace, weights: Optional[str]) -> ImageSpec:
+    """How to read images: the image flags given, the others as the weights' run read its images
+    (best.pth records it), else training's defaults. Says so when that is not the default."""
+    notes = with_recorded(args, recorded_image_flags(weights_metadata(weights)))
+    if notes:
+        print(f"reading images as {weights} was trained: {', '.join(notes)} (give the flag to override)")
+    return from_arguments(args)
 
 
 def check_base(checkpoint: str, model_type: str, image_size: int) -> None:

@@ -25,10 +25,10 @@ from ..utils import draw
 from ..utils.clicks import click_session
 from ..utils.data import DataOptions, Record, load_records, split_records
 from ..utils.data.prompts import PROMPTS, PromptConfig, object_prompts
-from ..utils.image_spec import ImageSpec, add_arguments as add_image_arguments, from_arguments
+from ..utils.image_spec import ImageSpec, add_arguments as add_image_arguments
 from ..utils.metrics import boundary_iou, mask_dice, mask_iou
 from ..utils.postprocess import clean_masks
-from ._model import add_model_args, check_base, cli, load_model, weights_metadata
+from ._model import add_model_args, check_base, cli, image_spec_as_trained, load_model, weights_metadata
 from ._stats import bootstrap_mean, format_ci
 
 MODELS = ("base", "tuned")
@@ -211,7 +211,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args.image_size = args.image_size or meta.get("image_size") or 1024
     check_base(args.checkpoint, args.model_type, args.image_size)
     datasets = {"data": read_data(args.data_dir, args.data_format, args.data_images, args.split, args.val_fraction,
-                                  args.seed, args.max_images, from_arguments(args))}
+                                  args.seed, args.max_images, image_spec_as_trained(args, args.weights))}
     if args.reference_data:
         datasets["reference"] = read_data(args.reference_data, args.reference_format, args.reference_images, "all", 0,
                                           args.seed, args.max_images)
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_dir", required=True, help="data folder (any --data_format), or a COCO JSON")
     parser.add_argument("--data_format", default="auto", help="auto, folder, objects, instance_map, labelme or coco")
     parser.add_argument("--data_images", help="COCO: the folder of the images")
-    add_image_arguments(parser)  # --data_dir's images (the reference set is read as it is)
+    add_image_arguments(parser, from_weights=True)  # --data_dir's images (the reference set is read as it is)
     parser.add_argument("--split", default="all", choices=["all", "val", "train"],
                         help="val/train: run.py's seeded split of --data_dir (--val_fraction, --seed)")
     parser.add_argument("--val_fraction", type=float, default=0.2)

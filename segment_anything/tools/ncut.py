@@ -28,9 +28,10 @@ from ..utils import draw
 from ..utils.block_features import block_outputs, encoder_blocks
 from ..utils.data import load_image
 from ..utils.data.prepare import DEFAULT_SEED
+from ..utils.image_spec import add_arguments as add_image_arguments
 from ..utils.save_weight import load_partial_weight
 from ..utils.transforms import ResizeLongestSide
-from ._model import build_base, check_base, cli, weights_metadata
+from ._model import build_base, check_base, cli, image_spec_as_trained
 
 PINS = "ncut-pytorch==3.2.0 fpsample==0.3.3"
 INSTALL = f"pip install --no-deps {PINS}  (or: pip install --no-deps -r requirements-ncut.txt)"
@@ -75,10 +76,10 @@ def check_args(args: argparse.Namespace) -> Tuple[np.ndarray, List[int], List[in
         raise ValueError(f"--image_sizes {args.image_sizes}: {bad} not a multiple of {PATCH_SIZE} of at least {2 * PATCH_SIZE}")
     for size in sizes:  # the official file at every size asked for; a best.pth or last.pth on top
         check_base(args.checkpoint, args.model_type, size)
-    weights_metadata(args.weights)  # a missing, unreadable or unsafe --weights file
+    spec = image_spec_as_trained(args, args.weights)  # also: a missing, unreadable or unsafe --weights file
     if not Path(args.image).is_file():
         raise FileNotFoundError(f"--image {args.image} not found")
-    image = load_image(args.image)
+    image = load_image(args.image, spec)
     import_ncut()
     return image, layers, sizes
 
@@ -174,6 +175,7 @@ def make_picture(args: argparse.Namespace, image: np.ndarray, layers: List[int],
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--image", required=True, help="the image file")
+    add_image_arguments(p, from_weights=True)
     p.add_argument("--model_type", "--model-type", default="vit_t", choices=MODEL_TYPES)
     p.add_argument("--checkpoint", default="none",
                    help="official SAM weights; 'none' (default) = the seeded random model a '--checkpoint none' run starts from")

@@ -36,9 +36,9 @@ from ..utils import draw
 from ..utils.amg import coco_encode_rle, mask_to_rle_pytorch
 from ..utils.data import load_image
 from ..utils.data.image_io import load_image_planes
-from ..utils.image_spec import ImageSpec, add_arguments as add_image_arguments, from_arguments
+from ..utils.image_spec import ImageSpec, add_arguments as add_image_arguments
 from ..utils.postprocess import clean_masks
-from ._model import add_model_args, cli, load_model
+from ._model import add_model_args, cli, image_spec_as_trained, load_model
 from ._semantic import load_semantic_model, predict_classes, write_semantic
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -229,7 +229,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser)
     parser.add_argument("--image", required=True, help="an image file or a folder of images")
-    add_image_arguments(parser, plane_all=True)
+    add_image_arguments(parser, plane_all=True, from_weights=True)
     parser.add_argument("--box", help="x1,y1,x2,y2 in pixels")
     parser.add_argument("--point", action="append", help="x,y[,label] in pixels (label 1 object, 0 background); repeatable")
     parser.add_argument("--prompts", help="JSON file: image name -> prompts (see the module doc)")
@@ -245,7 +245,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.task == "semantic":
         return main_semantic(args)
 
-    spec = from_arguments(args)
+    spec = image_spec_as_trained(args, args.weights)
     jobs = plan(args, spec)
     sam = load_model(args, args.weights)
     predictor = SamPredictor(sam)
@@ -279,7 +279,7 @@ def main_semantic(args: argparse.Namespace) -> None:
     sam, classes = load_semantic_model(args)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec = from_arguments(args)
+    spec = image_spec_as_trained(args, args.weights)
     for path in images:
         image = load_image(path, spec)
         labels = predict_classes(sam, image)

@@ -34,7 +34,7 @@ from ..utils.log import FILE_ONLY, add_log_file, get_logger
 from ..utils.interactive import InteractiveSpec, InteractiveStep, parse_val_clicks
 from ..utils.losses import LossSpec
 from .progress import Progress
-from ..utils.save_weight import atomic_save, save_partial_weight
+from ..utils.save_weight import atomic_save, image_flags, save_partial_weight
 from ..utils.trainable import TrainPlan, configure, export_weights, lora_metadata, parameter_report
 from .compile import compile_decode
 from ..utils.trainer import SamTrainStep, evaluate, train_one_epoch
@@ -281,6 +281,7 @@ def save_epoch(run: Training, out_dir: Path, record: Dict, improved: bool) -> No
     if improved:
         meta = {"model_type": run.cfg.model_type, "image_size": run.cfg.image_size, "epoch": run.epoch,
                 "metrics": record, "args": run.cfg.to_dict()}
+        meta.update(image_flags(meta["args"]))  # how images were read: tools read theirs the same way
         meta.update(lora_metadata(TrainPlan.from_config(run.cfg), run.cfg.lora_save))
         meta.update(attention_metadata(run.sam))
         if run.classes:

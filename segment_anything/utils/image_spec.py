@@ -112,7 +112,8 @@ def with_recorded(args, recorded: dict) -> list:
     for name in ("channels", "intensity_range", "plane"):
         if getattr(args, name, None) is None and recorded.get(name) is not None:
             setattr(args, name, recorded[name])
-            notes.append(f"--{name} {recorded[name]}")
+            if recorded[name] not in ("", "auto"):  # the defaults need no note
+                notes.append(f"--{name} {recorded[name]}")
     return notes
 
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,21 +26,18 @@ from .resume import ResumeError, check_resume, check_world_size, find_resume_fil
 from .config import TrainConfig
 from ..utils.data import DataError, RunData, collate, prepare_data
 from ..utils.data.cache import EmbeddingCache, open_cache
-from ..utils.data.dataset import describe, make_datasets
 from ..utils.data.samplers import EpochSampler, ResumableSampler
-from ..utils.distributed import DistInfo, all_gather_objects, barrier, broadcast_object, share_buffers
+from ..utils.distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 from .faults import StepGuard, faults_to_exit, stop_signals
 from ..utils.log import FILE_ONLY, add_log_file, get_logger
-from ..utils.interactive import InteractiveSpec, InteractiveStep, parse_val_clicks
-from ..utils.losses import LossSpec
 from .progress import Progress
 from ..utils.save_weight import atomic_save, image_flags, save_partial_weight
 from ..utils.trainable import TrainPlan, configure, export_weights, lora_metadata, parameter_report
 from .compile import compile_decode
-from ..utils.trainer import SamTrainStep, evaluate, train_one_epoch
-from .tasks import semantic
+from ..utils.trainer import evaluate, train_one_epoch
+from .tasks import Task, build_task
 from ..utils.weights import check_checkpoint
-from .writer import RunWriter, device_label
+from .writer import N_SAMPLES, RunWriter, device_label
 
 
 
@@ -70,8 +67,7 @@ def preflight(cfg: TrainConfig) -> Tuple[RunData, Path]:
     if cfg.checkpoint_path() is not None:
         check_checkpoint(cfg.checkpoint_path(), cfg.model_type, cfg.image_size)
     data = prepare_data(cfg)
-    if semantic.is_semantic(cfg):  # a label value >= --num_classes stops the run here, naming the file
-        semantic.run_classes(cfg, data)
+    build_task(cfg, data)  # --task semantic: a label value >= --num_classes stops the run here, naming the file
     return data, resolve_output_dir(cfg)
 
 
@@ -102,12 +98,11 @@ def amp_dtype_for(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtyp
     return torch.float16
 
 
-def build_model(cfg: TrainConfig, classes: Optional[List[str]] = None):
+def build_model(cfg: TrainConfig, task: Task):
     sam = sam_model_registry[cfg.model_type](checkpoint=cfg.checkpoint_path(), image_size=cfg.image_size,
                                              attention=cfg.attention, fft_blocks=cfg.fft_blocks)
     configure(sam, TrainPlan.from_config(cfg))
-    if classes:  # --task semantic
-        semantic.add_head(sam, classes)
+    task.adapt_model(sam)
     return sam
 
 
@@ -125,13 +120,9 @@ def attach_cache(run, cfg: TrainConfig, info: DistInfo, *loaders, images: int = 
         ds.cache = run.cache
 
 
-def make_loaders(cfg: TrainConfig, info: DistInfo, data: RunData, cache: Optional[EmbeddingCache] = None,
-                 classes: Optional[List[str]] = None):
+def make_loaders(cfg: TrainConfig, info: DistInfo, data: RunData, task: Task, cache: Optional[EmbeddingCache] = None):
     workers = cfg.num_workers if cfg.num_workers is not None else (4 if info.device.type == "cuda" else 0)
-    if classes:
-        train_ds, val_ds = semantic.make_datasets(cfg, data, classes, cache)
-    else:
-        train_ds, val_ds = make_datasets(cfg, data.train, data.val, cache=cache)
+    train_ds, val_ds = task.datasets(data, cache)
     # Explicit replicas/rank: the same sampler (same permutation) for 1 process and for N. The
     # epoch travels with each index, so persistent workers draw this epoch's objects and prompts.
     sampler = EpochSampler(ResumableSampler(train_ds, cfg.batch_size, cfg.accumulate, num_replicas=info.world_size,
@@ -155,7 +146,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     amp_dtype: Optional[torch.dtype]
-    loss_spec: LossSpec
+    task: Task
     cache: Optional[EmbeddingCache] = None  # set after build (its key hashes the loaded weights)
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps done in the current epoch (skipped ones included)
@@ -163,34 +154,23 @@ class Training:
     skipped: int = 0  # non-finite steps skipped in the current epoch
     best: Dict = field(default_factory=lambda: {"iou": -1.0})
     stale: int = 0  # epochs since the best validation IoU
-    classes: Optional[List[str]] = None  # --task semantic: class names (index = class id)
 
     @classmethod
-    def build(cls, cfg: TrainConfig, info: DistInfo, steps_per_epoch: int, classes: Optional[List[str]] = None) -> "Training":
-        sam = build_model(cfg, classes).to(info.device)
-        spec = InteractiveSpec.from_config(cfg)
-        if classes:
-            model = semantic.wrap_step(sam, info.device, info.world_size)
-        else:
-            model = SamTrainStep(sam) if spec is None else InteractiveStep(sam, spec, LossSpec.from_config(cfg))
+    def build(cls, cfg: TrainConfig, info: DistInfo, steps_per_epoch: int, task: Task) -> "Training":
+        sam = build_model(cfg, task).to(info.device)
+        model = task.step_module(sam, info.device, info.world_size)
         if cfg.compile:  # before DDP: only the inner decode is compiled (training/compile.py; not the semantic head)
             compile_decode(model)
         if info.world_size > 1:
-            # Buffers are synced on every forward only when they train (a training TinyViT's BatchNorm);
-            # forward_sync_buffers is the new name of the deprecated broadcast_buffers.
             device_ids = [info.device.index] if info.device.type == "cuda" else None
-            plan = TrainPlan.from_config(cfg)
-            # A semantic head's BatchNorm trains: its running statistics follow rank 0's.
-            model = DDP(model, device_ids=device_ids, forward_sync_buffers=plan.broadcast_buffers or bool(classes),
-                        find_unused_parameters=plan.find_unused_parameters)
+            model = DDP(model, device_ids=device_ids, **task.ddp_options(TrainPlan.from_config(cfg)))
         optimizer = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=cfg.lr,
                                       weight_decay=cfg.weight_decay)
         total = max(cfg.epoch * steps_per_epoch, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
         amp_dtype = amp_dtype_for(cfg, info.device)
         scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
-        loss = semantic.SemanticLoss.from_config(cfg) if classes else LossSpec.from_config(cfg)
-        return cls(cfg, sam, model, optimizer, scheduler, scaler, amp_dtype, loss, classes=classes)
+        return cls(cfg, sam, model, optimizer, scheduler, scaler, amp_dtype, task)
 
     def restore(self, cfg: TrainConfig, info: DistInfo, sampler: ResumableSampler) -> Optional[torch.Tensor]:
         """Continue from --resume: checks, then the state; returns the partial epoch's meter sums."""
@@ -213,49 +193,31 @@ class Training:
         return False
 
 
-def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler, guard: StepGuard) -> Dict:
+def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler, guard: StepGuard) -> Tuple[Dict, Dict]:
     """Train (from run.step on: the batches before it are skipped unread) and validate one epoch;
-    returns the metrics.jsonl record."""
-    cfg = run.cfg
+    returns the metrics.jsonl record and the validation metrics."""
+    cfg, task = run.cfg, run.task
     sampler.set_epoch(run.epoch, start=run.step)
     t0 = time.perf_counter()
     bar = Progress(total=len(sampler) * info.world_size, desc=f"epoch {run.epoch + 1}/{cfg.epoch}", enabled=info.is_main)
-    if run.classes:
-        return semantic.run_epoch(run, info, train_loader, val_loader, sampler, guard, bar)
     train_m = train_one_epoch(run.model, run.sam, train_loader, run.optimizer, run.scheduler, run.scaler, info.device,
-                              run.amp_dtype, run.loss_spec, progress=bar, accumulate=cfg.accumulate, guard=guard, cache=run.cache,
-                              interactive=InteractiveSpec.from_config(cfg), epoch=run.epoch)
+                              run.amp_dtype, progress=bar, accumulate=cfg.accumulate, guard=guard, cache=run.cache,
+                              epoch=run.epoch, task=task.loop)
     bar.close()
     train_s = time.perf_counter() - t0
-    if info.world_size > 1 and any(p.requires_grad for p in run.sam.image_encoder.parameters()):
-        share_buffers(run.sam.image_encoder)  # a training TinyViT's BatchNorm statistics: rank 0's everywhere
-    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec, cfg.min_region_area, cache=run.cache,
-                     clicks=parse_val_clicks(cfg.val_clicks))
-    terms_post = {f"val_{k}": val_m[k] for k in ("iou_post", "dice_post") if k in val_m}
-    terms = {f"{split}_{k}": m[k] for split, m in (("train", train_m), ("val", val_m)) for k in run.loss_spec.keys()[1:]}
-    record = {"epoch": run.epoch + 1, "train_loss": train_m["loss"], "train_iou": train_m["iou"],
-              "val_loss": val_m["loss"], "val_iou": val_m["iou"], "val_dice": val_m["dice"], **terms, **terms_post,
-              **{f"val_{k}": v for k, v in val_m.items() if k.endswith("_iou") and "_click" in k},
-              "images_per_sec": train_m["images"] / train_s, "seconds": time.perf_counter() - t0,
-              "lr": run.scheduler.get_last_lr()[0], "skipped_steps": run.skipped, "_val": val_m}
-    if run.cache is not None:  # global counts (all ranks); a miss is an encoder call and a store
-        record.update(cache_hits=train_m["cache_hits"], cache_misses=train_m["images"] - train_m["cache_hits"],
-                      val_cache_hits=val_m["cache_hits"], val_cache_misses=val_m["images"] - val_m["cache_hits"])
-    return record
+    task.after_train(run.sam, info.world_size)
+    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, cache=run.cache, task=task.val_loop)
+    record = task.epoch_record(run.epoch + 1, train_m, val_m, train_s, time.perf_counter() - t0,
+                               run.scheduler.get_last_lr()[0], run.skipped, run.cache is not None)
+    return record, val_m
 
 
 def evaluate_base(run: Training, info: DistInfo, val_loader, out_dir: Path) -> Dict:
     """Validation of the starting model (epoch 0 in metrics.jsonl), so every run shows its gain
     over the base; it does not count as a best epoch (best.pth only ever holds trained weights)."""
-    if run.classes:
-        record = semantic.base_record(run, info, val_loader)
-    else:
-        t0 = time.perf_counter()
-        val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, run.loss_spec, run.cfg.min_region_area, cache=run.cache)
-        record = {"epoch": 0, "val_loss": val_m["loss"], "val_iou": val_m["iou"], "val_dice": val_m["dice"],
-                  **{f"val_{k}": val_m[k] for k in run.loss_spec.keys()[1:]},
-                  **{f"val_{k}": val_m[k] for k in ("iou_post", "dice_post") if k in val_m},
-                  "seconds": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, cache=run.cache, task=run.task.base_loop)
+    record = run.task.base_record(val_m, time.perf_counter() - t0)
     if info.is_main:
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -284,11 +246,10 @@ def save_epoch(run: Training, out_dir: Path, record: Dict, improved: bool) -> No
         meta.update(image_flags(meta["args"]))  # how images were read: tools read theirs the same way
         meta.update(lora_metadata(TrainPlan.from_config(run.cfg), run.cfg.lora_save))
         meta.update(attention_metadata(run.sam))
-        if run.classes:
-            meta.update(semantic.metadata(run.classes))
+        meta.update(run.task.metadata())
         save_partial_weight(run.sam, out_dir / "best.pth", metadata=meta, weights=export_weights(run.sam, run.cfg.lora_save))
     # The named terms only when there is more than one: "(bce 0.41 iou 0.62 iou_head 0.05)".
-    names = run.loss_spec.keys()[1:]
+    names = run.task.loss.keys()[1:]
     parts = " ".join(f"{k[5:]} {record['train_' + k]:.3f}" for k in names) if len(names) > 1 else ""
     skipped = f" | {record['skipped_steps']} non-finite step(s) skipped" if record["skipped_steps"] else ""
     get_logger().info(
@@ -336,17 +297,16 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
         start_run_folder(cfg, out_dir, data)
         log.info(f"world size {info.world_size}: " + ", ".join(f"rank {r} {d}" for r, d in enumerate(devices))
                  + f" | run folder {out_dir}")
-    classes = semantic.run_classes(cfg, data) if semantic.is_semantic(cfg) else None
-    train_loader, val_loader, sampler = make_loaders(cfg, info, data, classes=classes)
+    task = build_task(cfg, data)
+    train_loader, val_loader, sampler = make_loaders(cfg, info, data, task)
     # Seeded again right before the model is built, so a --checkpoint none model depends on the
     # seed alone and the tools (evaluate, predict) can rebuild the exact starting model.
     torch.manual_seed(cfg.seed)
-    run = Training.build(cfg, info, sampler.steps_per_epoch, classes)
+    run = Training.build(cfg, info, sampler.steps_per_epoch, task)
     guard = StepGuard(run, info, lambda sums: save_last(run, sampler, out_dir, info, sums),
                       resume_hint=f"python run.py --resume {out_dir}")
-    # Sample pictures are box-prompted predictions: none in semantic mode (curves and scalars only).
     writer = (RunWriter(out_dir, val_loader.dataset.dataset, cfg.batch_size * cfg.accumulate * info.world_size,
-                        **({"n_samples": 0} if classes else {})) if info.is_main else None)
+                        n_samples=N_SAMPLES if task.sample_pictures else 0) if info.is_main else None)
     attach_cache(run, cfg, info, train_loader, val_loader, images=len(data.train) + len(data.val))
     if writer is not None:
         guard.on_step = writer.step
@@ -357,13 +317,12 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
             raise PreflightError(str(err)) from err
         log.info(f"resumed from {cfg.resume} at epoch {run.epoch + 1}, step {run.step}")
     if info.is_main:
-        log_summary(run.sam, cfg, info, data, classes)
+        log_summary(run.sam, cfg, info, data, task)
     if cfg.eval_base and run.epoch == 0 and run.step == 0:
         evaluate_base(run, info, val_loader, out_dir)
     with stop_signals(guard), faults_to_exit(info):
         while run.epoch < cfg.epoch:
-            record = run_epoch(run, info, train_loader, val_loader, sampler, guard)
-            val_m = record.pop("_val")
+            record, val_m = run_epoch(run, info, train_loader, val_loader, sampler, guard)
             improved = run.end_epoch(val_m["iou"], val_m)
             if info.is_main:
                 save_epoch(run, out_dir, record, improved)
@@ -380,7 +339,7 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
     return run.best
 
 
-def log_summary(sam, cfg: TrainConfig, info: DistInfo, data: RunData, classes: Optional[List[str]] = None) -> None:
+def log_summary(sam, cfg: TrainConfig, info: DistInfo, data: RunData, task: Task) -> None:
     import torchinfo
 
     log = get_logger()
@@ -395,4 +354,4 @@ def log_summary(sam, cfg: TrainConfig, info: DistInfo, data: RunData, classes: O
     log.info(f"{info.world_size} process(es) on {info.device.type} ({torch.get_num_threads()} CPU threads each), "
              f"batch {cfg.batch_size} per process, "
              f"{len(data.train)} train / {len(data.val)} val images")
-    log.info(semantic.describe(cfg, classes, sam) if classes else describe(cfg))
+    log.info(task.describe(sam))

@@ -20,6 +20,7 @@ from .clicks import next_clicks, to_input_frame
 from .losses import LossSpec, low_res_pair
 from .metrics import mask_dice, mask_iou
 from .resize import resize_logits
+from .trainable import grad_if_trained
 
 PROMPT_KINDS = ("box", "point")
 CLICK_MODES = ("center", "random")
@@ -286,11 +287,9 @@ class InteractiveStep(nn.Module):
     def forward(self, images: Optional[torch.Tensor], batch, keys: Sequence[Tuple[int, int]], epoch: int, rounds: int,
                 embeddings: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """embeddings (B, C, g, g): from the embedding cache (the encoder is skipped), else from images."""
-        from .trainer import _grad_if_trained  # here: trainer imports this module
-
         sam, spec = self.sam, self.spec
         if embeddings is None:
-            with _grad_if_trained(sam.image_encoder):
+            with grad_if_trained(sam.image_encoder):
                 embeddings = sam.image_encoder(images)
         prompts = step_prompts(batch, spec, epoch, keys)
         multimask = prompts.single_point() & spec.multimask

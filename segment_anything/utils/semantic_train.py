@@ -1,4 +1,4 @@
-"""Semantic mode's step, loss, metrics and epoch loops.
+"""Semantic mode's step, loss, metrics and loop task (SemanticLoop, for utils.trainer's loop).
 
 The step: image-encoder features (from the encoder, or from the embedding cache when it is
 frozen) -> sam.semantic_head -> (B, K, S, S) logits over the padded encoder input. The loss is
@@ -16,11 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling.semantic_head import upsample_logits
-from . import accumulate as accumulation
-from .accumulate import global_count
-from .distributed import all_reduce_sum, get_world_size
-from .trainable import set_train_mode
-from .trainer import Batch, _grad_if_trained, autocast_context, batch_embeddings, images_to_encode, step_loss
+from .distributed import all_reduce_sum
+from .trainable import grad_if_trained
+from .trainer import Batch, autocast_context, batch_embeddings, evaluate, images_to_encode
 
 TERMS = ("ce", "dice")
 DEFAULT_LOSS = "ce=1"
@@ -150,13 +148,19 @@ class SemanticStep(nn.Module):
 
     def forward(self, images: Optional[torch.Tensor], embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
         if embeddings is None:
-            with _grad_if_trained(self.sam.image_encoder):
+            with grad_if_trained(self.sam.image_encoder):
                 embeddings = self.sam.image_encoder(images)
         return self.sam.semantic_head(embeddings)
 
 
-def prepare(items: List[dict], sam: nn.Module, device: torch.device) -> Tuple[Batch, torch.Tensor]:
-    """A trainer Batch (images to encode, cached embeddings) and the (B, S, S) padded targets."""
+@dataclass
+class SemanticBatch(Batch):
+    targets: Optional[torch.Tensor] = None  # (B, S, S) int64 class ids, IGNORE outside each image
+
+
+def prepare(items: List[dict], sam: nn.Module, device: torch.device) -> SemanticBatch:
+    """A trainer Batch (images to encode, cached embeddings) with the (B, S, S) padded targets;
+    one "prompt" per image (image_index 0..B-1), so the loop's counts are images."""
     size = sam.image_encoder.img_size
     cached = [it.get("embedding") for it in items]
     keys = [it.get("cache_key") for it in items]
@@ -166,12 +170,11 @@ def prepare(items: List[dict], sam: nn.Module, device: torch.device) -> Tuple[Ba
     for i, it in enumerate(items):
         h, w = it["input_size"]
         targets[i, :h, :w] = F.interpolate(it["target"][None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
-    batch = Batch(images=images, boxes=None, image_index=torch.arange(len(items), device=device), masks=[],
-                  input_sizes=[tuple(it["input_size"]) for it in items],
-                  original_sizes=[tuple(it["original_size"]) for it in items], new_images=len(items),
-                  cached=[None if e is None else e.to(device) for e in cached], cache_keys=keys,
-                  encode_rows=rows, num_cached=sum(e is not None for e in cached))
-    return batch, targets.to(device)
+    return SemanticBatch(images=images, boxes=None, image_index=torch.arange(len(items), device=device), masks=[],
+                         input_sizes=[tuple(it["input_size"]) for it in items],
+                         original_sizes=[tuple(it["original_size"]) for it in items], new_images=len(items),
+                         cached=[None if e is None else e.to(device) for e in cached], cache_keys=keys,
+                         encode_rows=rows, num_cached=sum(e is not None for e in cached), targets=targets.to(device))
 
 
 def logits_for(model: nn.Module, sam: nn.Module, batch: Batch, cache, amp_dtype) -> torch.Tensor:
@@ -180,56 +183,39 @@ def logits_for(model: nn.Module, sam: nn.Module, batch: Batch, cache, amp_dtype)
         return model(batch.images, embeddings=embeddings).float()
 
 
-def train_semantic_epoch(model, sam, loader: Iterable, optimizer, scheduler, scaler, device, amp_dtype,
-                         loss_fn: SemanticLoss, classes: Sequence[str], progress=None, accumulate: int = 1,
-                         guard=None, cache=None) -> Dict[str, float]:
-    """One pass over this rank's shard (as trainer.train_one_epoch: accumulation, fault guard,
-    cache); returns ClassMeter.reduce() plus 'cache_hits' (all ranks)."""
-    set_train_mode(sam)
-    meter = ClassMeter(loss_fn.keys(), classes)
-    if guard is not None:
-        meter.sums = guard.take_resumed_sums()
-    hits, k = 0, len(classes)
-    for group in accumulation.groups(loader, accumulate):
-        batches = [prepare(items, sam, device) for items in group]
-        count = global_count(sum(len(t) for _, t in batches), device) if accumulate > 1 else None
-        optimizer.zero_grad(set_to_none=True)
-        sums_before = meter.sums
-        for i, (batch, targets) in enumerate(batches):
-            with accumulation.sync_unless(model, last=i == len(batches) - 1):
-                logits = logits_for(model, sam, batch, cache, amp_dtype)
-                terms = loss_fn(logits, targets)
-                loss = step_loss(terms, device, count)  # mean over all images of all ranks
-                scaler.scale(loss).backward()
-            meter.add(terms, confusion(logits.detach().argmax(1), targets, k))
-            hits += batch.num_cached
-            if progress is not None:
-                progress.step(batch.num_images * get_world_size(), loss)
-        if guard is None or guard.check(loss, optimizer, scaler):
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            meter.sums = sums_before
-        scheduler.step()
-        if guard is not None:
-            guard.end_step(meter.sums, terms)
-    return dict(meter.reduce(device), cache_hits=int(global_count(hits, device).item()))
+class SemanticLoop:
+    """The loop task of semantic segmentation (utils.trainer.train_one_epoch / evaluate): the model
+    is the SemanticStep (or its DDP wrapper); the meter is a ClassMeter (loss terms per image and
+    the confusion matrix). Training loss on the padded input frame; validation metrics at each
+    image's original size, as the predict tool outputs."""
 
+    def __init__(self, loss: SemanticLoss, classes: Sequence[str]) -> None:
+        self.loss, self.classes = loss, list(classes)
 
-@torch.no_grad()
-def evaluate_semantic(sam, loader: Iterable, device, amp_dtype, loss_fn: SemanticLoss, classes: Sequence[str],
-                      cache=None) -> Dict[str, float]:
-    """This rank's validation shard with the bare model (no DDP forward, no collective in the
-    loop), then one global reduction. Loss at the input frame, metrics at the original size."""
-    sam.eval()
-    step, meter, hits, k = SemanticStep(sam), ClassMeter(loss_fn.keys(), classes), 0, len(classes)
-    for items in loader:
-        batch, targets = prepare(items, sam, device)
-        logits = logits_for(step, sam, batch, cache, amp_dtype)
-        hits += batch.num_cached
-        conf = torch.zeros(k, k, dtype=torch.int64, device=device)
+    def prepare(self, items: List[dict], sam: nn.Module, device: torch.device) -> SemanticBatch:
+        return prepare(items, sam, device)
+
+    def train_meter(self) -> ClassMeter:
+        return ClassMeter(self.loss.keys(), self.classes)
+
+    eval_meter = train_meter
+
+    def train_step(self, model, sam, batch: SemanticBatch, items, cache, amp_dtype, epoch: int, micro: int):
+        """(per-image loss terms, the step's confusion matrix)."""
+        logits = logits_for(model, sam, batch, cache, amp_dtype)
+        return self.loss(logits, batch.targets), confusion(logits.detach().argmax(1), batch.targets, len(self.classes))
+
+    def eval_step(self, sam, batch: SemanticBatch, items, cache, amp_dtype, last: Dict):
+        logits = logits_for(SemanticStep(sam), sam, batch, cache, amp_dtype)
+        k = len(self.classes)
+        conf = torch.zeros(k, k, dtype=torch.int64, device=batch.image_index.device)
         for i, it in enumerate(items):
             full = upsample_logits(logits[i : i + 1], it["input_size"], it["original_size"])[0]
-            conf += confusion(full.argmax(0), it["target"].to(device), k)
-        meter.add(loss_fn(logits, targets), conf)
-    return dict(meter.reduce(device), cache_hits=int(global_count(hits, device).item()))
+            conf += confusion(full.argmax(0), it["target"].to(conf.device), k)
+        return self.loss(logits, batch.targets), conf
+
+
+def evaluate_semantic(sam, loader: Iterable, device, amp_dtype, loss_fn: SemanticLoss, classes: Sequence[str],
+                      cache=None) -> Dict[str, float]:
+    """utils.trainer.evaluate with the SemanticLoop: ClassMeter.reduce() plus 'cache_hits'."""
+    return evaluate(sam, loader, device, amp_dtype, cache=cache, task=SemanticLoop(loss_fn, classes))

@@ -6,6 +6,7 @@ Set-up order (engine.build_model): build -> load checkpoint -> configure(sam, pl
 DDP needs no find_unused_parameters (tests/utils/test_trainable.py checks each plan).
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -19,6 +20,11 @@ from .save_weight import trainable_state_dict, unwrap_model
 
 PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 LORA_SAVES = ("merged", "adapters")
+
+
+def grad_if_trained(module: nn.Module):
+    """Autograd on for a part with trainable parameters, off for a frozen one (no graph kept for it)."""
+    return nullcontext() if any(p.requires_grad for p in module.parameters()) else torch.no_grad()
 
 
 def parse_parts(spec: str) -> Tuple[str, ...]:

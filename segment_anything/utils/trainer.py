@@ -1,4 +1,5 @@
-"""The training and validation step: what SamPredictor does, batched, with gradients for the decoder.
+"""The training and validation step: what SamPredictor does, batched, with gradients for the decoder,
+and THE loop over a task: train_one_epoch and evaluate.
 
 A batch is a list of dataset items (see utils.data.dataset): images resized so the longest
 side is the encoder size, each with N >= 1 ground-truth masks at the original size and one
@@ -6,11 +7,15 @@ prompt per mask (a box, points with labels, or both). The step normalises and pa
 (Sam.preprocess), embeds them, encodes the prompts mapped into the resized frame, decodes every
 prompt of every image in one decoder call, brings the masks back to each image's original size
 (what Sam.postprocess_masks computes, as two matrix products: utils.resize) and scores them there.
+
+The loop is the same for every training mode; what differs (how items become a batch, the
+forward that returns named loss terms, the meter) is the loop task's: PromptLoop and
+InteractiveLoop here, SemanticLoop in utils.semantic_train.
 """
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -18,18 +23,16 @@ from torch import nn
 from ..modeling import Sam
 from . import accumulate as accumulation
 from .accumulate import global_count
+from .click_eval import click_keys, click_metrics
 from .data.cache import EmbeddingCache
 from .distributed import get_world_size
-from .interactive import object_keys
+from .interactive import InteractiveSpec, object_keys
 from .losses import DEFAULT_LOSS_SPEC, LossSpec, low_res_pair
 from .metrics import Meter, mask_dice, mask_iou
 from .postprocess import clean_masks
 from .resize import resize_logits
-from .trainable import set_train_mode
+from .trainable import grad_if_trained, set_train_mode
 from .transforms import ResizeLongestSide
-
-def _grad_if_trained(module: nn.Module):
-    return nullcontext() if any(p.requires_grad for p in module.parameters()) else torch.no_grad()
 
 
 class SamTrainStep(nn.Module):
@@ -61,7 +64,7 @@ class SamTrainStep(nn.Module):
             low-resolution mask logits (P, 1, 4g, 4g) and IoU predictions (P, 1).
         """
         if embeddings is None:
-            with _grad_if_trained(self.sam.image_encoder):
+            with grad_if_trained(self.sam.image_encoder):
                 embeddings = self.sam.image_encoder(images)
         return self.decode(embeddings, boxes, image_index, points, point_labels)
 
@@ -76,7 +79,7 @@ class SamTrainStep(nn.Module):
         """Every prompt of every image in one prompt-encoder and one decoder call;
         embeddings (B, C, g, g), the rest as in forward."""
         sam = self.sam
-        with _grad_if_trained(sam.prompt_encoder):
+        with grad_if_trained(sam.prompt_encoder):
             sparse, dense = sam.prompt_encoder(
                 points=(points, point_labels) if points is not None else None, boxes=boxes, masks=None
             )
@@ -276,6 +279,70 @@ def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
+class PromptLoop:
+    """The loop task of promptable masks (a box, points, or both per object): the model is the
+    SamTrainStep (or its DDP wrapper); the meter averages loss terms and metrics per prompt.
+
+    min_region_area and clicks concern validation only: IoU/Dice after clean_masks, and the IoU
+    after that many corrective clicks (utils.click_eval)."""
+
+    def __init__(self, loss: LossSpec = DEFAULT_LOSS_SPEC, min_region_area: int = 0, clicks: Sequence[int] = ()) -> None:
+        self.loss, self.min_region_area, self.clicks = loss, min_region_area, tuple(clicks)
+
+    def prepare(self, items: List[dict], sam: Sam, device: torch.device) -> Batch:
+        return prepare_batch(items, sam, device)
+
+    def train_meter(self) -> Meter:
+        return Meter(self.loss.keys() + METRIC_KEYS)
+
+    def train_step(self, model: nn.Module, sam: Sam, batch: Batch, items: List[dict], cache: Optional[EmbeddingCache],
+                   amp_dtype: Optional[torch.dtype], epoch: int, micro: int) -> Tuple[Dict[str, torch.Tensor], Any]:
+        """(per-prompt loss terms and metrics, what the meter counts them by: the batch's images)."""
+        low_res, iou_pred = forward_step(model, sam, batch, cache, amp_dtype)
+        return score(sam, batch, low_res, iou_pred, self.loss), batch.num_images
+
+    def eval_meter(self) -> Meter:
+        post = POST_KEYS if self.min_region_area > 0 else ()
+        return Meter(self.loss.keys() + METRIC_KEYS + post + tuple(click_keys(self.clicks)))
+
+    def eval_step(self, sam: Sam, batch: Batch, items: List[dict], cache: Optional[EmbeddingCache],
+                  amp_dtype: Optional[torch.dtype], last: Dict) -> Tuple[Dict[str, torch.Tensor], Any]:
+        """Validation terms with the bare model. Without a cache, items that are chunks of one
+        image (key `index` repeated) share one encoder pass (last: the previous batch's)."""
+        device = batch.image_index.device
+        if cache is not None:
+            embeddings = batch_embeddings(sam, batch, cache, amp_dtype)
+        else:
+            with autocast_context(device, amp_dtype):
+                embeddings = _embed_once(sam, batch, [it.get("index") for it in items], last)
+        with autocast_context(device, amp_dtype):
+            low_res, iou_pred = SamTrainStep(sam).decode(embeddings, *batch.prompts())
+        terms = score(sam, batch, low_res, iou_pred, self.loss, metrics_at_original=True,
+                      min_region_area=self.min_region_area)
+        with autocast_context(device, amp_dtype):
+            terms.update(click_metrics(sam, batch, embeddings, self.clicks))
+        return terms, batch.num_images
+
+
+class InteractiveLoop(PromptLoop):
+    """The loop task of interactive training: the model is the InteractiveStep (or its DDP
+    wrapper), called with the batch, its object keys and this micro-batch's click rounds (drawn
+    from (seed, epoch, micro-batch number): the same on every rank). Validation as PromptLoop."""
+
+    def __init__(self, spec: InteractiveSpec, loss: LossSpec = DEFAULT_LOSS_SPEC, min_region_area: int = 0,
+                 clicks: Sequence[int] = ()) -> None:
+        super().__init__(loss, min_region_area, clicks)
+        self.spec = spec
+
+    def train_step(self, model, sam, batch, items, cache, amp_dtype, epoch, micro):
+        # Every round decodes from the one set of embeddings.
+        embeddings = batch_embeddings(sam, batch, cache, amp_dtype) if cache is not None else None
+        with autocast_context(batch.image_index.device, amp_dtype):
+            terms = model(batch.images, batch, object_keys(items), epoch, self.spec.rounds(epoch, micro),
+                          embeddings=embeddings)
+        return terms, batch.num_images
+
+
 def train_one_epoch(
     model: nn.Module,
     sam: Sam,
@@ -290,41 +357,37 @@ def train_one_epoch(
     accumulate: int = 1,
     guard=None,
     cache: Optional[EmbeddingCache] = None,
-    interactive=None,
+    interactive: Optional[InteractiveSpec] = None,
     epoch: int = 0,
+    task=None,
 ) -> Dict[str, float]:
-    """One pass over this rank's shard. model is the DDP wrapper (or the bare SamTrainStep).
+    """One pass over this rank's shard. model is the DDP wrapper (or the bare step module).
+    task: the loop task (PromptLoop, InteractiveLoop, utils.semantic_train.SemanticLoop); by
+    default PromptLoop(loss_spec), or InteractiveLoop(interactive, loss_spec) with an InteractiveSpec.
     accumulate: micro-batches per optimizer step (see utils.accumulate).
     guard (faults.StepGuard): skips non-finite steps on every rank, saves and stops mid-epoch.
-    With a cache, the step starts from embeddings (see forward_step); the result then counts
-    'cache_hits' (all ranks). interactive: an utils.interactive.InteractiveSpec when model is an
-    InteractiveStep (the round count of each micro-batch is drawn from (seed, epoch, micro-batch
-    number): the same on every rank)."""
+    With a cache, the step starts from embeddings (see batch_embeddings); the result then counts
+    'cache_hits' (all ranks)."""
+    if task is None:
+        task = PromptLoop(loss_spec) if interactive is None else InteractiveLoop(interactive, loss_spec)
     set_train_mode(sam)
-    meter = Meter(loss_spec.keys() + METRIC_KEYS)
+    meter = task.train_meter()
     if guard is not None:  # resumed mid-epoch: the sums of the batches before
         meter.sums = guard.take_resumed_sums()
     hits = 0
     micro = 0
     for group in accumulation.groups(loader, accumulate):
-        batches = [prepare_batch(items, sam, device) for items in group]
+        batches = [task.prepare(items, sam, device) for items in group]
         count = global_count(sum(b.image_index.numel() for b in batches), device) if accumulate > 1 else None
         optimizer.zero_grad(set_to_none=True)
         sums_before = meter.sums
         for i, (items, batch) in enumerate(zip(group, batches)):
             with accumulation.sync_unless(model, last=i == len(batches) - 1):
-                if interactive is not None:  # every round decodes from the one set of embeddings
-                    embeddings = batch_embeddings(sam, batch, cache, amp_dtype) if cache is not None else None
-                    with autocast_context(device, amp_dtype):
-                        terms = model(batch.images, batch, object_keys(items), epoch, interactive.rounds(epoch, micro),
-                                      embeddings=embeddings)
-                else:
-                    low_res, iou_pred = forward_step(model, sam, batch, cache, amp_dtype)
-                    terms = score(sam, batch, low_res, iou_pred, loss_spec)
+                terms, counted_by = task.train_step(model, sam, batch, items, cache, amp_dtype, epoch, micro)
                 micro += 1
                 loss = step_loss(terms, device, count)
                 scaler.scale(loss).backward()
-            meter.add(terms, batch.num_images)
+            meter.add(terms, counted_by)
             hits += batch.num_cached
             if progress is not None:
                 progress.step(batch.num_images * get_world_size(), loss)  # counts all ranks; reads the loss now and then
@@ -363,32 +426,21 @@ def _embed_once(sam: Sam, batch: Batch, keys: List, cache: Dict) -> torch.Tensor
 def evaluate(
     sam: Sam, loader: Iterable, device: torch.device, amp_dtype: Optional[torch.dtype],
     loss_spec: LossSpec = DEFAULT_LOSS_SPEC, min_region_area: int = 0,
-    cache: Optional[EmbeddingCache] = None, clicks: Sequence[int] = (),
+    cache: Optional[EmbeddingCache] = None, clicks: Sequence[int] = (), task=None,
 ) -> Dict[str, float]:
     """Validation on this rank's shard with the bare model (no DDP forward, so no collective
     inside the loop and no deadlock when shards differ in length), then one global reduction.
-    Items that are chunks of one image (key `index` repeated) share one encoder pass; with an
-    embedding cache, embeddings come from it (see batch_embeddings). clicks: also the IoU after these numbers of corrective clicks
-    (utils.click_eval)."""
-    from .click_eval import click_keys, click_metrics  # here: click_eval imports the data package
-
+    task: the loop task (default PromptLoop(loss_spec, min_region_area, clicks)); with an
+    embedding cache, embeddings come from it (see batch_embeddings)."""
+    if task is None:
+        task = PromptLoop(loss_spec, min_region_area, clicks)
     sam.eval()
-    step = SamTrainStep(sam)
-    meter = Meter(loss_spec.keys() + METRIC_KEYS + (POST_KEYS if min_region_area > 0 else ()) + tuple(click_keys(clicks)))
+    meter = task.eval_meter()
     last: Dict = {}
     hits = 0
     for items in loader:
-        batch = prepare_batch(items, sam, device)
-        if cache is not None:
-            embeddings = batch_embeddings(sam, batch, cache, amp_dtype)
-            hits += batch.num_cached
-        else:
-            with autocast_context(device, amp_dtype):
-                embeddings = _embed_once(sam, batch, [it.get("index") for it in items], last)
-        with autocast_context(device, amp_dtype):
-            low_res, iou_pred = step.decode(embeddings, *batch.prompts())
-        terms = score(sam, batch, low_res, iou_pred, loss_spec, metrics_at_original=True, min_region_area=min_region_area)
-        with autocast_context(device, amp_dtype):
-            terms.update(click_metrics(sam, batch, embeddings, clicks))
-        meter.add(terms, batch.num_images)
+        batch = task.prepare(items, sam, device)
+        terms, counted_by = task.eval_step(sam, batch, items, cache, amp_dtype, last)
+        hits += batch.num_cached
+        meter.add(terms, counted_by)
     return dict(meter.reduce(device), cache_hits=int(global_count(hits, device).item()))

@@ -274,7 +274,7 @@ class RunWriter:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            get_logger().info("tensorboard is not installed: no event files (pip install tensorboard); training goes on")
+            get_logger().info("tensorboard is not installed: no event files (the train extra: pip install -e \".[train]\"); training goes on")
             self.tb = None
         else:
             self.tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))

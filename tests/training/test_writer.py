@@ -113,7 +113,7 @@ def test_without_tensorboard_one_line_and_training_goes_on(tmp_path, sam, val_se
     finally:
         logger.removeHandler(handler)
     assert [m for m in messages if "tensorboard" in m] == [
-        "tensorboard is not installed: no event files (pip install tensorboard); training goes on"]
+        "tensorboard is not installed: no event files (the train extra: pip install -e \".[train]\"); training goes on"]
     assert not (tmp_path / "tensorboard").exists() and (tmp_path / "curves.png").exists()
     assert not (tmp_path / "samples.png").exists()  # only written when the validation IoU improves
 

@@ -21,11 +21,13 @@ import numpy as np
 import torch
 
 from ..predictor import SamPredictor
+from ..tiled_predictor import TiledPredictor
 from ..utils import draw
 from ..utils.clicks import click_session
 from ..utils.data import DataOptions, Record, load_records, split_records
 from ..utils.data.prompts import PROMPTS, PromptConfig, object_prompts
 from ..utils.image_spec import ImageSpec, add_arguments as add_image_arguments
+from ..utils.tiles import add_arguments as add_tile_arguments, check_arguments as check_tile_arguments
 from ..utils.metrics import boundary_iou, mask_dice, mask_iou
 from ..utils.postprocess import clean_masks
 from ._model import add_model_args, check_base, cli, image_spec_as_trained, load_model, weights_metadata
@@ -75,9 +77,11 @@ def object_prompt_list(records: List[Record], cfg: PromptConfig, seed: int) -> L
     return out
 
 
-def score_model(sam, records: List[Record], prompts: List[dict], clicks: List[int], min_area: int) -> List[dict]:
-    """Metrics of one model for every prompt; masks kept as packed bits for the comparison picture."""
-    predictor = SamPredictor(sam)
+def score_model(sam, records: List[Record], prompts: List[dict], clicks: List[int], min_area: int,
+                tile: int = 0, tile_overlap: int = 128) -> List[dict]:
+    """Metrics of one model for every prompt; masks kept as packed bits for the comparison picture.
+    tile: decode each prompt in the tile that holds it best (0: the whole image resized)."""
+    predictor = TiledPredictor(sam, tile, tile_overlap) if tile else SamPredictor(sam)
     rows, by_image = [], {}
     for p in prompts:
         by_image.setdefault(p["image_index"], []).append(p)
@@ -91,8 +95,11 @@ def score_model(sam, records: List[Record], prompts: List[dict], clicks: List[in
 
 
 def score_prompt(predictor: SamPredictor, p: dict, target: np.ndarray, clicks: List[int], min_area: int, record: Record) -> dict:
+    # Tiled: the first prompt's tile for every click after it (the low-res logits fed back are that tile's).
+    pin = {"tile": predictor.tile_for(p["points"], p["box"])} if isinstance(predictor, TiledPredictor) else {}
+
     def predict(points, labels, logits):
-        masks, scores, low_res = predictor.predict(points, labels, p["box"], logits, multimask_output=False)
+        masks, scores, low_res = predictor.predict(points, labels, p["box"], logits, multimask_output=False, **pin)
         return clean_masks(masks[0], min_area), low_res
 
     mask, low_res = predict(p["points"], p["labels"], None)
@@ -203,6 +210,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     clicks = parse_clicks(args.clicks)
+    check_tile_arguments(args)
     metrics = list(METRICS) + [f"iou_click{k}" for k in clicks]
     cfg = PromptConfig(prompt=args.prompt, num_points=args.num_points)
     # Every input is read and checked before any model is built, the weights files first (quick).
@@ -223,7 +231,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     for model_name, weights in (("base", None), ("tuned", args.weights)):
         sam = load_model(args, weights)
         for name, recs in datasets.items():
-            results[name][model_name] = score_model(sam, recs, prompts[name], clicks, args.min_region_area)
+            results[name][model_name] = score_model(sam, recs, prompts[name], clicks, args.min_region_area,
+                                                      args.tile, args.tile_overlap)
         del sam
     summary = {"prompt": args.prompt, "num_points": args.num_points, "prompt_seed": args.prompt_seed, "clicks": clicks,
                "model_type": args.model_type, "checkpoint": args.checkpoint, "weights": args.weights}
@@ -251,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_format", default="auto", help="auto, folder, objects, instance_map, labelme or coco")
     parser.add_argument("--data_images", help="COCO: the folder of the images")
     add_image_arguments(parser, from_weights=True)  # --data_dir's images (the reference set is read as it is)
+    add_tile_arguments(parser)
     parser.add_argument("--split", default="all", choices=["all", "val", "train"],
                         help="val/train: run.py's seeded split of --data_dir (--val_fraction, --seed)")
     parser.add_argument("--val_fraction", type=float, default=0.2)

@@ -9,7 +9,10 @@ Per image it writes <stem>_mask_<i>.png (object i, 0/255; with --multimask
 <stem>_mask_<i>_<k>.png for SAM's three candidates) and <stem>_overlay.png (the masks over the
 image, the prompts drawn). Without any prompt, automatic masks: <stem>_mask_<i>.png per mask
 (largest first), <stem>_overlay.png and <stem>_auto.json (records with COCO RLE). With --task
-semantic and the best.pth of a semantic run: class maps, see tools/_semantic.py.
+semantic and the best.pth of a semantic run: class maps, see tools/_semantic.py. With --tile S
+(and --tile_overlap O) a large image is cut into overlapping S x S tiles seen at full resolution:
+each prompt is decoded in the tile that holds it best, automatic masks are found per tile and
+merged across tile borders; the masks are written at the image's full size as without tiles.
 
 prompts.json maps an image file name (or stem) to one object or a list of objects, each with an
 optional "box" [x1, y1, x2, y2] and optional "points" [[x, y, label], ...] (label 1 = object,
@@ -32,12 +35,15 @@ import torch
 
 from ..automatic_mask_generator import SamAutomaticMaskGenerator
 from ..predictor import SamPredictor
+from ..tiled_mask_generator import TiledMaskGenerator
+from ..tiled_predictor import TiledPredictor
 from ..utils import draw
 from ..utils.amg import coco_encode_rle, mask_to_rle_pytorch
 from ..utils.data import load_image
 from ..utils.data.image_io import load_image_planes
 from ..utils.image_spec import ImageSpec, add_arguments as add_image_arguments
 from ..utils.postprocess import clean_masks
+from ..utils.tiles import add_arguments as add_tile_arguments, check_arguments as check_tile_arguments
 from ._model import add_model_args, cli, image_spec_as_trained, load_model
 from ._semantic import load_semantic_model, predict_classes, write_semantic
 
@@ -230,6 +236,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     add_model_args(parser)
     parser.add_argument("--image", required=True, help="an image file or a folder of images")
     add_image_arguments(parser, plane_all=True, from_weights=True)
+    add_tile_arguments(parser)
     parser.add_argument("--box", help="x1,y1,x2,y2 in pixels")
     parser.add_argument("--point", action="append", help="x,y[,label] in pixels (label 1 object, 0 background); repeatable")
     parser.add_argument("--prompts", help="JSON file: image name -> prompts (see the module doc)")
@@ -246,18 +253,21 @@ def main(argv: Optional[List[str]] = None) -> None:
         return main_semantic(args)
 
     spec = image_spec_as_trained(args, args.weights)
+    check_tile_arguments(args)
     jobs = plan(args, spec)
     sam = load_model(args, args.weights)
-    predictor = SamPredictor(sam)
+    predictor = TiledPredictor(sam, args.tile, args.tile_overlap) if args.tile else SamPredictor(sam)
     generator = None
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, prompts, plane, image in planes_of(jobs, spec, args.plane == "all"):
         stem, name = (path.stem, path.name) if plane is None else (f"{path.stem}_plane{plane}", f"{path.name} plane {plane}")
         if prompts is None:
-            generator = generator or SamAutomaticMaskGenerator(
-                sam, points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
-                stability_score_thresh=args.stability_score_thresh, min_mask_region_area=args.min_region_area)
+            amg_args = dict(points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
+                            stability_score_thresh=args.stability_score_thresh,
+                            min_mask_region_area=args.min_region_area)
+            generator = generator or (TiledMaskGenerator(sam, args.tile, args.tile_overlap, **amg_args) if args.tile
+                                      else SamAutomaticMaskGenerator(sam, **amg_args))
             with torch.no_grad():
                 records = generator.generate(image)
             write_automatic(out_dir, stem, image, records)

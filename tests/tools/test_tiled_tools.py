@@ -9,7 +9,7 @@ import pytest
 from segment_anything import SamPredictor
 from segment_anything.tiled_predictor import TiledPredictor
 from segment_anything.tools import evaluate, predict
-from segment_anything.tools._model import RUN_SEED, build_base, load_model
+from segment_anything.tools._model import add_model_args, build_base, load_model
 from segment_anything.utils.data import load_records, make_synthetic_dataset
 from segment_anything.utils.random_weights import randomize_
 from segment_anything.utils.save_weight import save_partial_weight
@@ -42,8 +42,9 @@ def test_predict_with_tiles_writes_full_size_masks_of_the_tile(weights, picture,
     run(weights, "--image", path, "--box", "330,40,380,90", "--tile", 256, "--tile_overlap", 32, "--output", tmp_path)
     mask = cv2.imread(str(tmp_path / "wide_mask_0.png"), cv2.IMREAD_UNCHANGED)
     assert mask.shape == (300, 500)
-    args = argparse.Namespace(model_type="vit_t", checkpoint="none", image_size=None, seed=RUN_SEED, device="cpu")
-    sam = load_model(args, str(weights))  # the model predict built
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    sam = load_model(parser.parse_args(["--model_type", "vit_t", "--checkpoint", "none"]), str(weights))  # predict's
     tiled = TiledPredictor(sam, 256, 32)
     tiled.set_image(image)
     x0, y0, x1, y1 = tiled.tile_for(box=np.array([330, 40, 380, 90]))

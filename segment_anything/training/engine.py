@@ -82,7 +82,7 @@ def setup_run(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData
             result = preflight(cfg)
         except PREFLIGHT_ERRORS as err:
             result = str(err)
-    result = broadcast_object(result)
+    result = broadcast_object(result, patient=True)  # the checks may take longer than --dist_timeout
     if isinstance(result, str):
         raise PreflightError(result)
     return result

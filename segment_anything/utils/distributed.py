@@ -81,8 +81,10 @@ def init_distributed(
 
 
 def destroy_distributed() -> None:
+    global _PATIENT
     if is_dist():
         dist.destroy_process_group()
+    _PATIENT = None
 
 
 def is_dist() -> bool:
@@ -115,13 +117,32 @@ def share_buffers(module: torch.nn.Module) -> None:
             dist.broadcast(buffer.data, src=0)
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank src's obj on every rank (picklable objects)."""
+LONG_WAIT_S = 7 * 24 * 3600.0
+
+
+def broadcast_object(obj: Any, src: int = 0, patient: bool = False) -> Any:
+    """Rank src's obj on every rank (picklable objects).
+
+    patient: the other ranks wait as long as rank src takes (the data checks before training,
+    minutes on a large set), not the default group's timeout, which is there to stop a run whose
+    rank died or hangs mid-training. The wait goes through a gloo group of its own with a long
+    timeout; a rank that dies still ends the wait, as its launcher (torchrun) ends the group."""
     if not is_dist():
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
+    group = _patient_group() if patient else None
+    dist.broadcast_object_list(holder, src=src, group=group)
     return holder[0]
+
+
+_PATIENT = None
+
+
+def _patient_group():
+    global _PATIENT
+    if _PATIENT is None:
+        _PATIENT = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=LONG_WAIT_S))
+    return _PATIENT
 
 
 def all_gather_objects(obj: Any) -> List[Any]:

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 from .checks import DataError, Problem, raise_problems, run_checks, summary
 from .formats import DataOptions, Scan, detect, folder, instance_map, labelme, layout_hint, objects
 from .formats import coco as coco_format
+from .manifest import Manifest
 from .records import Record
 
 FOLDER_FORMATS = {"folder": folder, "objects": objects, "instance_map": instance_map, "labelme": labelme}
@@ -69,7 +70,8 @@ def load_split(fmt: str, source: str, opts: DataOptions, images: Optional[str] =
         if said:
             raise DataError(f"{str(err).splitlines()[0]}{said}") from None
         raise
-    built, problems = run_checks(found.candidates, found.build)
+    manifest = Manifest.open(found.fmt, found.source, opts, images)
+    built, problems = run_checks(found.candidates, found.build, manifest=manifest)
     said = "" if built else hint()
     if said:
         raise DataError(f"{source}: --data_format {fmt} finds no usable sample here{said}")

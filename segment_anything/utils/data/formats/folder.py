@@ -6,6 +6,7 @@ components of each mask (--instance_mode per_object) or the whole mask (per_imag
 `finish` applies as the union of the components).
 """
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -14,7 +15,7 @@ import cv2
 import numpy as np
 
 from ..checks import BadSample, DataError, Problem
-from ..image_io import ImageSpec, is_image_file, load_image, load_mask
+from ..image_io import EXTENSIONS, ImageSpec, load_image, load_mask
 from ..records import Record, pick, stack_masks
 from . import IMAGE_DIRS, MASK_DIRS, DataOptions, Scan, find_dir, finish, size_mismatch
 
@@ -31,15 +32,26 @@ def layout_help(root: Path) -> str:
 
 
 def _by_key(folder: Path) -> Dict[str, Path]:
-    """Image files under folder (recursively) by relative path without extension."""
+    """Image files under folder (recursively, hidden files and folders left out) by relative path
+    without extension. os.walk and string keys: a set of 100k images is listed in about a
+    second, where pathlib's per-file parsing took many."""
+    found = []
+    for parent, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = os.path.relpath(parent, folder)
+        parts = () if rel == "." else tuple(rel.split(os.sep))
+        for name in names:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in EXTENSIONS:
+                continue
+            full = os.path.join(parent, name)
+            if os.path.isfile(full):
+                found.append((parts + (name,), full))
     files: Dict[str, Path] = {}
-    for path in sorted(folder.rglob("*")):
-        if not is_image_file(path) or any(part.startswith(".") for part in path.relative_to(folder).parts):
-            continue
-        key = path.relative_to(folder).with_suffix("").as_posix()
+    for parts, full in sorted(found):
+        key = "/".join(parts[:-1] + (os.path.splitext(parts[-1])[0],))
         if key in files:
-            raise DataError(f"{files[key]} and {path} have the same name in one folder; cannot tell which one to pair")
-        files[key] = path
+            raise DataError(f"{files[key]} and {full} have the same name in one folder; cannot tell which one to pair")
+        files[key] = Path(full)
     return files
 
 
@@ -58,7 +70,7 @@ def find_pairs(root) -> Tuple[List[Pair], List[Problem]]:
                 for k in sorted(images.keys() - masks.keys())]
     problems += [Problem("unpaired", f"mask without a partner: {masks[k]} (no {image_dir}/{k}.*)")
                  for k in sorted(masks.keys() - images.keys())]
-    pairs = sorted(Pair(images[k], masks[k]) for k in images.keys() & masks.keys())
+    pairs = [Pair(images[k], masks[k]) for k in sorted(images.keys() & masks.keys(), key=lambda k: images[k])]
     return pairs, problems
 
 

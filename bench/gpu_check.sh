@@ -62,7 +62,7 @@ EOF
 "$PY" - "$WORK" <<'EOF' || { echo "gpu_check: could not make the synthetic data"; exit 1; }
 import sys
 from pathlib import Path
-from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import make_synthetic_dataset
 root = Path(sys.argv[1])
 make_synthetic_dataset(root / "train", n=8, size_range=(200, 320), seed=1)
 make_synthetic_dataset(root / "val", n=2, size_range=(200, 320), seed=2)

@@ -10,7 +10,7 @@ import torch
 
 from segment_anything import sam_model_registry
 from segment_anything.training.compile import compile_decode
-from segment_anything.tools.synthetic_data import make_synthetic_dataset
+from segment_anything.utils.data import make_synthetic_dataset
 from segment_anything.utils.data import MaskDataset, load_records
 from segment_anything.utils.data.cache import EmbeddingCache
 from segment_anything.utils.data.dataset import collate

@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
@@ -13,6 +14,7 @@ from ..utils.image_spec import CHANNELS_HELP, PLANE_HELP, RANGE_HELP, ImageSpec
 
 TRUE_WORDS = ("yes", "true", "t", "y", "1")
 FALSE_WORDS = ("no", "false", "f", "n", "0")
+INVALID = "invalid configuration:"  # the first line of validate()'s ValueError
 
 
 def str2bool(value: Any) -> bool:
@@ -58,6 +60,33 @@ def adapt_errors(cfg: "TrainConfig") -> List[str]:
     if cfg.loss_size not in ("original", "low_res"):
         errors.append(f"--loss_size must be original or low_res, got {cfg.loss_size!r}")
     return errors
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse with two changes. A value that starts with a minus sign and a digit is a value
+    ('--lr -1e-3', '--intensity_range -100,200'), so the check that says what is wrong with it
+    speaks, not "expected one argument" (argparse takes only plain negative numbers as values).
+    An error is one line, 'error: ...', not the usage block with every flag."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        joined, i = [], 0
+        while i < len(args):
+            flag, value = args[i], args[i + 1] if i + 1 < len(args) else ""
+            if flag.startswith("--") and "=" not in flag and len(value) > 1 and value[0] == "-" and value[1] in "0123456789.":
+                joined.append(f"{flag}={value}")
+                i += 2
+            else:
+                joined.append(flag)
+                i += 1
+        return super().parse_known_args(joined, namespace)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (python run.py --help lists the flags)\n")
+
+    def fail(self, errors: List[str]):
+        """The configuration's own errors, one line each."""
+        self.exit(2, "".join(f"error: {e}\n" for e in errors))
 
 
 class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
@@ -282,7 +311,7 @@ class TrainConfig:
         errors.extend(compile_errors(self))
         errors += self._semantic_errors()
         if errors:
-            raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+            raise ValueError(f"{INVALID}\n  " + "\n  ".join(errors))
 
     def _prompt_errors(self) -> List[str]:
         from ..utils.data.augment import parse_augment  # light: albumentations loads only when used
@@ -338,7 +367,7 @@ class TrainConfig:
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
-        parser = argparse.ArgumentParser(
+        parser = FlagParser(
             description="Fine-tune SAM's mask decoder with box and/or point prompts, on one or many processes.",
             formatter_class=_DefaultsOnce,
         )
@@ -371,11 +400,12 @@ class TrainConfig:
                 if resume:
                     parser.set_defaults(**saved_args(resume, args.output_dir))
             except (OSError, ValueError) as err:
-                parser.error(str(err))
+                parser.fail([str(err)])
             args = parser.parse_args(argv)
             args.resume = resume
         try:
             return cls(**vars(args))
         except ValueError as err:
-            parser.error(str(err))
-            raise  # unreachable: parser.error exits
+            lines = str(err).splitlines()
+            parser.fail([line.strip() for line in lines[1:]] if lines[0] == INVALID else lines)
+            raise  # unreachable: parser.fail exits

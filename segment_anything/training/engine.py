@@ -29,9 +29,10 @@ from ..utils.data.cache import EmbeddingCache, open_cache
 from ..utils.data.samplers import EpochSampler, ResumableSampler
 from ..utils.distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 from .faults import StepGuard, faults_to_exit, stop_signals
+from .launch import check_writable_folder, resume_command
 from ..utils.log import FILE_ONLY, add_log_file, get_logger
 from .progress import Progress
-from ..utils.save_weight import atomic_save, image_flags, save_partial_weight
+from ..utils.save_weight import append_text, atomic_save, image_flags, save_partial_weight
 from ..utils.trainable import TrainPlan, configure, export_weights, lora_metadata, parameter_report
 from .compile import compile_decode
 from ..utils.trainer import evaluate, train_one_epoch
@@ -45,8 +46,11 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
     """The run folder. A resumed run continues in its own folder; a new run never reuses a
     folder that already holds files, so nothing of an earlier run is overwritten."""
     if cfg.resume:
-        return check_resume(cfg)
+        out = check_resume(cfg)
+        check_writable_folder(out, "--resume")
+        return out
     out = Path(cfg.output_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    check_writable_folder(out, "--output_dir" if cfg.output_dir else "the run folder (--output_dir's default)")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already holds files; choose another --output_dir or continue it with --resume {out}")
     return out
@@ -66,9 +70,10 @@ def preflight(cfg: TrainConfig) -> Tuple[RunData, Path]:
                         "or --train_json + --train_images for COCO")
     if cfg.checkpoint_path() is not None:
         check_checkpoint(cfg.checkpoint_path(), cfg.model_type, cfg.image_size)
+    out_dir = resolve_output_dir(cfg)  # before the data checks: a folder that cannot be written fails at once
     data = prepare_data(cfg)
     build_task(cfg, data)  # --task semantic: a label value >= --num_classes stops the run here, naming the file
-    return data, resolve_output_dir(cfg)
+    return data, out_dir
 
 
 def setup_run(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path]]) -> Tuple[RunData, Path]:
@@ -219,8 +224,7 @@ def evaluate_base(run: Training, info: DistInfo, val_loader, out_dir: Path) -> D
     val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, cache=run.cache, task=run.task.base_loop)
     record = run.task.base_record(val_m, time.perf_counter() - t0)
     if info.is_main:
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(out_dir / "metrics.jsonl", json.dumps(record) + "\n")
         get_logger().info(f"epoch 0 (base model) | val loss {record['val_loss']:.4f} IoU {record['val_iou']:.4f} "
                           f"Dice {record['val_dice']:.4f} | {record['seconds']:.1f} s")
     return record
@@ -238,8 +242,7 @@ def save_last(run: Training, sampler: ResumableSampler, out_dir: Path, info: Dis
 
 def save_epoch(run: Training, out_dir: Path, record: Dict, improved: bool) -> None:
     """Rank 0: metrics line and best.pth when improved (each written atomically)."""
-    with open(out_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_text(out_dir / "metrics.jsonl", json.dumps(record) + "\n")
     if improved:
         meta = {"model_type": run.cfg.model_type, "image_size": run.cfg.image_size, "epoch": run.epoch,
                 "metrics": record, "args": run.cfg.to_dict()}
@@ -304,7 +307,7 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
     torch.manual_seed(cfg.seed)
     run = Training.build(cfg, info, sampler.steps_per_epoch, task)
     guard = StepGuard(run, info, lambda sums: save_last(run, sampler, out_dir, info, sums),
-                      resume_hint=f"python run.py --resume {out_dir}")
+                      resume_hint=resume_command(out_dir))
     writer = (RunWriter(out_dir, val_loader.dataset.dataset, cfg.batch_size * cfg.accumulate * info.world_size,
                         n_samples=N_SAMPLES if task.sample_pictures else 0) if info.is_main else None)
     attach_cache(run, cfg, info, train_loader, val_loader, images=len(data.train) + len(data.val))

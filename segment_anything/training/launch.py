@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -131,13 +132,10 @@ def resume_command(out_dir, cmdline: Optional[Sequence[str]] = None, argv0: Opti
     cmd = list(launch_cmdline() if cmdline is None else cmdline)
     script = sys.argv[0] if argv0 is None else argv0
     prefix: List[str] = []
-    for i, arg in enumerate(cmd[1:], 1):
-        if arg == script:
-            prefix = cmd[:i + 1]
-            break
-        if arg == "-m" and i + 1 < len(cmd) and not cmd[i + 1].startswith("torch.distributed"):
-            prefix = cmd[:i + 2]  # python -m segment_anything.tools.train
-            break
+    if script in cmd[1:]:  # python run.py, torchrun ... run.py, a console script
+        prefix = cmd[:cmd.index(script, 1) + 1]
+    elif "-m" in cmd[1:-1]:  # python -m segment_anything.tools.train
+        prefix = cmd[:cmd.index("-m", 1) + 2]
     if len(prefix) >= 2 and not prefix[1].startswith("-") and not prefix[1].endswith(".py"):
         prefix = [os.path.basename(prefix[1])] + prefix[2:]  # a console script (torchrun, sam-train) by its name
     if not prefix:
@@ -145,3 +143,23 @@ def resume_command(out_dir, cmdline: Optional[Sequence[str]] = None, argv0: Opti
     nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1)
     text = shlex.join(prefix + ["--resume", str(out_dir)])
     return text + (f" (on each of the {nodes} nodes, with its own torchrun flags)" if nodes > 1 else "")
+
+
+def check_writable_folder(folder: Path, flag: str) -> None:
+    """ValueError naming flag when the run folder cannot be created or written: a path through a
+    file, a read-only or special file system (/sys), no permission. Tried for real (a probe folder
+    made and removed), since permission bits say nothing for root or on network file systems."""
+    folder = Path(folder)
+    name = f"{flag} {folder}"
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{name}: it is a file, not a folder")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{name}: cannot create it: {existing} is a file, not a folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=".sam-write-check-", dir=existing)).rmdir()
+    except OSError as err:
+        where = "cannot write in it" if existing == folder else f"cannot create it in {existing}"
+        raise ValueError(f"{name}: {where} ({err.strerror or err})") from None

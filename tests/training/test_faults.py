@@ -127,7 +127,7 @@ def test_sigterm_saves_last_pth_and_says_how_to_resume(data, tmp_path):
     # an epoch boundary on a fast machine, so the step within the epoch may be 0.
     assert global_step(after) > global_step(seen)
     log = (out / "train.log").read_text()
-    assert "stopped by SIGTERM" in log and f"python run.py --resume {out}" in log
+    assert "stopped by SIGTERM" in log and f"{sys.executable} {REPO / 'run.py'} --resume {out}" in log  # as launched
 
 
 def test_nan_on_one_rank_is_skipped_counted_and_too_many_stop_the_run(data, tmp_path):

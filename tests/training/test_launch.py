@@ -238,3 +238,54 @@ def test_resume_command_repeats_how_the_run_was_launched(cmdline, argv0, expecte
     from segment_anything.training.launch import resume_command
 
     assert resume_command("out", cmdline, argv0) == expected
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "sysfs", "file"])
+def test_an_output_folder_that_cannot_be_written_is_one_line_naming_the_flag(data, tmp_path, where):
+    (tmp_path / "notes.txt").write_text("a file")
+    out = {"under_a_file": tmp_path / "notes.txt" / "run", "sysfs": Path("/sys/sam_finetune_run"),
+           "file": tmp_path / "notes.txt"}[where]
+    result = run(flags(*data, out, world_size=2))
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: --output_dir {out}: "), line
+    assert "world size" not in result.stdout  # refused before any worker started
+    assert (tmp_path / "notes.txt").read_text() == "a file"
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups")
+def test_ctrl_c_under_torchrun_no_traceback_and_the_hint_resumes(data, tmp_path):
+    out = tmp_path / "run"
+    launcher = [sys.executable, "-m", "segment_anything.tools.torchrun", "--nproc_per_node", "2",
+                "--master_port", str(free_port()), "run.py"]
+    proc = subprocess.Popen([*launcher, *flags(*data, out, epoch=10000, threads=1)], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (out / "last.pth").exists():  # an epoch is done
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
+        text, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGINT, text
+    assert "Traceback" not in text and "SignalException" not in text, text
+    hint = re.search(r"To continue: (.*)$", text, re.M).group(1)
+    assert hint == f"{sys.executable} -m segment_anything.tools.torchrun --nproc_per_node 2 --master_port " \
+                   f"{launcher[6]} run.py --resume {out}", text
+    import shlex
+
+    # The hint resumes the same way: two torchrun workers (a world size of 1 would be refused).
+    again = subprocess.Popen(shlex.split(hint), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while f"resumed from {out}" not in (out / "train.log").read_text():
+            assert again.poll() is None and time.monotonic() < deadline, again.stdout.read()
+            time.sleep(0.2)
+        os.killpg(again.pid, signal.SIGINT)
+        text, _ = again.communicate(timeout=TIMEOUT)
+    finally:
+        if again.poll() is None:
+            os.killpg(again.pid, signal.SIGKILL)
+    assert again.returncode == 128 + signal.SIGINT and "Traceback" not in text, text

@@ -20,7 +20,7 @@ from ...utils.trainable import TrainPlan
 class Task:
     """Base of the three modes. Subclasses set loss (keys(): 'loss' then the named terms), loop
     (the training loop task), val_loop and base_loop (validation after each epoch / of the
-    starting model), and sample_pictures (whether samples.png shows box-prompted predictions)."""
+    starting model), and sample_pictures (whether samples.png is drawn)."""
 
     name = ""
     sample_pictures = True

@@ -22,7 +22,7 @@ def run_classes(cfg, data) -> List[str]:
 
 class SemanticTask(Task):
     name = "semantic"
-    sample_pictures = False  # samples.png shows box-prompted predictions: none here (curves and scalars only)
+    sample_pictures = True  # samples.png: class maps, ground truth and prediction (training/writer.py)
 
     def __init__(self, cfg, classes: Sequence[str]) -> None:
         super().__init__(cfg)

@@ -189,7 +189,7 @@ def rel_pos_attention(
     rel_pos_h: torch.Tensor,
     rel_pos_w: torch.Tensor,
     size: Tuple[int, int],
-    max_bias_elements: Optional[int] = None,
+    max_bias_elements: int = 2**23,
 ) -> torch.Tensor:
     """softmax(scale * q k^T + bias) v with SAM's decomposed relative-position bias.
 
@@ -197,16 +197,14 @@ def rel_pos_attention(
     The bias for query (i, j) and key (m, n) is q_ij . Rh[i - m] + q_ij . Rw[j - n]: two small
     (N, H) and (N, W) tables per head. The official code expands them into a full N x N bias
     added to a materialised score matrix: several passes over 800 MB per image for a 64 x 64
-    global block, bound by memory bandwidth. Here the fused attention kernel runs on chunks
-    (whole samples, or one head's block of queries) whose bias fits in max_bias_elements
-    (8 MB: cache-sized), and without autograd one buffer serves every chunk. The score matrix is
-    never stored. (Appending the tables to q and one-hot codes to k gives the same scores in
-    one kernel call, but triples the head size; it measured slower on CPU.)
-
-    The explicit low-precision path (LOW_PRECISION_EXPLICIT) takes chunks of 2**23 scores by
-    default (half a head of a 64 x 64 grid): each product repacks its whole right-hand operand
-    (one head's keys, then values), so the fewer row blocks per head, the fewer repacks; with
-    cache-sized chunks the repacking cost as much as the products themselves.
+    global block, bound by memory bandwidth. Here the attention runs on chunks (whole samples,
+    or one head's block of queries) of at most max_bias_elements scores (default 2**23: half a
+    head of a 64 x 64 grid), and without autograd one bias buffer serves every chunk. The score
+    matrix is never stored whole. Chunks are large rather than cache-sized because every call
+    repacks its whole right-hand operands (one head's keys, then values): with cache-sized
+    chunks the repacking cost about as much as the products themselves. (Appending the tables
+    to q and one-hot codes to k gives the same scores in one kernel call, but triples the head
+    size; it measured slower on CPU.)
     """
     H, W = size
     B, heads, N, C = q.shape
@@ -218,8 +216,6 @@ def rel_pos_attention(
 
     reuse = not (torch.is_grad_enabled() and (q.requires_grad or rel_pos_h.requires_grad))
     explicit = reuse and q.device.type == "cpu" and q.dtype in LOW_PRECISION_EXPLICIT
-    if max_bias_elements is None:
-        max_bias_elements = 2**23 if explicit else 2**21
     if heads * N * N <= max_bias_elements:  # small grids (windows): whole samples per call
         samples, head_step, rows = max(1, max_bias_elements // (heads * N * N)), heads, N
     else:  # large grids: one head, a block of queries

@@ -152,7 +152,7 @@ class TrainConfig:
     device: str = _flag("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu", choices=["auto", "cuda", "mps", "cpu"])
     num_workers: Optional[int] = _flag(None, "data-loader workers per process (default: 4 on CUDA, 0 on CPU/MPS)")
     # Processes (launcher, threads, logs)
-    threads: Optional[int] = _flag(None, "CPU threads per process (torch.set_num_threads; default: usable cores / processes on this node)")
+    threads: Optional[int] = _flag(None, "CPU threads per process (torch.set_num_threads; default: the usable cores less the 1-minute load average, divided by this node's processes, at least 1; the log says the choice)")
     # Model
     model_type: str = _flag("vit_t", "SAM variant", choices=list(MODEL_TYPES))
     checkpoint: Optional[str] = _flag(
@@ -248,8 +248,9 @@ class TrainConfig:
                             choices=["center", "random"])
     click_grad: str = _flag("all", "every click round back-propagates its loss, or only the last (less memory)",
                             choices=["all", "last"])
-    val_clicks: str = _flag("1,3,5", "validation IoU after these numbers of corrective clicks, from a point and from a box "
-                            "(metrics.jsonl val_point_click<k>_iou, val_box_click<k>_iou); empty = off")
+    val_clicks: str = _flag("", "validation IoU after these numbers of corrective clicks, e.g. 1,3,5, from a point and from a box "
+                            "(metrics.jsonl val_point_click<k>_iou, val_box_click<k>_iou); off by default: every object then gets "
+                            "a decoder pass per click from each start, which makes validation several times slower")
     # Output
     output_dir: Optional[str] = _flag(None, "run folder (default: runs/<timestamp>); an existing run is never overwritten")
     resume: Optional[str] = _flag(

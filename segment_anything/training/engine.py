@@ -31,7 +31,7 @@ from ..utils.distributed import DistInfo, all_gather_objects, barrier, broadcast
 from .faults import StepGuard, faults_to_exit, stop_signals
 from .launch import check_writable_folder, resume_command
 from ..utils.log import FILE_ONLY, add_log_file, get_logger
-from .progress import Progress
+from .progress import Progress, shard_images
 from ..utils.save_weight import append_text, atomic_save, image_flags, save_partial_weight
 from ..utils.trainable import TrainPlan, configure, export_weights, lora_metadata, parameter_report
 from .compile import compile_decode
@@ -211,17 +211,26 @@ def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler, 
     bar.close()
     train_s = time.perf_counter() - t0
     task.after_train(run.sam, info.world_size)
-    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, cache=run.cache, task=task.val_loop)
+    val_m = validate(run, info, val_loader, task.val_loop, f"validation {run.epoch + 1}/{cfg.epoch}")
     record = task.epoch_record(run.epoch + 1, train_m, val_m, train_s, time.perf_counter() - t0,
                                run.scheduler.get_last_lr()[0], run.skipped, run.cache is not None)
     return record, val_m
+
+
+def validate(run: Training, info: DistInfo, val_loader, loop, desc: str) -> Dict:
+    """evaluate() with rank 0's progress bar (validation can take longer than training)."""
+    bar = Progress(total=shard_images(val_loader) * info.world_size, desc=desc, enabled=info.is_main)
+    try:
+        return evaluate(run.sam, val_loader, info.device, run.amp_dtype, cache=run.cache, task=loop, progress=bar)
+    finally:
+        bar.close()
 
 
 def evaluate_base(run: Training, info: DistInfo, val_loader, out_dir: Path) -> Dict:
     """Validation of the starting model (epoch 0 in metrics.jsonl), so every run shows its gain
     over the base; it does not count as a best epoch (best.pth only ever holds trained weights)."""
     t0 = time.perf_counter()
-    val_m = evaluate(run.sam, val_loader, info.device, run.amp_dtype, cache=run.cache, task=run.task.base_loop)
+    val_m = validate(run, info, val_loader, run.task.base_loop, "validation 0 (base model)")
     record = run.task.base_record(val_m, time.perf_counter() - t0)
     if info.is_main:
         append_text(out_dir / "metrics.jsonl", json.dumps(record) + "\n")

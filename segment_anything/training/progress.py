@@ -1,4 +1,4 @@
-"""Rank 0's progress through an epoch: a tqdm bar on a terminal, periodic plain log lines otherwise.
+"""Rank 0's progress through an epoch's training and validation: a tqdm bar on a terminal, periodic plain log lines otherwise.
 
 The loss shown is a device tensor read on the host (``.item()``, a synchronisation with the GPU)
 only every ``every`` steps or ``interval`` seconds, never on every step, and only on rank 0.
@@ -31,15 +31,16 @@ class Progress:
             # No carriage-return redraws when the output goes to a file or a pipe: plain lines instead.
             self.bar = tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True, file=stream)
 
-    def step(self, images: int, loss: torch.Tensor) -> None:
+    def step(self, images: int, loss: Optional[torch.Tensor] = None) -> None:
         if not self.enabled:
             return
         self.images += images
         self.steps += 1
-        self.loss = loss.detach()  # kept on the device: reading it now would wait for the GPU
+        if loss is not None:
+            self.loss = loss.detach()  # kept on the device: reading it now would wait for the GPU
         if self.bar is not None:
             self.bar.update(images)  # tqdm shows img/s itself
-            if self.steps % self.every == 0:
+            if self.steps % self.every == 0 and self.loss is not None:
                 self.bar.set_postfix(loss=f"{self.loss.item():.4f}", refresh=False)
         elif time.perf_counter() - self.last_line >= self.interval:
             self.last_line = time.perf_counter()
@@ -53,3 +54,12 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def shard_images(loader) -> int:
+    """Images in a validation loader's shard (a Subset of a dataset; a chunked MaskDataset counts
+    each image once, not each chunk of its objects)."""
+    dataset = loader.dataset
+    indices = getattr(dataset, "indices", range(len(dataset)))
+    chunks = getattr(getattr(dataset, "dataset", dataset), "chunks", None)
+    return sum(1 for k in indices if chunks[k][1] == 0) if chunks is not None else len(indices)

@@ -426,12 +426,12 @@ def _embed_once(sam: Sam, batch: Batch, keys: List, cache: Dict) -> torch.Tensor
 def evaluate(
     sam: Sam, loader: Iterable, device: torch.device, amp_dtype: Optional[torch.dtype],
     loss_spec: LossSpec = DEFAULT_LOSS_SPEC, min_region_area: int = 0,
-    cache: Optional[EmbeddingCache] = None, clicks: Sequence[int] = (), task=None,
+    cache: Optional[EmbeddingCache] = None, clicks: Sequence[int] = (), task=None, progress=None,
 ) -> Dict[str, float]:
     """Validation on this rank's shard with the bare model (no DDP forward, so no collective
     inside the loop and no deadlock when shards differ in length), then one global reduction.
     task: the loop task (default PromptLoop(loss_spec, min_region_area, clicks)); with an
-    embedding cache, embeddings come from it (see batch_embeddings)."""
+    embedding cache, embeddings come from it (see batch_embeddings). progress: step(images) per batch."""
     if task is None:
         task = PromptLoop(loss_spec, min_region_area, clicks)
     sam.eval()
@@ -443,4 +443,6 @@ def evaluate(
         terms, counted_by = task.eval_step(sam, batch, items, cache, amp_dtype, last)
         hits += batch.num_cached
         meter.add(terms, counted_by)
+        if progress is not None:  # images, not chunks of one image's objects; all ranks, as rank 0 sees its own
+            progress.step(sum(bool(it.get("first_chunk", True)) for it in items) * get_world_size())
     return dict(meter.reduce(device), cache_hits=int(global_count(hits, device).item()))

@@ -182,7 +182,7 @@ class CountingLoss:
         return 0.5
 
 
-def test_progress_reads_the_loss_rarely_and_writes_plain_lines_off_a_terminal(caplog):
+def test_progress_reads_the_loss_rarely_and_writes_plain_lines_off_a_terminal(caplog, monkeypatch):
     stream = io.StringIO()
     bar = Progress(total=100, desc="epoch 1/1", every=10, interval=3600, terminal=True, stream=stream)
     for _ in range(25):
@@ -199,6 +199,8 @@ def test_progress_reads_the_loss_rarely_and_writes_plain_lines_off_a_terminal(ca
 
     import logging
     logger = logging.getLogger("sam_finetune")
+    caplog.set_level(logging.INFO, logger="sam_finetune")  # alone, no earlier run has set it up
+    monkeypatch.setattr(logger, "propagate", False)  # caplog's handler is on the root logger too
     logger.addHandler(caplog.handler)
     try:
         plain = Progress(total=8, desc="epoch 2/3", interval=0, terminal=False, stream=io.StringIO())
@@ -289,3 +291,35 @@ def test_ctrl_c_under_torchrun_no_traceback_and_the_hint_resumes(data, tmp_path)
         if again.poll() is None:
             os.killpg(again.pid, signal.SIGKILL)
     assert again.returncode == 128 + signal.SIGINT and "Traceback" not in text, text
+
+
+def test_validation_clicks_are_off_by_default():
+    """Corrective clicks multiply the decoder passes of validation (1+3+5 per start, from a point and
+    from a box); a run asks for them with --val_clicks."""
+    assert TrainConfig().val_clicks == ""
+    assert "--val_clicks" in TrainConfig.parser().format_help()
+
+
+def test_validation_has_a_progress_of_images(data):
+    from segment_anything import sam_model_registry
+    from segment_anything.utils.data import MaskDataset, collate, load_records
+    from segment_anything.utils.trainer import evaluate
+    from segment_anything.training.progress import shard_images
+
+    records = load_records(data[0])  # 4 images
+    dataset = MaskDataset(records, 64, max_objects=1, train=False)
+    subset = torch.utils.data.Subset(dataset, list(range(len(dataset))))
+    loader = torch.utils.data.DataLoader(subset, batch_size=2, collate_fn=collate)
+    steps = []
+
+    class Recorder:
+        def step(self, images, loss=None):
+            steps.append(images)
+
+    torch.manual_seed(0)
+    sam = sam_model_registry["vit_t"](checkpoint=None, image_size=64)
+    evaluate(sam, loader, torch.device("cpu"), None, progress=Recorder())
+    assert sum(steps) == shard_images(loader) == 4 and len(steps) == 2
+    bar = Progress(total=4, desc="validation 1/1", terminal=False, interval=0.0)
+    bar.step(2, None)
+    assert bar.line().startswith("validation 1/1 | 2/4 img | loss -")

@@ -227,7 +227,7 @@ def class_maps_figure(samples: List[Dict], title: str):
         colours = class_colours(len(s["classes"]))
         present = [c for c in range(1, len(s["classes"])) if (s["gt"] == c).any() or (s["pred"] == c).any()]
         ious = [((s["gt"] == c) & (s["pred"] == c)).sum() / ((s["gt"] == c) | (s["pred"] == c)).sum() for c in present]
-        score = f"mean IoU {np.mean(ious):.2f}" if ious else "background only"
+        score = f"IoU {np.mean(ious):.2f} without background" if ious else "background only"
         panels = ((s["image"], "image"), (_paint(s["image"], s["gt"], colours), "ground truth"),
                   (_paint(s["image"], s["pred"], colours), f"prediction ({score})"))
         for ax, (picture, name) in zip(row, panels):

@@ -166,3 +166,17 @@ def test_no_unrestricted_load_anywhere_in_the_tree():
             if banned[3] in line and "weights_only=True" not in line:
                 offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_a_check_manifest_that_holds_code_is_ignored_unrun(tmp_path):
+    """The start-up manifest is a cache we read back: a foreign class or a function in it makes
+    the whole file ignored (everything is checked again), and nothing in it runs."""
+    import pickle
+
+    from segment_anything.utils.data.manifest import VERSION, Manifest
+
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "manifest.pkl"
+    path.write_bytes(pickle.dumps((VERSION, {"key": ([], _Payload(marker))})))
+    assert Manifest(path, "context").entries == {}
+    assert not marker.exists()

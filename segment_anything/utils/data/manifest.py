@@ -16,6 +16,7 @@ unpickler that builds only this package's records and plain containers.
 import hashlib
 import io
 import os
+import dataclasses
 import pickle
 import stat
 import tempfile
@@ -76,10 +77,12 @@ class _Unpickler(pickle.Unpickler):
     cannot call a function."""
 
     def find_class(self, module: str, name: str):
-        ours = module.startswith("segment_anything.utils.") and "." not in name
-        if ours or (module, name) in (("collections", "Counter"), ("pathlib", "PosixPath")):
+        if (module, name) in (("collections", "Counter"), ("pathlib", "PosixPath")):
+            return super().find_class(module, name)
+        if module.startswith("segment_anything.utils.") and "." not in name:
             found = super().find_class(module, name)
-            if isinstance(found, type):
+            # A dataclass defined there (not a name it imports): building one sets fields and checks them.
+            if isinstance(found, type) and dataclasses.is_dataclass(found) and found.__module__ == module:
                 return found
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a manifest")
 

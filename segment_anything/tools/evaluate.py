@@ -13,6 +13,7 @@ objects that gained and lost most), and prints the table.
 
 import argparse
 import csv
+import dataclasses
 import json
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -24,12 +25,16 @@ from ..predictor import SamPredictor
 from ..tiled_predictor import TiledPredictor
 from ..utils import draw
 from ..utils.clicks import click_session
-from ..utils.data import DataOptions, Record, load_records, split_records
+from ..utils.data import DataError, DataOptions, Record, split_records
+from ..utils.data.checks import raise_problems, summary
+from ..utils.data.formats import DATA_FORMATS
+from ..utils.data.prepare import load_split
 from ..utils.data.prompts import PROMPTS, PromptConfig, object_prompts
-from ..utils.image_spec import ImageSpec, add_arguments as add_image_arguments
+from ..utils.image_spec import add_arguments as add_image_arguments
 from ..utils.tiles import add_arguments as add_tile_arguments, check_arguments as check_tile_arguments
 from ..utils.metrics import boundary_iou, mask_dice, mask_iou
 from ..utils.postprocess import clean_masks
+from ._flags import add_data_options, add_data_set, alias
 from ._model import add_model_args, check_base, cli, image_spec_as_trained, load_model, weights_metadata
 from ._stats import bootstrap_mean, format_ci
 
@@ -49,19 +54,30 @@ def parse_clicks(text: Optional[str]) -> List[int]:
     return clicks
 
 
-def read_data(path: str, fmt: str, images: Optional[str], split: str, val_fraction: float, seed: int,
-              max_images: int = 0, spec: ImageSpec = ImageSpec()) -> List[Record]:
-    """Checked records of a data set (a COCO JSON needs its image folder); ``split`` val/train
-    reproduces run.py's seeded split of a training folder."""
-    if path.endswith(".json") or fmt == "coco":
+def read_data(args: argparse.Namespace, name: str, opts: DataOptions, split: str = "all") -> List[Record]:
+    """Checked records of the data set --<name>_dir or --<name>_json + --<name>_images (a COCO
+    JSON needs its image folder); ``split`` val/train reproduces run.py's seeded split of a
+    training folder. With --skip_bad, bad samples are left out and counted."""
+    path = getattr(args, f"{name}_json") or getattr(args, f"{name}_dir")
+    images = getattr(args, f"{name}_images")
+    if not path:
+        raise ValueError(f"--{name}_dir (a folder or a COCO JSON) or --{name}_json + --{name}_images is required")
+    if path.endswith(".json") or opts.data_format == "coco":
         if not images:
-            raise ValueError(f"{path}: a COCO JSON needs the folder of its images (--data_images / --reference_images)")
-        fmt = "coco"
-    records = load_records(path, fmt, DataOptions(fmt, image_spec=spec), images)
+            raise ValueError(f"{path}: a COCO JSON needs the folder of its images (--{name}_images)")
+        opts = dataclasses.replace(opts, data_format="coco")
+    loaded = load_split(opts.data_format, path, opts, images)
+    if not args.skip_bad:
+        raise_problems(loaded.problems, loaded.source)
+    elif loaded.problems:
+        print(f"{loaded.source}: {summary(loaded.problems, loaded.total)}")
+    if not loaded.records:
+        raise DataError(f"{loaded.source}: no usable images ({loaded.total} listed)")
+    records = loaded.records
     if split != "all":
-        train, val = split_records(records, val_fraction, seed)
+        train, val = split_records(records, args.val_fraction, args.seed)
         records = val if split == "val" else train
-    return records[:max_images] if max_images else records
+    return records[: args.max_images] if args.max_images else records
 
 
 def object_prompt_list(records: List[Record], cfg: PromptConfig, seed: int) -> List[dict]:
@@ -218,11 +234,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     meta = weights_metadata(args.weights)
     args.image_size = args.image_size or meta.get("image_size") or 1024
     check_base(args.checkpoint, args.model_type, args.image_size)
-    datasets = {"data": read_data(args.data_dir, args.data_format, args.data_images, args.split, args.val_fraction,
-                                  args.seed, args.max_images, image_spec_as_trained(args, args.weights))}
-    if args.reference_data:
-        datasets["reference"] = read_data(args.reference_data, args.reference_format, args.reference_images, "all", 0,
-                                          args.seed, args.max_images)
+    image_spec_as_trained(args, args.weights)  # fills the image flags left out, as the run read its images
+    datasets = {"data": read_data(args, "data", DataOptions.from_config(args), args.split)}
+    if args.reference_dir or args.reference_json:  # read as it is: the options are --data_dir's
+        datasets["reference"] = read_data(args, "reference", DataOptions(args.reference_format))
     prompts = {name: object_prompt_list(recs, cfg, args.prompt_seed) for name, recs in datasets.items()}
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -256,9 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser, weights=False)
     parser.add_argument("--weights", required=True, help="fine-tuned partial weights (best.pth)")
-    parser.add_argument("--data_dir", required=True, help="data folder (any --data_format), or a COCO JSON")
-    parser.add_argument("--data_format", default="auto", help="auto, folder, objects, instance_map, labelme or coco")
-    parser.add_argument("--data_images", help="COCO: the folder of the images")
+    add_data_set(parser, "data", "the data")
+    add_data_options(parser)
     add_image_arguments(parser, from_weights=True)  # --data_dir's images (the reference set is read as it is)
     add_tile_arguments(parser)
     parser.add_argument("--split", default="all", choices=["all", "val", "train"],
@@ -269,9 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_points", type=int, default=1, help="positive points per object for point prompts")
     parser.add_argument("--prompt_seed", type=int, default=0, help="seed of the prompts (per image and object)")
     parser.add_argument("--clicks", help="IoU after these numbers of corrective clicks, e.g. 1,3,5")
-    parser.add_argument("--reference_data", help="forgetting check: a second, generic data set (folder or COCO JSON)")
-    parser.add_argument("--reference_format", default="auto")
-    parser.add_argument("--reference_images", help="COCO: the folder of the reference images")
+    add_data_set(parser, "reference", "forgetting check: a second, generic data set")
+    alias(parser, "--reference_data", "reference_dir")
+    parser.add_argument("--reference_format", default="auto", choices=list(DATA_FORMATS), help="as --data_format")
     parser.add_argument("--min_region_area", type=int, default=0, help="fill holes / remove islands below this (pixels) first")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals")
     parser.add_argument("--compare_count", type=int, default=3, help="objects per direction in compare.png")

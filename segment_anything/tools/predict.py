@@ -1,9 +1,9 @@
 """Segment images with SAM (plus fine-tuned weights) from box / point prompts, or automatically.
 
     python -m segment_anything.tools.predict --model_type vit_b --checkpoint sam_vit_b_01ec64.pth \
-        --weights runs/<run>/best.pth --image photo.jpg --box 10,20,300,400 --output out/
-    python -m segment_anything.tools.predict ... --image photos/ --prompts prompts.json --output out/
-    python -m segment_anything.tools.predict ... --image photo.jpg --output out/      # automatic masks
+        --weights runs/<run>/best.pth --image photo.jpg --box 10,20,300,400 --output_dir out/
+    python -m segment_anything.tools.predict ... --image photos/ --prompts prompts.json --output_dir out/
+    python -m segment_anything.tools.predict ... --image photo.jpg --output_dir out/  # automatic masks
 
 Per image it writes <stem>_mask_<i>.png (object i, 0/255; with --multimask
 <stem>_mask_<i>_<k>.png for SAM's three candidates) and <stem>_overlay.png (the masks over the
@@ -44,6 +44,7 @@ from ..utils.data.image_io import load_image_planes
 from ..utils.image_spec import ImageSpec, add_arguments as add_image_arguments
 from ..utils.postprocess import clean_masks
 from ..utils.tiles import add_arguments as add_tile_arguments, check_arguments as check_tile_arguments
+from ._flags import alias
 from ._model import add_model_args, cli, image_spec_as_trained, load_model
 from ._semantic import load_semantic_model, predict_classes, write_semantic
 
@@ -231,7 +232,7 @@ def glue_coordinates(argv: List[str]) -> List[str]:
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser)
     parser.add_argument("--image", required=True, help="an image file or a folder of images")
@@ -247,8 +248,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--stability_score_thresh", type=float, default=0.95, help="automatic masks: stability filter")
     parser.add_argument("--task", default="prompt", choices=["prompt", "semantic"],
                         help="semantic: class maps from a --task semantic run's --weights (no prompts)")
-    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--output_dir", help="output folder (required)")
+    alias(parser, "--output", "output_dir")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(glue_coordinates(sys.argv[1:] if argv is None else list(map(str, argv))))
+    if not args.output_dir:
+        parser.error("the following arguments are required: --output_dir")
     if args.task == "semantic":
         return main_semantic(args)
 
@@ -258,7 +267,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     sam = load_model(args, args.weights)
     predictor = TiledPredictor(sam, args.tile, args.tile_overlap) if args.tile else SamPredictor(sam)
     generator = None
-    out_dir = Path(args.output)
+    out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, prompts, plane, image in planes_of(jobs, spec, args.plane == "all"):
         stem, name = (path.stem, path.name) if plane is None else (f"{path.stem}_plane{plane}", f"{path.name} plane {plane}")
@@ -287,7 +296,7 @@ def main_semantic(args: argparse.Namespace) -> None:
         raise ValueError("--task semantic takes no prompts (--box, --point, --prompts)")
     images = list_images(Path(args.image))
     sam, classes = load_semantic_model(args)
-    out_dir = Path(args.output)
+    out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = image_spec_as_trained(args, args.weights)
     for path in images:

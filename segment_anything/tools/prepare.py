@@ -1,7 +1,7 @@
 """See the data as training will: every object as its own binary mask, its box, and an overlay.
 
     python -m segment_anything.tools.prepare --data_dir data/train --output_dir prepared --visualize
-    python -m segment_anything.tools.prepare --json ann.json --images imgs/ --output_dir prepared
+    python -m segment_anything.tools.prepare --data_json ann.json --data_images imgs/ --output_dir prepared
 
 Writes OUT/images/<stem>.png (decoded: EXIF applied, 8-bit RGB), OUT/masks/<stem>_<k>.png (one
 binary mask per object, 0/255), OUT/objects.json (per image: size, source and each object's box
@@ -20,13 +20,13 @@ from typing import Dict, List
 import cv2
 import numpy as np
 
-from ..utils.data.formats import DATA_FORMATS, INSTANCE_MODES
 from ..utils.data.checks import DataError, raise_problems, summary
 from ..utils.data.formats import DataOptions
 from ..utils.data.prepare import describe, load_split
 from ..utils.data.prompts import POINT_MODES, PROMPTS, PromptConfig, object_prompts
 from ..utils.data.records import Record
 from ..utils.image_spec import add_arguments as add_image_arguments
+from ._flags import add_data_options, add_data_set, alias
 
 
 def colours(n: int) -> np.ndarray:
@@ -96,20 +96,13 @@ def export(records: List[Record], out: Path, visualize: bool = False, prompts: P
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", help="data folder (folder, objects, instance_map, labelme formats)")
-    p.add_argument("--json", help="coco: instances JSON")
-    p.add_argument("--images", help="coco: image folder")
-    p.add_argument("--data_format", default="auto", choices=list(DATA_FORMATS))
+    add_data_set(p, "data", "the data")
+    alias(p, "--json", "data_json")
+    alias(p, "--images", "data_images")
+    add_data_options(p)
+    add_image_arguments(p)
     p.add_argument("--output_dir", required=True, help="where to write images/, masks/, objects.json")
     p.add_argument("--visualize", action="store_true", help="also write overlays/<stem>.png")
-    p.add_argument("--instance_mode", default="per_object", choices=list(INSTANCE_MODES))
-    p.add_argument("--min_area", type=int, default=0)
-    p.add_argument("--mask_threshold", type=int, default=127)
-    p.add_argument("--labels", help="labelme: labels to keep, comma-separated")
-    p.add_argument("--categories", help="coco: categories to keep, comma-separated")
-    p.add_argument("--foreground_values", help="mask values that are the object, comma-separated")
-    add_image_arguments(p)
-    p.add_argument("--skip_bad", action="store_true", help="leave bad samples out (listed in skipped.txt)")
     p.add_argument("--prompt", default="box+point", choices=list(PROMPTS), help="prompts to sample and draw")
     p.add_argument("--num_points", type=int, default=1, help="positive points per object")
     p.add_argument("--point_mode", default="center", choices=list(POINT_MODES))
@@ -120,18 +113,21 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    coco = args.data_format == "coco" or (args.data_format == "auto" and args.json)
-    if coco and not (args.json and args.images):
-        sys.exit("error: COCO data needs --json and --images")
+    if args.data_dir and args.data_dir.endswith(".json") and not args.data_json:
+        args.data_dir, args.data_json = None, args.data_dir
+    coco = args.data_format == "coco" or (args.data_format == "auto" and args.data_json)
+    if coco and not (args.data_json and args.data_images):
+        sys.exit("error: COCO data needs --data_json and --data_images")
     if not coco and not args.data_dir:
-        sys.exit("error: --data_dir is required (or --json and --images for COCO)")
+        sys.exit("error: --data_dir is required (or --data_json and --data_images for COCO)")
     try:
         opts = DataOptions.from_config(args)
     except ValueError as err:
         sys.exit(f"error: {err}")
     out = Path(args.output_dir)
     try:
-        loaded = load_split("coco" if coco else args.data_format, args.json if coco else args.data_dir, opts, args.images)
+        loaded = load_split("coco" if coco else args.data_format, args.data_json if coco else args.data_dir, opts,
+                            args.data_images)
         if not args.skip_bad:
             raise_problems(loaded.problems, loaded.source)
         if not loaded.records:

@@ -174,4 +174,4 @@ def raise_problems(problems: Sequence[Problem], what: str) -> None:
     if len(problems) > SHOWN:
         lines.append(f"(and {len(problems) - SHOWN} more)")
     raise DataError(f"{what}: {len(problems)} bad sample(s):\n  " + "\n  ".join(lines)
-                    + "\n--skip_bad leaves them out and trains on the rest")
+                    + "\n--skip_bad leaves them out and goes on with the rest")

@@ -149,6 +149,6 @@ def detect(root: Path) -> str:
     raise DataError(
         f"{root}: cannot tell the data format. Expected one of: {root}/images/ + {root}/labels/ "
         f"(folder; also image|img with mask|masks|label|gt), {root}/<id>/images/ + {root}/<id>/masks/ "
-        f"(objects), labelme *.json files; or give --data_format (instance_map is never guessed) "
-        "or --train_json for COCO"
+        f"(objects), labelme *.json files; or give --data_format (instance_map is never guessed); "
+        "COCO data is its instances JSON with the folder of its images (the *_json and *_images flags)"
     )

@@ -1,0 +1,72 @@
+"""One flag vocabulary: a data set is --<set>_dir / --<set>_json / --<set>_images with the same data
+options everywhere, a folder written is --output_dir, the old names still work (hidden), and every
+flag a hint names is one the tool has."""
+
+import re
+
+import cv2
+import numpy as np
+import pytest
+
+from segment_anything.tools import evaluate, predict, prepare
+from segment_anything.tools._model import build_base
+from segment_anything.training.config import TrainConfig
+from segment_anything.utils.save_weight import save_partial_weight
+
+DATA_OPTIONS = ("--data_format", "--instance_mode", "--min_area", "--mask_threshold", "--labels", "--categories",
+                "--foreground_values", "--intensity_range", "--channels", "--plane", "--skip_bad")
+
+
+def options(parser):
+    return {s for action in parser._actions for s in action.option_strings}
+
+
+def shown(parser):
+    return set(re.findall(r"--\w+", parser.format_help()))
+
+
+def test_prepare_and_evaluate_name_a_data_set_alike_and_take_runs_data_options():
+    for parser in (prepare.parser(), evaluate.build_parser()):
+        assert {"--data_dir", "--data_json", "--data_images", *DATA_OPTIONS} <= shown(parser)
+    assert {"--reference_dir", "--reference_json", "--reference_images", "--reference_format"} <= shown(evaluate.build_parser())
+    train = options(TrainConfig.parser())
+    assert set(DATA_OPTIONS) <= train  # the same names in run.py
+    assert "--output_dir" in shown(predict.build_parser()) and "--output_dir" in train
+
+
+def test_old_names_still_work_and_are_hidden():
+    args = prepare.parser().parse_args(["--json", "a.json", "--images", "imgs", "--output_dir", "o"])
+    assert (args.data_json, args.data_images) == ("a.json", "imgs")
+    assert not {"--json", "--images"} & shown(prepare.parser())
+    args = evaluate.build_parser().parse_args(["--checkpoint", "none", "--weights", "w", "--data_dir", "d",
+                                               "--output_dir", "o", "--reference_data", "r"])
+    assert args.reference_dir == "r" and "--reference_data" not in shown(evaluate.build_parser())
+    args = predict.build_parser().parse_args(["--checkpoint", "none", "--image", "x.png", "--output", "out"])
+    assert args.output_dir == "out" and "--output " not in predict.build_parser().format_help()
+    # --skip_bad alone or with a value, as in run.py
+    assert prepare.parser().parse_args(["--data_dir", "d", "--output_dir", "o", "--skip_bad"]).skip_bad is True
+    assert prepare.parser().parse_args(["--data_dir", "d", "--output_dir", "o", "--skip_bad", "false"]).skip_bad is False
+
+
+def test_every_flag_a_data_hint_names_is_one_the_tool_has(tmp_path):
+    """Label maps without --data_format: the hint names --skip_bad, --foreground_values and
+    --data_format; each must be a flag of the tool that printed it."""
+    root = tmp_path / "maps"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i in range(2):
+        cv2.imwrite(str(root / "images" / f"{i}.png"), np.full((32, 32, 3), 90, np.uint8))
+        label = np.zeros((32, 32), np.uint8)
+        label[2:10, 2:10], label[12:20, 12:20] = 1, 2
+        cv2.imwrite(str(root / "labels" / f"{i}.png"), label)
+    weights = save_partial_weight(build_base("vit_t", "none", 64), tmp_path / "best.pth",
+                                  {"model_type": "vit_t", "image_size": 64}, keys=["mask_decoder"])
+    with pytest.raises(ValueError) as err:
+        evaluate.main(["--checkpoint", "none", "--weights", str(weights), "--data_dir", str(root),
+                       "--output_dir", str(tmp_path / "e")])
+    named = set(re.findall(r"--\w+", str(err.value)))
+    assert "--skip_bad" in named and named <= options(evaluate.build_parser()), named
+    with pytest.raises(SystemExit) as err:
+        prepare.main(["--data_dir", str(root), "--output_dir", str(tmp_path / "p")])
+    named = set(re.findall(r"--\w+", str(err.value.code)))
+    assert "--skip_bad" in named and named <= options(prepare.parser()), named

@@ -3,7 +3,7 @@ and a forgetting check on a second data set.
 
     python -m segment_anything.tools.evaluate --model_type vit_b --checkpoint sam_vit_b_01ec64.pth \
         --weights runs/<run>/best.pth --data_dir data/val [--prompt box|point|box+point] \
-        [--clicks 1,3,5] [--reference_data coco/instances_val2017.json --reference_images coco/val2017] \
+        [--clicks 1,3,5] [--reference_json coco/instances_val2017.json --reference_images coco/val2017] \
         --output_dir eval/
 
 Writes per_object.csv (one row per object and model), summary.json (means with 95 % bootstrap
@@ -253,7 +253,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                "model_type": args.model_type, "checkpoint": args.checkpoint, "weights": args.weights}
     for name in datasets:
         summary[name] = summarize(results[name], metrics, args.bootstrap, args.seed)
-        print(table(summary[name], metrics, f"{'reference (forgetting check)' if name == 'reference' else 'data'} {args.reference_data if name == 'reference' else args.data_dir}"))
+        print(table(summary[name], metrics, f"{'reference (forgetting check)' if name == 'reference' else 'data'} {getattr(args, name + '_json') or getattr(args, name + '_dir')}"))
         print()
     if "reference" in summary:
         summary["forgetting"] = {m: summary["reference"]["difference"][m] for m in metrics}

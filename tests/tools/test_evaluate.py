@@ -69,12 +69,15 @@ def test_same_weights_give_zero_difference(tmp_path):
 
 
 def test_bad_input_is_reported_before_models_load(tmp_path):
+    weights = str(weights_file(tmp_path / "best.pth"))  # the weights file is checked first
     with pytest.raises(ValueError, match="--clicks"):
-        evaluate.main(["--checkpoint", "none", "--weights", "x.pth", "--data_dir", str(tmp_path), "--clicks", "0,2",
+        evaluate.main(["--checkpoint", "none", "--weights", weights, "--data_dir", str(tmp_path), "--clicks", "0,2",
                        "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="COCO JSON needs"):
-        evaluate.main(["--checkpoint", "none", "--weights", "x.pth", "--data_dir", str(tmp_path / "a.json"),
+        evaluate.main(["--checkpoint", "none", "--weights", weights, "--data_dir", str(tmp_path / "a.json"),
                        "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--data_dir .* is required"):
+        evaluate.main(["--checkpoint", "none", "--weights", weights, "--output_dir", str(tmp_path)])
 
 
 def test_bootstrap_by_hand():

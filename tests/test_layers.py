@@ -37,7 +37,6 @@ ALLOWED = {
     "utils.interactive.from_config takes the training config",
     "utils.interactive.single_point_prompts takes the training config",
     "utils.losses.from_config takes the training config",
-    "utils.save_weight imports build_sam inside a function",
     "utils.semantic_train.from_config takes the training config",
     "utils.trainable.from_config takes the training config",
     "utils.weights imports build_sam inside a function",

@@ -29,6 +29,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+try:  # absent when load_model_ex.py loads this file beside Meta's package
+    from ..build_sam import checkpoint_filter_fn
+except ImportError:
+    checkpoint_filter_fn = None
+
 FORMAT = "sam-partial-v1"
 # Prefixes that wrappers add to every key: DDP / DataParallel ("module.") and torch.compile ("_orig_mod.").
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -373,13 +378,11 @@ def _resize_size_dependent(weights: Dict[str, torch.Tensor], targets: Dict[str, 
               if k.endswith(SIZE_DEPENDENT) and k in targets and v.shape != targets[k].shape}
     if not resize:
         return weights
-    try:
-        from ..build_sam import checkpoint_filter_fn
-    except ImportError:  # loaded by file path beside Meta's package (load_model_ex.py)
+    if checkpoint_filter_fn is None:  # loaded beside Meta's package (load_model_ex.py)
         raise ValueError(
             f"{path} was trained at image_size {metadata.get('image_size')} and holds the encoder's position "
             f"tables ({', '.join(sorted(resize))}), which must be interpolated to this model's size; "
-            "that needs this project's segment_anything (build_sam.checkpoint_filter_fn)") from None
+            "that needs this project's segment_anything (build_sam.checkpoint_filter_fn)")
     resized = checkpoint_filter_fn(resize, model)
     logging.getLogger("sam_finetune").info(  # utils.log's logger name; this module must not import it
         "%s: %d position table(s) interpolated from image_size %s to the model's %s", path, len(resize),

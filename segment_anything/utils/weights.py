@@ -20,14 +20,13 @@ from typing import Any, Dict, Optional, Set, Union
 
 import torch
 
-from .save_weight import UnsafeFileError, load_data_only
+from .save_weight import UnsafeFileError, load_data_only, strip_prefixes
 
 PATCH_SIZE = 16  # every ViT encoder here has a 16-pixel patch; pos_embed is (1, size/16, size/16, C)
 VIT_WIDTHS = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}  # patch_embed.proj.weight's output channels
 VIT_DEPTHS = {"vit_b": 12, "vit_l": 24, "vit_h": 32}
 PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 RESUME_KEYS = {"optimizer", "scheduler", "model", "epoch"}  # what marks a last.pth
-PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclass
@@ -59,15 +58,9 @@ class WeightsInfo:
         return f"not a PyTorch checkpoint ({self.detail})"
 
 
-def _strip(key: str) -> str:
-    while key.startswith(PREFIXES):
-        key = key.split(".", 1)[1]
-    return key
-
-
 def guess_model_type(state_dict: Dict[str, Any]) -> Optional[str]:
     """vit_t, vit_b, vit_l or vit_h from an image encoder's keys and shapes; None without an encoder."""
-    keys = {_strip(k): v for k, v in state_dict.items()}
+    keys = strip_prefixes(state_dict)
     if any(k.startswith("image_encoder.layers.") for k in keys):
         return "vit_t"  # TinyViT has stages ("layers"); the ViTs have "blocks"
     proj = keys.get("image_encoder.patch_embed.proj.weight")
@@ -80,7 +73,7 @@ def guess_model_type(state_dict: Dict[str, Any]) -> Optional[str]:
 
 def guess_image_size(state_dict: Dict[str, Any]) -> Optional[int]:
     """Input side in pixels from a ViT's position embedding (1, g, g, C); None for TinyViT (no such tensor)."""
-    pos = {_strip(k): v for k, v in state_dict.items()}.get("image_encoder.pos_embed")
+    pos = strip_prefixes(state_dict).get("image_encoder.pos_embed")
     return int(pos.shape[1]) * PATCH_SIZE if pos is not None and pos.dim() == 4 else None
 
 
@@ -89,7 +82,7 @@ def _is_tensor_dict(obj: Any) -> bool:
 
 
 def _from_state_dict(path: Path, weights: Dict[str, torch.Tensor], metadata: Dict[str, Any], kind: str) -> WeightsInfo:
-    parts = {_strip(k).split(".")[0] for k in weights}
+    parts = {k.split(".")[0] for k in strip_prefixes(weights)}
     if kind == "auto":
         kind = "full" if set(PARTS) <= parts else "partial"
     model_type = guess_model_type(weights) or metadata.get("model_type")

@@ -42,7 +42,7 @@ def compile_errors(cfg) -> List[str]:
     if wants_cpu and cpu_compiler() is None:
         errors.append("--compile needs a C++ compiler on CPU (torch inductor builds its kernels with it): "
                       "install g++ or set CXX, or leave --compile off")
-    if getattr(cfg, "prompt", "box") == "mixed" or cfg.click_rounds > 0:
+    if cfg.prompt == "mixed" or cfg.click_rounds > 0:
         errors.append("--compile covers the box/point step (SamTrainStep.decode); interactive training "
                       "(--prompt mixed, --click_rounds) runs eagerly: leave --compile off")
     return errors

@@ -1,20 +1,36 @@
-"""The training configuration: one dataclass, turned into command-line flags and saved with every run."""
+"""The training configuration: flat flags (grouped by section in their metadata, and so in --help),
+saved with every run as args.json, and resolved once into the typed specs the run uses (RunSpec).
+
+TrainConfig holds the flags exactly as given; resolve() parses and checks them together and
+returns a RunSpec, or raises one ValueError listing every problem. A TrainConfig that exists has
+resolved once: validation is "resolve succeeds".
+"""
 
 import argparse
 import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-from ..build_sam import MODEL_TYPES, OFFICIAL_FILES
+from ..build_sam import MODEL_TYPES, OFFICIAL_FILES, fft_blocks_for
+from ..modeling.lora import parse_targets
+from ..utils.data.augment import parse_augment
 from ..utils.data.formats import DATA_FORMATS, INSTANCE_MODES
 from ..utils.data.prepare import DEFAULT_SEED
 from ..utils.image_spec import CHANNELS_HELP, PLANE_HELP, RANGE_HELP, ImageSpec
+from ..utils.interactive import InteractiveSpec, parse_prompt_probs, parse_val_clicks
+from ..utils.losses import LossSpec, parse_loss
+from ..utils.semantic_train import SemanticLoss
+from ..utils.semantic_train import parse_loss as parse_semantic_loss
+from ..utils.trainable import TrainPlan, parse_parts, plan_errors
+from .compile import compile_errors
+from .resume import resolve_resume, saved_args
 
 TRUE_WORDS = ("yes", "true", "t", "y", "1")
 FALSE_WORDS = ("no", "false", "f", "n", "0")
 INVALID = "invalid configuration:"  # the first line of validate()'s ValueError
+TASKS = ("prompt", "interactive", "semantic")  # what RunSpec.task can be (--task takes prompt or semantic)
 
 
 def str2bool(value: Any) -> bool:
@@ -28,38 +44,14 @@ def str2bool(value: Any) -> bool:
     raise argparse.ArgumentTypeError(f"expected one of {TRUE_WORDS + FALSE_WORDS}, got {value!r}")
 
 
-def adapt_errors(cfg: "TrainConfig") -> List[str]:
-    """validate() messages for the loss and what-trains flags."""
-    # Imported here: these import torch, and config must stay light to import.
-    from ..modeling.lora import parse_targets
-    from ..utils.losses import parse_loss
-    from ..utils.trainable import parse_parts, plan_errors
+class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help does not already say what the default is."""
 
-    errors = []
-    parsed = {}
-    if getattr(cfg, "task", "prompt") == "semantic":  # its own terms: ce, dice (utils/semantic_train.py)
-        from ..utils.semantic_train import parse_loss
-    for name, parse, value in (("loss", parse_loss, cfg.loss), ("train", parse_parts, cfg.train),
-                               ("lora_targets", parse_targets, cfg.lora_targets)):
-        try:
-            parsed[name] = parse(value)
-        except ValueError as err:
-            errors.append(str(err))
-    if cfg.lora_rank < 0:
-        errors.append(f"--lora_rank must be >= 0, got {cfg.lora_rank}")
-    if not cfg.lora_alpha > 0:
-        errors.append(f"--lora_alpha must be > 0, got {cfg.lora_alpha}")
-    if cfg.min_region_area < 0:
-        errors.append(f"--min_region_area must be >= 0, got {cfg.min_region_area}")
-    if cfg.accumulate < 1:
-        errors.append(f"--accumulate must be >= 1, got {cfg.accumulate}")
-    if "train" in parsed and "lora_targets" in parsed:
-        errors.extend(plan_errors(parsed["train"], cfg.lora_rank, parsed["lora_targets"]))
-    if cfg.focal_gamma < 0:
-        errors.append(f"--focal_gamma must be >= 0, got {cfg.focal_gamma}")
-    if cfg.loss_size not in ("original", "low_res"):
-        errors.append(f"--loss_size must be original or low_res, got {cfg.loss_size!r}")
-    return errors
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, "", argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 class FlagParser(argparse.ArgumentParser):
@@ -89,187 +81,222 @@ class FlagParser(argparse.ArgumentParser):
         self.exit(2, "".join(f"error: {e}\n" for e in errors))
 
 
-class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" only where the help does not already say what the default is."""
+def _section(title: str) -> Callable[..., Any]:
+    """The flag maker of one section: its fields carry metadata 'section' (their --help group)."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text.lower() or action.default in (None, "", argparse.SUPPRESS):
-            return text
-        return super()._get_help_string(action)
+    def flag(default: Any, help: str, **kw: Any) -> Any:
+        return field(default=default, metadata={"help": help, "section": title, **kw})
 
-
-def compile_errors(cfg: "TrainConfig") -> List[str]:
-    """validate() messages for --compile (training/compile.py)."""
-    from .compile import compile_errors as errors
-
-    return errors(cfg)
+    return flag
 
 
-def interactive_errors(cfg: "TrainConfig") -> List[str]:
-    """validate() messages for the interactive-training flags."""
-    from ..utils.interactive import parse_prompt_probs, parse_val_clicks
-
-    errors = []
-    for parse, value in ((parse_prompt_probs, cfg.prompt_probs), (parse_val_clicks, cfg.val_clicks)):
-        try:
-            parse(value)
-        except ValueError as err:
-            errors.append(str(err))
-    if cfg.click_rounds < 0:
-        errors.append(f"--click_rounds must be >= 0, got {cfg.click_rounds}")
-    return errors
-
-
-def attention_errors(cfg: "TrainConfig") -> List[str]:
-    """validate() messages for --attention / --fft_blocks."""
-    if cfg.attention == "standard":
-        return [] if cfg.fft_blocks == "global" else [f"--fft_blocks {cfg.fft_blocks} needs --attention fft"]
-    if cfg.attention != "fft":
-        return [f"--attention must be standard or fft, got {cfg.attention!r}"]
-    if cfg.model_type not in MODEL_TYPES:
-        return []  # reported by validate() already
-    from ..build_sam import fft_blocks_for
-
-    try:
-        fft_blocks_for(cfg.model_type, cfg.fft_blocks)
-    except ValueError as err:
-        return [str(err)]
-    return []
+DISTRIBUTION = _section("distribution")
+PROCESSES = _section("processes (launcher, threads, logs)")
+MODEL = _section("model")
+DATA = _section("data")
+FORMATS = _section("data formats and checks")
+PROMPTS = _section("objects, prompts, augmentation")
+OPTIMISATION = _section("optimisation")
+ADAPTATION = _section("what trains and the loss")
+FFT = _section("FFT token mixing")
+SEMANTIC = _section("semantic segmentation")
+EVALUATION = _section("evaluation")
+CACHE = _section("embedding cache")
+COMPILE = _section("compiled step")
+INTERACTIVE = _section("interactive training")
+OUTPUT = _section("output")
+FAULTS = _section("fault tolerance")
 
 
-def _flag(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+@dataclass(frozen=True)
+class FaultSpec:
+    """What training/faults.py acts on."""
+
+    save_every: int  # optimizer steps between mid-epoch saves (0: off)
+    save_every_minutes: float  # minutes between mid-epoch saves (0: off)
+    max_bad_steps: int  # non-finite steps in a row before the run stops
+    dist_timeout: float  # seconds a collective waits for a lost rank
 
 
-@dataclass
+@dataclass(frozen=True)
+class RunSpec:
+    """The flags resolved once: what each part of a run needs, parsed and typed."""
+
+    task: str  # one of TASKS
+    plan: TrainPlan  # what trains
+    loss: Union[LossSpec, SemanticLoss]  # the task's loss (keys(): 'loss', then the named terms)
+    interactive: Optional[InteractiveSpec]  # mixed prompts, multimask minimum, click rounds; None when off
+    val_clicks: Tuple[int, ...]  # validation IoU after these numbers of corrective clicks
+    augment: Tuple[str, ...]  # training augmentation
+    faults: FaultSpec
+
+
+@dataclass(eq=False)
 class TrainConfig:
-    # Distribution
-    batch_size: int = _flag(1, "images per process per step")
-    dist: bool = _flag(True, "use torch.distributed (one process per GPU, or --world_size CPU processes)")
-    port: Optional[int] = _flag(None, "TCP port on 127.0.0.1 for the process group when run.py spawns its own workers (default: a free port)")
-    world_size: Optional[int] = _flag(None, "processes to spawn without torchrun (default: visible GPUs, else 1)")
-    device: str = _flag("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu", choices=["auto", "cuda", "mps", "cpu"])
-    num_workers: Optional[int] = _flag(None, "data-loader workers per process (default: 4 on CUDA, 0 on CPU/MPS)")
-    # Processes (launcher, threads, logs)
-    threads: Optional[int] = _flag(None, "CPU threads per process (torch.set_num_threads; default: the usable cores less the 1-minute load average, divided by this node's processes, at least 1; the log says the choice)")
-    # Model
-    model_type: str = _flag("vit_t", "SAM variant", choices=list(MODEL_TYPES))
-    checkpoint: Optional[str] = _flag(
+    batch_size: int = DISTRIBUTION(1, "images per process per step")
+    dist: bool = DISTRIBUTION(True, "use torch.distributed (one process per GPU, or --world_size CPU processes)")
+    port: Optional[int] = DISTRIBUTION(None, "TCP port on 127.0.0.1 for the process group when run.py spawns its own workers (default: a free port)")
+    world_size: Optional[int] = DISTRIBUTION(None, "processes to spawn without torchrun (default: visible GPUs, else 1)")
+    device: str = DISTRIBUTION("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu", choices=["auto", "cuda", "mps", "cpu"])
+    num_workers: Optional[int] = DISTRIBUTION(None, "data-loader workers per process (default: 4 on CUDA, 0 on CPU/MPS)")
+    threads: Optional[int] = PROCESSES(None, "CPU threads per process (torch.set_num_threads; default: the usable cores less the 1-minute load average, divided by this node's processes, at least 1; the log says the choice)")
+    model_type: str = MODEL("vit_t", "SAM variant", choices=list(MODEL_TYPES))
+    checkpoint: Optional[str] = MODEL(
         None, "official SAM weights; 'none' = random initialisation (demos, tests); default: the official file name in the current folder"
     )
-    image_size: int = _flag(1024, "encoder input side in pixels (multiple of 16); official weights are adapted to it")
-    # Data
-    train_dir: str = _flag("", "training data folder (see --data_format); COCO uses --train_json + --train_images")
-    val_dir: Optional[str] = _flag(None, "validation folder (default: a seeded 80/20 split of train_dir)")
-    val_fraction: float = _flag(0.2, "share of train_dir used for validation when --val_dir is absent")
-    mask_threshold: int = _flag(127, "JPEG masks: pixel > threshold is foreground")
-    # Data formats and checks (utils/data: formats/, checks.py, prepare.py)
-    data_format: str = _flag("auto", "auto (folder, objects or labelme from the folder; coco from --train_json), "
+    image_size: int = MODEL(1024, "encoder input side in pixels (multiple of 16); official weights are adapted to it")
+    train_dir: str = DATA("", "training data folder (see --data_format); COCO uses --train_json + --train_images")
+    val_dir: Optional[str] = DATA(None, "validation folder (default: a seeded 80/20 split of train_dir)")
+    val_fraction: float = DATA(0.2, "share of train_dir used for validation when --val_dir is absent")
+    mask_threshold: int = DATA(127, "JPEG masks: pixel > threshold is foreground")
+    data_format: str = FORMATS("auto", "auto (folder, objects or labelme from the folder; coco from --train_json), "
                              "folder, objects, instance_map, labelme or coco", choices=list(DATA_FORMATS))
-    instance_mode: str = _flag("per_object", "per_object: every object its own prompt and target (folder: each "
+    instance_mode: str = FORMATS("per_object", "per_object: every object its own prompt and target (folder: each "
                                "connected component); per_image: one box around all foreground (the reference)",
                                choices=list(INSTANCE_MODES))
-    min_area: int = _flag(0, "objects with fewer pixels are dropped (and counted in the log)")
-    labels: Optional[str] = _flag(None, "labelme: comma-separated labels to keep (default: all)")
-    categories: Optional[str] = _flag(None, "coco: comma-separated category names to keep (default: all)")
-    train_json: Optional[str] = _flag(None, "coco: instances JSON of the training images")
-    train_images: Optional[str] = _flag(None, "coco: folder of the training images")
-    val_json: Optional[str] = _flag(None, "coco: instances JSON of the validation images (default: a seeded split)")
-    val_images: Optional[str] = _flag(None, "coco: folder of the validation images")
-    foreground_values: Optional[str] = _flag(None, "mask values that are the object, e.g. 1,2 (palette indices, "
+    min_area: int = FORMATS(0, "objects with fewer pixels are dropped (and counted in the log)")
+    labels: Optional[str] = FORMATS(None, "labelme: comma-separated labels to keep (default: all)")
+    categories: Optional[str] = FORMATS(None, "coco: comma-separated category names to keep (default: all)")
+    train_json: Optional[str] = FORMATS(None, "coco: instances JSON of the training images")
+    train_images: Optional[str] = FORMATS(None, "coco: folder of the training images")
+    val_json: Optional[str] = FORMATS(None, "coco: instances JSON of the validation images (default: a seeded split)")
+    val_images: Optional[str] = FORMATS(None, "coco: folder of the validation images")
+    foreground_values: Optional[str] = FORMATS(None, "mask values that are the object, e.g. 1,2 (palette indices, "
                                              "label values); class names for labelme/coco")
-    intensity_range: str = _flag("auto", RANGE_HELP)
-    channels: str = _flag("", CHANNELS_HELP)
-    plane: Optional[int] = _flag(None, PLANE_HELP)
-    skip_bad: bool = _flag(False, "leave bad samples out with a warning (list in <run>/skipped.txt) instead of stopping")
-    # Objects, prompts, augmentation (utils/data/dataset.py, prompts.py, augment.py)
-    max_objects: int = _flag(16, "objects per image per training step (a fresh seeded choice each epoch); "
+    intensity_range: str = FORMATS("auto", RANGE_HELP)
+    channels: str = FORMATS("", CHANNELS_HELP)
+    plane: Optional[int] = FORMATS(None, PLANE_HELP)
+    skip_bad: bool = FORMATS(False, "leave bad samples out with a warning (list in <run>/skipped.txt) instead of stopping")
+    max_objects: int = PROMPTS(16, "objects per image per training step (a fresh seeded choice each epoch); "
                              "validation decodes every object in chunks of this size")
-    prompt: str = _flag("box", "prompt per object: box, point, box+point, or mixed (per object a box or points, "
+    prompt: str = PROMPTS("box", "prompt per object: box, point, box+point, or mixed (per object a box or points, "
                         "drawn with --prompt_probs; validation uses boxes)", choices=["box", "point", "box+point", "mixed"])
-    num_points: int = _flag(1, "positive points per object with --prompt point or box+point")
-    point_mode: str = _flag("center", "center (deepest pixel inside the object, then spread) or random "
+    num_points: int = PROMPTS(1, "positive points per object with --prompt point or box+point")
+    point_mode: str = PROMPTS("center", "center (deepest pixel inside the object, then spread) or random "
                             "(uniform over its pixels)", choices=["center", "random"])
-    negative_points: int = _flag(0, "background points per object, drawn inside its box, with --prompt point or box+point")
-    box_jitter: float = _flag(0.0, "training only: each box side moves by up to this fraction of the box side, in [0, 0.5)")
-    augment: str = _flag("", "training augmentation, comma-separated: flip, rot90, scale, color (default: none)")
-    # Optimisation
-    epoch: int = _flag(10, "training epochs")
-    lr: float = _flag(2e-4, "AdamW peak learning rate (cosine schedule stepped per iteration)")
-    weight_decay: float = _flag(0.01, "AdamW weight decay")
-    amp: str = _flag("auto", "mixed precision: auto (bf16/fp16 on CUDA, off elsewhere), bf16, fp16 or off", choices=["auto", "bf16", "fp16", "off"])
-    patience: int = _flag(0, "stop after this many epochs without a better validation IoU (0 = never)")
-    seed: int = _flag(DEFAULT_SEED, "random seed (data split, shuffling)")
-    # What trains and the loss (logic in utils/trainable.py and utils/losses.py)
-    loss: str = _flag("bce=1,iou=1,iou_head=1", "weighted loss terms: bce, focal, dice, iou (soft IoU), iou_head (MSE of the IoU prediction); "
+    negative_points: int = PROMPTS(0, "background points per object, drawn inside its box, with --prompt point or box+point")
+    box_jitter: float = PROMPTS(0.0, "training only: each box side moves by up to this fraction of the box side, in [0, 0.5)")
+    augment: str = PROMPTS("", "training augmentation, comma-separated: flip, rot90, scale, color (default: none)")
+    epoch: int = OPTIMISATION(10, "training epochs")
+    lr: float = OPTIMISATION(2e-4, "AdamW peak learning rate (cosine schedule stepped per iteration)")
+    weight_decay: float = OPTIMISATION(0.01, "AdamW weight decay")
+    amp: str = OPTIMISATION("auto", "mixed precision: auto (bf16/fp16 on CUDA, off elsewhere), bf16, fp16 or off", choices=["auto", "bf16", "fp16", "off"])
+    patience: int = OPTIMISATION(0, "stop after this many epochs without a better validation IoU (0 = never)")
+    seed: int = OPTIMISATION(DEFAULT_SEED, "random seed (data split, shuffling)")
+    loss: str = ADAPTATION("bce=1,iou=1,iou_head=1", "weighted loss terms: bce, focal, dice, iou (soft IoU), iou_head (MSE of the IoU prediction); "
                       "--task semantic: ce, dice (this default then means ce=1)")
-    focal_alpha: float = _flag(0.25, "focal loss: weight of the foreground class (negative = no class weighting)")
-    focal_gamma: float = _flag(2.0, "focal loss: focusing exponent")
-    train: str = _flag("mask_decoder", "parts that train: mask_decoder, prompt_encoder, image_encoder, a comma-separated set, or all")
-    lora_rank: int = _flag(0, "rank of LoRA adapters on the image encoder's attention (0 = off); the encoder's weights stay frozen")
-    lora_alpha: float = _flag(8.0, "LoRA scaling numerator: the update is lora_alpha / lora_rank * B A")
-    lora_targets: str = _flag("qkv,proj", "layers that get adapters: qkv, proj (image encoder attention), decoder (the mask decoder's attention projections)")
-    lora_save: str = _flag("merged", "best.pth holds the adapters merged into stock weights, or the adapter tensors only",
+    focal_alpha: float = ADAPTATION(0.25, "focal loss: weight of the foreground class (negative = no class weighting)")
+    focal_gamma: float = ADAPTATION(2.0, "focal loss: focusing exponent")
+    train: str = ADAPTATION("mask_decoder", "parts that train: mask_decoder, prompt_encoder, image_encoder, a comma-separated set, or all")
+    lora_rank: int = ADAPTATION(0, "rank of LoRA adapters on the image encoder's attention (0 = off); the encoder's weights stay frozen")
+    lora_alpha: float = ADAPTATION(8.0, "LoRA scaling numerator: the update is lora_alpha / lora_rank * B A")
+    lora_targets: str = ADAPTATION("qkv,proj", "layers that get adapters: qkv, proj (image encoder attention), decoder (the mask decoder's attention projections)")
+    lora_save: str = ADAPTATION("merged", "best.pth holds the adapters merged into stock weights, or the adapter tensors only",
                            choices=["merged", "adapters"])
-    grad_checkpoint: bool = _flag(False, "recompute the image encoder's blocks in the backward pass (less memory when the encoder trains)")
-    accumulate: int = _flag(1, "accumulate gradients over this many steps (K steps of batch B train as one of batch K*B)")
-    min_region_area: int = _flag(0, "validation also reports IoU/Dice after filling holes and removing islands smaller than this (pixels; 0 = off)")
-    loss_size: str = _flag("original", "compute the loss at each image's original size or on the decoder's low-resolution grid",
+    grad_checkpoint: bool = ADAPTATION(False, "recompute the image encoder's blocks in the backward pass (less memory when the encoder trains)")
+    accumulate: int = ADAPTATION(1, "accumulate gradients over this many steps (K steps of batch B train as one of batch K*B)")
+    min_region_area: int = ADAPTATION(0, "validation also reports IoU/Dice after filling holes and removing islands smaller than this (pixels; 0 = off)")
+    loss_size: str = ADAPTATION("original", "compute the loss at each image's original size or on the decoder's low-resolution grid",
                            choices=["original", "low_res"])
-    # FFT token mixing (logic in modeling/fft_attention.py, built by build_sam)
-    attention: str = _flag("standard", "image encoder token mixing: standard self-attention, or fft (an O(N log N) "
+    attention: str = FFT("standard", "image encoder token mixing: standard self-attention, or fft (an O(N log N) "
                            "FFT mixer in the --fft_blocks; vit_b/l/h only)", choices=["standard", "fft"])
-    fft_blocks: str = _flag("global", "with --attention fft, the blocks that mix by FFT: global (the global-attention "
+    fft_blocks: str = FFT("global", "with --attention fft, the blocks that mix by FFT: global (the global-attention "
                             "blocks), all, or block indices such as 2,5")
-    # Semantic segmentation (utils/semantic_train.py, training/tasks/semantic.py, modeling/semantic_head.py)
-    task: str = _flag("prompt", "prompt: SAM's promptable masks (the mask decoder); semantic: a K-class segmentation head "
+    task: str = SEMANTIC("prompt", "prompt: SAM's promptable masks (the mask decoder); semantic: a K-class segmentation head "
                       "on the image-encoder features, cross-entropy (--loss ce=1[,dice=1])", choices=["prompt", "semantic"])
-    num_classes: Optional[int] = _flag(None, "--task semantic: classes including background (default: from the data; "
+    num_classes: Optional[int] = SEMANTIC(None, "--task semantic: classes including background (default: from the data; "
                                        "instance_map label values are class ids)")
-    # Evaluation (the evaluate tool is segment_anything/tools/evaluate.py)
-    eval_base: bool = _flag(True, "score the starting model on the validation set before the first epoch (epoch 0 in metrics.jsonl)")
-    # Embedding cache: frozen-encoder embeddings computed once, read in later epochs and runs
-    cache_dir: Optional[str] = _flag(None, "embedding cache folder (default: $XDG_CACHE_HOME/sam_finetune/embeddings, i.e. ~/.cache/sam_finetune/embeddings)")
-    cache_dtype: str = _flag("fp16", "precision of cached embeddings: fp16, bf16 or fp32", choices=["fp16", "bf16", "fp32"])
-    no_cache: bool = _flag(False, "compute the image embedding on every step (no embedding cache)")
-    cache_max_gb: float = _flag(0.0, "bound the embedding cache folder to this many GB, least recently used entries removed first (0: no bound)")
-    # Compiled step (logic in training/compile.py)
-    compile: bool = _flag(False, "torch.compile the per-step prompt encoder + mask decoder (dynamic shapes); "
+    eval_base: bool = EVALUATION(True, "score the starting model on the validation set before the first epoch (epoch 0 in metrics.jsonl)")
+    cache_dir: Optional[str] = CACHE(None, "embedding cache folder (default: $XDG_CACHE_HOME/sam_finetune/embeddings, i.e. ~/.cache/sam_finetune/embeddings)")
+    cache_dtype: str = CACHE("fp16", "precision of cached embeddings: fp16, bf16 or fp32", choices=["fp16", "bf16", "fp32"])
+    no_cache: bool = CACHE(False, "compute the image embedding on every step (no embedding cache)")
+    cache_max_gb: float = CACHE(0.0, "bound the embedding cache folder to this many GB, least recently used entries removed first (0: no bound)")
+    compile: bool = COMPILE(False, "torch.compile the per-step prompt encoder + mask decoder (dynamic shapes); "
                           "falls back to eager with a warning if compiling fails")
-    # Interactive training (logic in utils/interactive.py, utils/click_eval.py)
-    prompt_probs: str = _flag("box=0.5,point=0.5", "--prompt mixed: per object a box or 1..--num_points positive points, "
+    prompt_probs: str = INTERACTIVE("box=0.5,point=0.5", "--prompt mixed: per object a box or 1..--num_points positive points, "
                               "with these probabilities")
-    multimask: bool = _flag(True, "single-point prompts train the three multimask outputs, back-propagating the one with "
+    multimask: bool = INTERACTIVE(True, "single-point prompts train the three multimask outputs, back-propagating the one with "
                             "the lowest loss (SAM's training); ignored (false) when no prompt is a single point")
-    click_rounds: int = _flag(0, "after the first prediction, up to this many corrective clicks per step (drawn per step), "
+    click_rounds: int = INTERACTIVE(0, "after the first prediction, up to this many corrective clicks per step (drawn per step), "
                               "the previous logits as mask prompt, then one round with the mask prompt only (0 = off)")
-    click_mode: str = _flag("center", "corrective click at the deepest pixel of the larger error region, or a random pixel of it",
+    click_mode: str = INTERACTIVE("center", "corrective click at the deepest pixel of the larger error region, or a random pixel of it",
                             choices=["center", "random"])
-    click_grad: str = _flag("all", "every click round back-propagates its loss, or only the last (less memory)",
+    click_grad: str = INTERACTIVE("all", "every click round back-propagates its loss, or only the last (less memory)",
                             choices=["all", "last"])
-    val_clicks: str = _flag("", "validation IoU after these numbers of corrective clicks, e.g. 1,3,5, from a point and from a box "
+    val_clicks: str = INTERACTIVE("", "validation IoU after these numbers of corrective clicks, e.g. 1,3,5, from a point and from a box "
                             "(metrics.jsonl val_point_click<k>_iou, val_box_click<k>_iou); off by default: every object then gets "
                             "a decoder pass per click from each start, which makes validation several times slower")
-    # Output
-    output_dir: Optional[str] = _flag(None, "run folder (default: runs/<timestamp>); an existing run is never overwritten")
-    resume: Optional[str] = _flag(
+    output_dir: Optional[str] = OUTPUT(None, "run folder (default: runs/<timestamp>); an existing run is never overwritten")
+    resume: Optional[str] = OUTPUT(
         None, "continue from a last.pth, a run folder holding one, or 'auto' (--output_dir's); alone, it takes the run's saved flags")
-    # Fault tolerance (training/resume.py, training/faults.py)
-    save_every: int = _flag(0, "also write last.pth every N optimizer steps (0 = only by time and at epoch ends)")
-    save_every_minutes: float = _flag(10.0, "also write last.pth every M minutes of training (0 = off)")
-    resume_relaxed: bool = _flag(False, "allow --resume with another world size: schedule recomputed, data order and RNG not reproduced")
-    max_bad_steps: int = _flag(10, "stop when more than this many optimizer steps in a row have a non-finite loss or gradient")
-    dist_timeout: float = _flag(1800.0, "seconds a collective waits for a dead or hung rank before every rank stops")
+    save_every: int = FAULTS(0, "also write last.pth every N optimizer steps (0 = only by time and at epoch ends)")
+    save_every_minutes: float = FAULTS(10.0, "also write last.pth every M minutes of training (0 = off)")
+    resume_relaxed: bool = FAULTS(False, "allow --resume with another world size: schedule recomputed, data order and RNG not reproduced")
+    max_bad_steps: int = FAULTS(10, "stop when more than this many optimizer steps in a row have a non-finite loss or gradient")
+    dist_timeout: float = FAULTS(1800.0, "seconds a collective waits for a dead or hung rank before every rank stops")
+
 
     def __post_init__(self) -> None:
-        from ..utils.interactive import single_point_prompts  # here: it imports torch
-
-        self.validate()
-        # Stored as it acts: the multimask heads train (utils/trainable.py) only when it is true.
-        self.multimask = bool(self.multimask) and single_point_prompts(self)
+        self.resolve()  # a configuration that exists is one that resolves
 
     def validate(self) -> None:
+        """Raise the ValueError of resolve() when the flags do not resolve."""
+        self.resolve()
+
+    def resolve(self) -> RunSpec:
+        """The flags parsed and checked together; one ValueError naming every problem."""
+        errors = self._range_errors()
+        loss_parser = parse_semantic_loss if self.task == "semantic" else parse_loss
+        loss_weights = _parsed(loss_parser, self.loss, errors)
+        parts = _parsed(parse_parts, self.train, errors)
+        targets = _parsed(parse_targets, self.lora_targets, errors)
+        errors += self._adaptation_errors()
+        if parts is not None and targets is not None:
+            errors.extend(plan_errors(parts, self.lora_rank, targets))
+        if self.focal_gamma < 0:
+            errors.append(f"--focal_gamma must be >= 0, got {self.focal_gamma}")
+        if self.loss_size not in ("original", "low_res"):
+            errors.append(f"--loss_size must be original or low_res, got {self.loss_size!r}")
+        errors += self._fault_errors()
+        probs = _parsed(parse_prompt_probs, self.prompt_probs, errors)
+        val_clicks = _parsed(parse_val_clicks, self.val_clicks, errors)
+        if self.click_rounds < 0:
+            errors.append(f"--click_rounds must be >= 0, got {self.click_rounds}")
+        errors += self._attention_errors()
+        errors += self._prompt_errors()
+        augment = _parsed(parse_augment, self.augment, errors, prefix="--augment: ")
+        errors.extend(compile_errors(self))
+        errors += self._semantic_errors()
+        if errors:
+            raise ValueError(f"{INVALID}\n  " + "\n  ".join(errors))
+        multimask = self.multimask and self._single_point_prompts(probs)
+        interactive = self._interactive(probs, multimask)
+        if self.task == "semantic":
+            task, loss = "semantic", SemanticLoss(loss_weights)
+        else:
+            task = "prompt" if interactive is None else "interactive"
+            loss = LossSpec(loss_weights, self.focal_alpha, self.focal_gamma, self.loss_size)
+        plan = TrainPlan(parts=parts, prompt=self.prompt, multimask=multimask, mask_prompt=self.click_rounds > 0,
+                         lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_targets=tuple(targets),
+                         grad_checkpoint=self.grad_checkpoint)
+        faults = FaultSpec(self.save_every, self.save_every_minutes, self.max_bad_steps, self.dist_timeout)
+        return RunSpec(task, plan, loss, interactive, val_clicks, augment, faults)
+
+    def _single_point_prompts(self, probs: Dict[str, float]) -> bool:
+        """True when a run can give an object exactly one positive point and nothing else: the
+        prompts SAM answers with three masks (so only then do the multimask outputs train)."""
+        if self.prompt == "mixed":
+            return probs["point"] > 0 and self.negative_points == 0
+        return self.prompt == "point" and self.num_points == 1 and self.negative_points == 0
+
+    def _interactive(self, probs: Dict[str, float], multimask: bool) -> Optional[InteractiveSpec]:
+        mixed = (probs["box"], probs["point"]) if self.prompt == "mixed" else None
+        if mixed is None and not multimask and self.click_rounds == 0:
+            return None
+        return InteractiveSpec(self.seed, mixed, self.num_points, multimask, self.click_rounds, self.click_mode,
+                               self.click_grad)
+
+    def _range_errors(self) -> List[str]:
         errors: List[str] = []
         if self.batch_size < 1:
             errors.append(f"--batch_size must be >= 1, got {self.batch_size}")
@@ -299,24 +326,44 @@ class TrainConfig:
             errors.append(f"--port must be a TCP port, got {self.port}")
         if self.patience < 0:
             errors.append(f"--patience must be >= 0, got {self.patience}")
-        errors.extend(adapt_errors(self))
+        return errors
+
+    def _adaptation_errors(self) -> List[str]:
+        errors = []
+        if self.lora_rank < 0:
+            errors.append(f"--lora_rank must be >= 0, got {self.lora_rank}")
+        if not self.lora_alpha > 0:
+            errors.append(f"--lora_alpha must be > 0, got {self.lora_alpha}")
+        if self.min_region_area < 0:
+            errors.append(f"--min_region_area must be >= 0, got {self.min_region_area}")
+        if self.accumulate < 1:
+            errors.append(f"--accumulate must be >= 1, got {self.accumulate}")
+        return errors
+
+    def _fault_errors(self) -> List[str]:
+        errors = []
         if self.save_every < 0 or self.save_every_minutes < 0:
             errors.append(f"--save_every and --save_every_minutes must be >= 0, got {self.save_every}, {self.save_every_minutes}")
         if self.max_bad_steps < 0:
             errors.append(f"--max_bad_steps must be >= 0, got {self.max_bad_steps}")
         if not self.dist_timeout > 0:
             errors.append(f"--dist_timeout must be > 0 seconds, got {self.dist_timeout}")
-        errors.extend(interactive_errors(self))
-        errors.extend(attention_errors(self))
-        errors += self._prompt_errors()
-        errors.extend(compile_errors(self))
-        errors += self._semantic_errors()
-        if errors:
-            raise ValueError(f"{INVALID}\n  " + "\n  ".join(errors))
+        return errors
+
+    def _attention_errors(self) -> List[str]:
+        if self.attention == "standard":
+            return [] if self.fft_blocks == "global" else [f"--fft_blocks {self.fft_blocks} needs --attention fft"]
+        if self.attention != "fft":
+            return [f"--attention must be standard or fft, got {self.attention!r}"]
+        if self.model_type not in MODEL_TYPES:
+            return []  # reported with the model type already
+        try:
+            fft_blocks_for(self.model_type, self.fft_blocks)
+        except ValueError as err:
+            return [str(err)]
+        return []
 
     def _prompt_errors(self) -> List[str]:
-        from ..utils.data.augment import parse_augment  # light: albumentations loads only when used
-
         errors = []
         if self.max_objects < 1:
             errors.append(f"--max_objects must be >= 1, got {self.max_objects}")
@@ -329,10 +376,6 @@ class TrainConfig:
             errors.append("--negative_points needs --prompt point or box+point (box prompts carry no points)")
         if not 0.0 <= self.box_jitter < 0.5:
             errors.append(f"--box_jitter must be in [0, 0.5), got {self.box_jitter}")
-        try:
-            parse_augment(self.augment)
-        except ValueError as err:
-            errors.append(f"--augment: {err}")
         return errors
 
     def _semantic_errors(self) -> List[str]:
@@ -360,8 +403,14 @@ class TrainConfig:
             return None
         return self.checkpoint or OFFICIAL_FILES[self.model_type]
 
+    def __eq__(self, other: object) -> bool:
+        """Equal when they record the same flags (to_dict: multimask as it acts)."""
+        return type(other) is type(self) and self.to_dict() == other.to_dict()
+
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The flags as given, multimask as it acts (the multimask outputs train only when some
+        prompt is a single point): what args.json and the weights files record."""
+        return dict(dataclasses.asdict(self), multimask=self.resolve().plan.multimask)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -372,18 +421,20 @@ class TrainConfig:
             description="Fine-tune SAM's mask decoder with box and/or point prompts, on one or many processes.",
             formatter_class=_DefaultsOnce,
         )
+        groups: Dict[str, Any] = {}
         for f in fields(cls):
+            section = f.metadata["section"]
+            group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
             kw: Dict[str, Any] = {"default": f.default, "help": f.metadata["help"]}
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
             if f.type in (bool, "bool"):
-                # --skip_bad alone means true; --skip_bad True / --dist no still take a value.
                 kw.update(type=str2bool, metavar="BOOL", nargs="?", const=True)
             elif f.type in (int, "int", Optional[int], "Optional[int]"):
                 kw["type"] = int
             elif f.type in (float, "float"):
                 kw["type"] = float
-            parser.add_argument(f"--{f.name}", **kw)
+            group.add_argument(f"--{f.name}", **kw)
         return parser
 
     @classmethod
@@ -392,14 +443,12 @@ class TrainConfig:
         args = parser.parse_args(argv)
         if args.resume:
             # --resume RUN alone continues with the run's saved flags; flags given beside it win
-            # and then go through the resume checks (checkpoint.check_resume).
+            # and then go through the resume checks (resume.check_resume).
             # auto becomes the run folder, or None: a new run (resume.resolve_resume).
-            from .resume import resolve_resume, saved_args
-
             try:
                 resume = resolve_resume(args.resume, args.output_dir)
                 if resume:
-                    parser.set_defaults(**saved_args(resume, args.output_dir))
+                    parser.set_defaults(**saved_args(resume, args.output_dir, {f.name for f in fields(cls)}))
             except (OSError, ValueError) as err:
                 parser.fail([str(err)])
             args = parser.parse_args(argv)
@@ -410,3 +459,12 @@ class TrainConfig:
             lines = str(err).splitlines()
             parser.fail([line.strip() for line in lines[1:]] if lines[0] == INVALID else lines)
             raise  # unreachable: parser.fail exits
+
+
+def _parsed(parse: Callable[[Any], Any], value: Any, errors: List[str], prefix: str = "") -> Any:
+    """parse(value), or None with its ValueError's message added to errors."""
+    try:
+        return parse(value)
+    except ValueError as err:
+        errors.append(prefix + str(err))
+        return None

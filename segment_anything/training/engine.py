@@ -33,7 +33,7 @@ from .launch import check_writable_folder, resume_command
 from ..utils.log import FILE_ONLY, add_log_file, get_logger
 from .progress import Progress, shard_images
 from ..utils.save_weight import append_text, atomic_save, image_flags, save_partial_weight
-from ..utils.trainable import TrainPlan, configure, export_weights, lora_metadata, parameter_report
+from ..utils.trainable import configure, export_weights, lora_metadata, parameter_report
 from .compile import compile_decode
 from ..utils.trainer import evaluate, train_one_epoch
 from .tasks import Task, build_task
@@ -72,7 +72,7 @@ def preflight(cfg: TrainConfig) -> Tuple[RunData, Path]:
         check_checkpoint(cfg.checkpoint_path(), cfg.model_type, cfg.image_size)
     out_dir = resolve_output_dir(cfg)  # before the data checks: a folder that cannot be written fails at once
     data = prepare_data(cfg)
-    build_task(cfg, data)  # --task semantic: a label value >= --num_classes stops the run here, naming the file
+    build_task(cfg, cfg.resolve(), data)  # --task semantic: a label value >= --num_classes stops the run here, naming the file
     return data, out_dir
 
 
@@ -106,7 +106,7 @@ def amp_dtype_for(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtyp
 def build_model(cfg: TrainConfig, task: Task):
     sam = sam_model_registry[cfg.model_type](checkpoint=cfg.checkpoint_path(), image_size=cfg.image_size,
                                              attention=cfg.attention, fft_blocks=cfg.fft_blocks)
-    configure(sam, TrainPlan.from_config(cfg))
+    configure(sam, task.spec.plan)
     task.adapt_model(sam)
     return sam
 
@@ -168,7 +168,7 @@ class Training:
             compile_decode(model)
         if info.world_size > 1:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
-            model = DDP(model, device_ids=device_ids, **task.ddp_options(TrainPlan.from_config(cfg)))
+            model = DDP(model, device_ids=device_ids, **task.ddp_options(task.spec.plan))
         optimizer = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=cfg.lr,
                                       weight_decay=cfg.weight_decay)
         total = max(cfg.epoch * steps_per_epoch, 1)
@@ -256,7 +256,7 @@ def save_epoch(run: Training, out_dir: Path, record: Dict, improved: bool) -> No
         meta = {"model_type": run.cfg.model_type, "image_size": run.cfg.image_size, "epoch": run.epoch,
                 "metrics": record, "args": run.cfg.to_dict()}
         meta.update(image_flags(meta["args"]))  # how images were read: tools read theirs the same way
-        meta.update(lora_metadata(TrainPlan.from_config(run.cfg), run.cfg.lora_save))
+        meta.update(lora_metadata(run.task.spec.plan, run.cfg.lora_save))
         meta.update(attention_metadata(run.sam))
         meta.update(run.task.metadata())
         save_partial_weight(run.sam, out_dir / "best.pth", metadata=meta, weights=export_weights(run.sam, run.cfg.lora_save))
@@ -309,7 +309,7 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
         start_run_folder(cfg, out_dir, data)
         log.info(f"world size {info.world_size}: " + ", ".join(f"rank {r} {d}" for r, d in enumerate(devices))
                  + f" | run folder {out_dir}")
-    task = build_task(cfg, data)
+    task = build_task(cfg, cfg.resolve(), data)
     train_loader, val_loader, sampler = make_loaders(cfg, info, data, task)
     # Seeded again right before the model is built, so a --checkpoint none model depends on the
     # seed alone and the tools (evaluate, predict) can rebuild the exact starting model.

@@ -22,15 +22,15 @@ A resumed run skips the batches already seen without loading them (ResumableSamp
 an offset), so with the same world size it trains exactly as an uninterrupted run would.
 """
 
+import dataclasses
 import json
 import random
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import numpy as np
 import torch
 
-from .config import TrainConfig
 from ..utils.save_weight import UnsafeFileError, load_data_only, strip_prefixes, unwrap_model
 from ..utils.trainable import trained_state_dict
 from ..utils.data.samplers import ResumableSampler
@@ -106,27 +106,28 @@ def load_state(path: Path) -> Dict:
     return state
 
 
-def saved_args(resume: str, output_dir: Optional[str] = None) -> Dict:
+def saved_args(resume: str, output_dir: Optional[str], known: Set[str]) -> Dict:
     """The flags of the run to continue: its newest args file (args.json, or the args.resume-*.json
-    of a later resume), else the args inside last.pth. Fields this version does not know are dropped."""
+    of a later resume), else the args inside last.pth. Flags this version does not know (not in
+    known) are dropped."""
     folder = run_folder(resume, output_dir)
     files = sorted(folder.glob("args.resume-*.json")) or [folder / "args.json"]
     if files[-1].is_file():
         args = json.loads(files[-1].read_text())
     else:
         args = load_state(find_resume_file(resume, output_dir))["args"]
-    known = TrainConfig.__dataclass_fields__
     return {k: v for k, v in args.items() if k in known and k not in NOT_INHERITED}
 
 
-def check_resume(cfg: TrainConfig) -> Path:
+def check_resume(cfg) -> Path:
     """Before any worker starts: the resume file is readable and continues the same schedule
     (the cosine learning rate spans --epoch; model type, input size, batch size and learning rate
     define what was trained). Returns the run folder."""
     path = find_resume_file(cfg.resume, cfg.output_dir)
     state = load_state(path)
     # A flag newer than the run is compared with its default (the value the run had in effect).
-    saved = {k: state["args"].get(k, TrainConfig.__dataclass_fields__[k].default) for k in RESUME_MUST_MATCH}
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    saved = {k: state["args"].get(k, defaults[k]) for k in RESUME_MUST_MATCH}
     changed = [f"--{k} {saved[k]} (now {getattr(cfg, k)})" for k in RESUME_MUST_MATCH if saved[k] != getattr(cfg, k)]
     if changed:
         raise ResumeError(f"--resume: {path} was made with " + ", ".join(changed) + "; resume with the same flags")

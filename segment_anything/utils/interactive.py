@@ -74,13 +74,8 @@ class InteractiveSpec:
 
     @classmethod
     def from_config(cls, cfg) -> Optional["InteractiveSpec"]:
-        mixed = None
-        if getattr(cfg, "prompt", "box") == "mixed":
-            p = parse_prompt_probs(cfg.prompt_probs)
-            mixed = (p["box"], p["point"])
-        if mixed is None and not cfg.multimask and cfg.click_rounds == 0:
-            return None
-        return cls(cfg.seed, mixed, getattr(cfg, "num_points", 1), cfg.multimask, cfg.click_rounds, cfg.click_mode, cfg.click_grad)
+        """The spec of a training configuration (training.config resolves the flags)."""
+        return cfg.resolve().interactive
 
     def rounds(self, epoch: int, step: int) -> int:
         """Corrective clicks of this step: uniform in 1..click_rounds from a Generator seeded by
@@ -88,15 +83,6 @@ class InteractiveSpec:
         if self.click_rounds == 0:
             return 0
         return int(np.random.default_rng([self.seed, epoch, step, ROUNDS_STREAM]).integers(1, self.click_rounds + 1))
-
-
-def single_point_prompts(cfg) -> bool:
-    """True when a run can give an object exactly one positive point and nothing else: the
-    prompts SAM answers with three masks."""
-    prompt, negatives = getattr(cfg, "prompt", "box"), getattr(cfg, "negative_points", 0)
-    if prompt == "mixed":
-        return parse_prompt_probs(cfg.prompt_probs)["point"] > 0 and negatives == 0
-    return prompt == "point" and getattr(cfg, "num_points", 1) == 1 and negatives == 0
 
 
 # --- Prompts of one step ---

@@ -132,10 +132,6 @@ class LossSpec:
     focal_gamma: float = 2.0
     size: str = "original"
 
-    @classmethod
-    def from_config(cls, cfg) -> "LossSpec":
-        return cls(parse_loss(cfg.loss), cfg.focal_alpha, cfg.focal_gamma, cfg.loss_size)
-
     def keys(self) -> Tuple[str, ...]:
         """The names sam_loss returns."""
         return ("loss",) + tuple(f"loss_{name}" for name in self.weights)

@@ -68,10 +68,6 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = SMOOTH
 class SemanticLoss:
     weights: Mapping[str, float]
 
-    @classmethod
-    def from_config(cls, cfg) -> "SemanticLoss":
-        return cls(parse_loss(cfg.loss))
-
     def keys(self) -> Tuple[str, ...]:
         return ("loss",) + tuple(f"loss_{n}" for n in self.weights)
 

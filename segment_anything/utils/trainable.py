@@ -15,7 +15,7 @@ from torch import nn
 
 from ..modeling.fft_attention import fft_block_indices
 from ..modeling.lora import TARGETS as LORA_TARGETS
-from ..modeling.lora import add_lora, lora_layers, merge_into, parse_targets
+from ..modeling.lora import add_lora, lora_layers, merge_into
 from .save_weight import trainable_state_dict, unwrap_model
 
 PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
@@ -54,16 +54,8 @@ class TrainPlan:
 
     @classmethod
     def from_config(cls, cfg) -> "TrainPlan":
-        return cls(
-            parts=parse_parts(cfg.train),
-            prompt=getattr(cfg, "prompt", "box"),
-            multimask=getattr(cfg, "multimask", False),
-            mask_prompt=getattr(cfg, "click_rounds", 0) > 0,
-            lora_rank=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,
-            lora_targets=tuple(parse_targets(cfg.lora_targets)),
-            grad_checkpoint=cfg.grad_checkpoint,
-        )
+        """The plan of a training configuration (training.config resolves the flags)."""
+        return cfg.resolve().plan
 
     @property
     def uses_boxes(self) -> bool:

@@ -18,15 +18,16 @@ from ...utils.trainable import TrainPlan
 
 
 class Task:
-    """Base of the three modes. Subclasses set loss (keys(): 'loss' then the named terms), loop
+    """Base of the three modes. loss (spec.loss; keys(): 'loss' then the named terms) is the run's. Subclasses set loop
     (the training loop task), val_loop and base_loop (validation after each epoch / of the
     starting model), and sample_pictures (whether samples.png is drawn)."""
 
     name = ""
     sample_pictures = True
 
-    def __init__(self, cfg) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg, spec) -> None:
+        self.cfg, self.spec = cfg, spec  # the flags and their RunSpec (training.config)
+        self.loss = spec.loss
 
     # --- the model and its step
 

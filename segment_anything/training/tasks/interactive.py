@@ -3,7 +3,7 @@ corrective click rounds (utils.interactive); validation and records as the promp
 
 from torch import nn
 
-from ...utils.interactive import InteractiveSpec, InteractiveStep
+from ...utils.interactive import InteractiveStep
 from ...utils.trainer import InteractiveLoop
 from .prompt import PromptTask
 
@@ -11,10 +11,9 @@ from .prompt import PromptTask
 class InteractiveTask(PromptTask):
     name = "interactive"
 
-    def __init__(self, cfg, spec: InteractiveSpec) -> None:
-        super().__init__(cfg)
-        self.spec = spec
-        self.loop = InteractiveLoop(spec, self.loss)
+    def __init__(self, cfg, spec) -> None:
+        super().__init__(cfg, spec)
+        self.loop = InteractiveLoop(spec.interactive, self.loss)
 
     def step_module(self, sam, device, world_size) -> nn.Module:
-        return InteractiveStep(sam, self.spec, self.loss)
+        return InteractiveStep(sam, self.spec.interactive, self.loss)

@@ -6,8 +6,6 @@ from torch import nn
 
 from ...utils.data.dataset import describe, make_datasets
 from ...utils.distributed import share_buffers
-from ...utils.interactive import parse_val_clicks
-from ...utils.losses import LossSpec
 from ...utils.trainer import POST_KEYS, PromptLoop, SamTrainStep
 from .base import Task
 
@@ -15,12 +13,11 @@ from .base import Task
 class PromptTask(Task):
     name = "prompt"
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
-        self.loss = LossSpec.from_config(cfg)
+    def __init__(self, cfg, spec) -> None:
+        super().__init__(cfg, spec)
         self.loop = PromptLoop(self.loss)
         # After each epoch also the IoU after corrective clicks; the starting model without them.
-        self.val_loop = PromptLoop(self.loss, cfg.min_region_area, parse_val_clicks(cfg.val_clicks))
+        self.val_loop = PromptLoop(self.loss, cfg.min_region_area, spec.val_clicks)
         self.base_loop = PromptLoop(self.loss, cfg.min_region_area)
 
     def step_module(self, sam, device, world_size) -> nn.Module:

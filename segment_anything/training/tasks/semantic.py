@@ -9,7 +9,7 @@ from torch import nn
 from ...modeling.semantic_head import attach_head
 from ...utils.data.semantic import SemanticDataset, class_names
 from ...utils.distributed import share_buffers
-from ...utils.semantic_train import SemanticLoop, SemanticLoss, SemanticStep
+from ...utils.semantic_train import SemanticLoop, SemanticStep
 from .base import Task
 
 UNUSED_PARTS = ("prompt_encoder", "mask_decoder")  # the head replaces them: frozen, never in the graph
@@ -24,10 +24,9 @@ class SemanticTask(Task):
     name = "semantic"
     sample_pictures = True  # samples.png: class maps, ground truth and prediction (training/writer.py)
 
-    def __init__(self, cfg, classes: Sequence[str]) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg, spec, classes: Sequence[str]) -> None:
+        super().__init__(cfg, spec)
         self.classes = list(classes)
-        self.loss = SemanticLoss.from_config(cfg)
         self.loop = self.val_loop = self.base_loop = SemanticLoop(self.loss, self.classes)
 
     def adapt_model(self, sam: nn.Module) -> None:

@@ -97,7 +97,7 @@ def test_slurm_script_starts_a_job_then_a_requeued_job_continues_it(tmp_path):
     first = submit_slurm(tmp_path, args, SAM_TEST_FAULT="hang:0:3")
     try:
         deadline = time.monotonic() + TIMEOUT
-        while not (out / "last.pth").exists() or torch.load(out / "last.pth", weights_only=False)["step"] < 2:
+        while not (out / "last.pth").exists() or torch.load(out / "last.pth", weights_only=True)["step"] < 2:
             assert first.poll() is None, f"the job ended before its first saves:\n{first.stdout.read()}"
             assert time.monotonic() < deadline, "no last.pth in time"
             time.sleep(0.2)
@@ -111,7 +111,7 @@ def test_slurm_script_starts_a_job_then_a_requeued_job_continues_it(tmp_path):
     text = (out / "train.log").read_text()
     assert "stopped by SIGTERM" in text, log[-4000:]
     assert (out / "args.json").is_file() and not list(out.glob("args.resume-*.json"))
-    saved = torch.load(out / "last.pth", weights_only=False)
+    saved = torch.load(out / "last.pth", weights_only=True)
     assert (saved["epoch"], saved["step"]) >= (0, 3)
     # The requeued job: the same command line, the same job id; it continues from last.pth.
     second = submit_slurm(tmp_path, args)
@@ -120,4 +120,4 @@ def test_slurm_script_starts_a_job_then_a_requeued_job_continues_it(tmp_path):
     text = (out / "train.log").read_text()
     assert f"resumed from {out} at epoch {saved['epoch'] + 1}, step {saved['step']}" in text, text[-3000:]
     assert "epoch 2/2" in text and len(list(out.glob("args.resume-*.json"))) == 1
-    assert torch.load(out / "last.pth", weights_only=False)["epoch"] == 2
+    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 2

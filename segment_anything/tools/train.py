@@ -12,21 +12,21 @@ import gc
 import os
 import signal
 import sys
-from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.multiprocessing as mp
 
 from segment_anything.training.config import TrainConfig
 from segment_anything.utils.distributed import destroy_distributed, init_distributed, launched_by_torchrun, pick_device
-from segment_anything.training.engine import PREFLIGHT_ERRORS, PreflightError, RunData, fit, preflight, setup_run
+from segment_anything.training.engine import fit
+from segment_anything.training.preflight import PREFLIGHT_ERRORS, PreflightError, Prepared, preflight, share_preflight
 from segment_anything.utils.log import get_logger, setup_logging
 from segment_anything.training.launch import default_threads, die_with_parent, discard_unstarted_run, pick_port
 
 
 def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_method: Optional[str],
-           prepared: Optional[Tuple[RunData, Path]]) -> None:
+           prepared: Optional[Prepared]) -> None:
     if init_method is not None or launched_by_torchrun():
         die_with_parent()  # a worker never outlives the launcher that started it
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -41,8 +41,8 @@ def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_
             get_logger().info(note)
     info = init_distributed(device_type, rank, local_rank, world_size, init_method, cfg.dist_timeout)
     try:
-        prepared = setup_run(cfg, info, prepared)
-        out_dir = prepared[1]
+        prepared = share_preflight(cfg, info, prepared)
+        out_dir = prepared.out_dir
         existed = out_dir.exists()
         try:
             fit(cfg, info, prepared)
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     if world_size == 1:
         worker(0, cfg, device_type, 1, None, prepared)
         return
-    out_dir = prepared[1]
+    out_dir = prepared.out_dir
     existed = out_dir.exists()
     try:
         spawn_workers(world_size, (cfg, device_type, world_size, f"tcp://127.0.0.1:{port}", prepared))

@@ -1,11 +1,12 @@
-"""One training run: data checks, model set-up in a fixed order, the epoch loop, checkpoints.
+"""One training run: the set-up in a fixed order, the epoch loop, early stop, checkpoints; the run state.
 
-Set-up order: build -> load checkpoint -> freeze -> to device -> wrap in DDP -> optimizer ->
-restore a resume state. Rank 0 checks the data and writes every file; all ranks train and
-validate their own shards.
+Set-up order (fit): the checks (preflight.py, once) -> build the model, load its weights, freeze
+what does not train -> to its device -> the embedding cache (its key hashes the loaded encoder) ->
+the datasets (given the cache) and loaders -> the step module in DDP -> optimizer -> restore a
+resume state. Rank 0 writes every file; all ranks train and validate their own shards. What
+differs between training modes is the task's (training/tasks/); the engine never branches on it.
 """
 
-import copy
 import json
 import math
 import random
@@ -22,75 +23,24 @@ from torch.utils.data import DataLoader
 
 from ..build_sam import sam_model_registry
 from ..modeling.fft_attention import attention_metadata, fft_block_indices
-from .resume import ResumeError, check_resume, check_world_size, find_resume_file, load_state, make_state, restore, rng_state
-from .config import TrainConfig
-from ..utils.data import DataError, RunData, collate, prepare_data
+from ..utils.data import RunData, collate
 from ..utils.data.cache import EmbeddingCache, open_cache
 from ..utils.data.samplers import EpochSampler, ResumableSampler
-from ..utils.distributed import DistInfo, all_gather_objects, barrier, broadcast_object
-from .faults import StepGuard, faults_to_exit, stop_signals
-from .launch import check_writable_folder, resume_command
+from ..utils.distributed import DistInfo, all_gather_objects, barrier
 from ..utils.log import FILE_ONLY, add_log_file, get_logger
-from .progress import Progress, shard_images
 from ..utils.save_weight import append_text, atomic_save, image_flags, save_partial_weight
 from ..utils.trainable import configure, export_weights, lora_metadata, parameter_report
-from .compile import compile_decode
 from ..utils.trainer import evaluate, train_one_epoch
-from .tasks import Task, build_task
-from ..utils.weights import check_checkpoint
+from .compile import compile_decode
+from .config import TrainConfig
+from .faults import StepGuard, faults_to_exit, stop_signals
+from .launch import resume_command
+from .preflight import Prepared, PreflightError, share_preflight
+from .progress import Progress, shard_images
+from .resume import ResumeError, check_world_size, find_resume_file, load_state, make_state, restore, rng_state
+from .tasks import Task
 from .writer import N_SAMPLES, RunWriter, device_label
 
-
-
-def resolve_output_dir(cfg: TrainConfig) -> Path:
-    """The run folder. A resumed run continues in its own folder; a new run never reuses a
-    folder that already holds files, so nothing of an earlier run is overwritten."""
-    if cfg.resume:
-        out = check_resume(cfg)
-        check_writable_folder(out, "--resume")
-        return out
-    out = Path(cfg.output_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    check_writable_folder(out, "--output_dir" if cfg.output_dir else "the run folder (--output_dir's default)")
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} already holds files; choose another --output_dir or continue it with --resume {out}")
-    return out
-
-
-PREFLIGHT_ERRORS = (DataError, FileExistsError, FileNotFoundError, ValueError)
-
-
-class PreflightError(RuntimeError):
-    """A check before training failed; raised on every rank with rank 0's message."""
-
-
-def preflight(cfg: TrainConfig) -> Tuple[RunData, Path]:
-    """Every check that can fail before training: weights file, data files, output folder, resume file."""
-    if not (cfg.train_dir or cfg.train_json):  # the first thing a user without flags must hear
-        raise DataError("--train_dir is required (a folder of images and masks or labelme JSON files), "
-                        "or --train_json + --train_images for COCO")
-    if cfg.checkpoint_path() is not None:
-        check_checkpoint(cfg.checkpoint_path(), cfg.model_type, cfg.image_size)
-    out_dir = resolve_output_dir(cfg)  # before the data checks: a folder that cannot be written fails at once
-    data = prepare_data(cfg)
-    build_task(cfg, cfg.resolve(), data)  # --task semantic: a label value >= --num_classes stops the run here, naming the file
-    return data, out_dir
-
-
-def setup_run(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path]]) -> Tuple[RunData, Path]:
-    """The preflight result: from the launcher when it ran the checks, else rank 0 runs them
-    (torchrun); every rank gets the result or the same error, so no rank starts training alone."""
-    if prepared is not None:
-        return prepared
-    result = None
-    if info.is_main:
-        try:
-            result = preflight(cfg)
-        except PREFLIGHT_ERRORS as err:
-            result = str(err)
-    result = broadcast_object(result, patient=True)  # the checks may take longer than --dist_timeout
-    if isinstance(result, str):
-        raise PreflightError(result)
-    return result
 
 
 def amp_dtype_for(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
@@ -109,20 +59,6 @@ def build_model(cfg: TrainConfig, task: Task):
     configure(sam, task.spec.plan)
     task.adapt_model(sam)
     return sam
-
-
-def attach_cache(run, cfg: TrainConfig, info: DistInfo, *loaders, images: int = 0) -> None:
-    """Open the embedding cache (its key hashes the loaded encoder weights, so it comes after
-    the model) and hand it to the loaders' datasets before their first iteration."""
-    run.cache = open_cache(cfg, run.sam, run.amp_dtype, log=info.is_main, images=images)
-    for loader in loaders:
-        holder, ds = None, loader.dataset
-        while isinstance(ds, torch.utils.data.Subset):
-            holder, ds = ds, ds.dataset
-        if holder is not None:  # a copy: the sample pictures read images from the original
-            ds = copy.copy(ds)
-            holder.dataset = ds
-        ds.cache = run.cache
 
 
 def make_loaders(cfg: TrainConfig, info: DistInfo, data: RunData, task: Task, cache: Optional[EmbeddingCache] = None):
@@ -152,7 +88,7 @@ class Training:
     scaler: torch.amp.GradScaler
     amp_dtype: Optional[torch.dtype]
     task: Task
-    cache: Optional[EmbeddingCache] = None  # set after build (its key hashes the loaded weights)
+    cache: Optional[EmbeddingCache]  # opened after the model (its key hashes the loaded weights)
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps done in the current epoch (skipped ones included)
     bad_steps: int = 0  # non-finite steps in a row
@@ -161,8 +97,9 @@ class Training:
     stale: int = 0  # epochs since the best validation IoU
 
     @classmethod
-    def build(cls, cfg: TrainConfig, info: DistInfo, steps_per_epoch: int, task: Task) -> "Training":
-        sam = build_model(cfg, task).to(info.device)
+    def build(cls, cfg: TrainConfig, info: DistInfo, sam: torch.nn.Module, amp_dtype: Optional[torch.dtype],
+              cache: Optional[EmbeddingCache], steps_per_epoch: int, task: Task) -> "Training":
+        """The step module around the built model (sam, on its device), DDP, optimizer, schedule."""
         model = task.step_module(sam, info.device, info.world_size)
         if cfg.compile:  # before DDP: only the inner decode is compiled (training/compile.py; not the semantic head)
             compile_decode(model)
@@ -173,9 +110,8 @@ class Training:
                                       weight_decay=cfg.weight_decay)
         total = max(cfg.epoch * steps_per_epoch, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-        amp_dtype = amp_dtype_for(cfg, info.device)
         scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
-        return cls(cfg, sam, model, optimizer, scheduler, scaler, amp_dtype, task)
+        return cls(cfg, sam, model, optimizer, scheduler, scaler, amp_dtype, task, cache)
 
     def restore(self, cfg: TrainConfig, info: DistInfo, sampler: ResumableSampler) -> Optional[torch.Tensor]:
         """Continue from --resume: checks, then the state; returns the partial epoch's meter sums."""
@@ -292,10 +228,10 @@ def start_run_folder(cfg: TrainConfig, out_dir: Path, data: RunData) -> None:
             log.info(f"skipped: {line}", extra=FILE_ONLY)
 
 
-def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path]] = None) -> Dict[str, float]:
+def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Prepared] = None) -> Dict[str, float]:
     """Train, validate every epoch, keep best.pth / last.pth / metrics.jsonl; returns the best metrics.
 
-    prepared: preflight(cfg)'s (data, run folder) when the launcher already ran the checks."""
+    prepared: preflight(cfg)'s result when the launcher already ran the checks (else rank 0 runs them)."""
     log = get_logger()
     # The same seed on every rank: a randomly initialised model (--checkpoint none) must be the
     # same model everywhere, buffers included (DDP only copies parameters). Nothing in training
@@ -303,23 +239,27 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Tuple[RunData, Path
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    data, out_dir = setup_run(cfg, info, prepared)
+    prepared = share_preflight(cfg, info, prepared)
+    data, out_dir, task = prepared.data, prepared.out_dir, prepared.task
     devices = all_gather_objects(device_label(info.device))
     if info.is_main:
         start_run_folder(cfg, out_dir, data)
         log.info(f"world size {info.world_size}: " + ", ".join(f"rank {r} {d}" for r, d in enumerate(devices))
                  + f" | run folder {out_dir}")
-    task = build_task(cfg, cfg.resolve(), data)
-    train_loader, val_loader, sampler = make_loaders(cfg, info, data, task)
     # Seeded again right before the model is built, so a --checkpoint none model depends on the
     # seed alone and the tools (evaluate, predict) can rebuild the exact starting model.
     torch.manual_seed(cfg.seed)
-    run = Training.build(cfg, info, sampler.steps_per_epoch, task)
+    sam = build_model(cfg, task).to(info.device)
+    amp_dtype = amp_dtype_for(cfg, info.device)
+    # The cache's key hashes the loaded encoder weights: after the model, before the datasets that read it.
+    cache = open_cache(cfg, sam, amp_dtype, log=info.is_main, images=len(data.train) + len(data.val))
+    train_loader, val_loader, sampler = make_loaders(cfg, info, data, task, cache)
+    run = Training.build(cfg, info, sam, amp_dtype, cache, sampler.steps_per_epoch, task)
     guard = StepGuard(run, info, lambda sums: save_last(run, sampler, out_dir, info, sums),
                       resume_hint=resume_command(out_dir))
-    writer = (RunWriter(out_dir, val_loader.dataset.dataset, cfg.batch_size * cfg.accumulate * info.world_size,
+    # The sample pictures decode validation images, so their dataset has no cache.
+    writer = (RunWriter(out_dir, task.datasets(data)[1], cfg.batch_size * cfg.accumulate * info.world_size,
                         n_samples=N_SAMPLES if task.sample_pictures else 0) if info.is_main else None)
-    attach_cache(run, cfg, info, train_loader, val_loader, images=len(data.train) + len(data.val))
     if writer is not None:
         guard.on_step = writer.step
     if cfg.resume:

@@ -7,7 +7,7 @@ import torch
 
 from segment_anything import sam_model_registry
 from segment_anything.training.config import TrainConfig
-from segment_anything.training.engine import preflight
+from segment_anything.training.preflight import preflight
 from segment_anything.utils.save_weight import save_partial_weight
 from segment_anything.utils.weights import check_checkpoint, guess_model_type, inspect_weights
 

@@ -85,10 +85,7 @@ def image(tmp_path):
     return path
 
 
-def test_run_py_resume_and_checkpoint_refuse_it(hostile, tmp_path):
-    path, _ = hostile
-    one_line_refusal(run("run.py", "--resume", str(path.parent)), path)
-    data = tmp_path / "data"
+def small_folder_set(data: Path) -> Path:
     (data / "images").mkdir(parents=True)
     (data / "masks").mkdir()
     mask = np.zeros((40, 48), np.uint8)
@@ -96,6 +93,13 @@ def test_run_py_resume_and_checkpoint_refuse_it(hostile, tmp_path):
     for i in range(2):
         cv2.imwrite(str(data / "images" / f"{i}.png"), np.full((40, 48, 3), 100, np.uint8))
         cv2.imwrite(str(data / "masks" / f"{i}.png"), mask)
+    return data
+
+
+def test_run_py_resume_and_checkpoint_refuse_it(hostile, tmp_path):
+    path, _ = hostile
+    one_line_refusal(run("run.py", "--resume", str(path.parent)), path)
+    data = small_folder_set(tmp_path / "data")
     one_line_refusal(run("run.py", "--train_dir", str(data), "--model_type", "vit_t", "--image_size", "128",
                          "--checkpoint", str(path), "--output_dir", str(tmp_path / "out")), path)
 
@@ -119,7 +123,7 @@ def test_every_tool_refuses_it(tool, flag, hostile, image, tmp_path):
     extra = {"predict": ["--image", str(image), "--output", str(tmp_path / "o")],
              "export_onnx": ["--output", str(tmp_path / "d.onnx")],
              "ncut": ["--image", str(image), "--output", str(tmp_path / "n.png"), "--image_sizes", "128"],
-             "evaluate": ["--data_dir", str(tmp_path), "--output", str(tmp_path / "e")]}[tool]
+             "evaluate": ["--data_dir", str(small_folder_set(tmp_path / "data")), "--output_dir", str(tmp_path / "e")]}[tool]
     if tool == "ncut":
         model = ["--model_type", "vit_t"]
     one_line_refusal(run("-m", f"segment_anything.tools.{tool}", *model, *given, *extra), path)

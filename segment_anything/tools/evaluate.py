@@ -1,5 +1,7 @@
 """Base vs fine-tuned SAM on exactly the same prompts: IoU, Dice, boundary IoU, corrective clicks,
-and a forgetting check on a second data set.
+the interactive-segmentation literature's NoC@85/90 and IoU-vs-clicks curves, IoU under box noise,
+prompt following, automatic-mask AP (--amg), every metric by object size, and a forgetting check
+on a second data set.
 
     python -m segment_anything.tools.evaluate --model_type vit_b --checkpoint sam_vit_b_01ec64.pth \
         --weights runs/<run>/best.pth --data_dir data/val [--prompt box|point|box+point] \
@@ -7,14 +9,16 @@ and a forgetting check on a second data set.
         --output_dir eval/
 
 Writes per_object.csv (one row per object and model), summary.json (means with 95 % bootstrap
-intervals over images, and the paired difference fine-tuned - base) and compare.png (the
-objects that gained and lost most), and prints the table.
+intervals over images, and the paired difference fine-tuned - base, overall and by object size),
+compare.png (the objects that gained and lost most), clicks.png (mean IoU after 1..N clicks from
+a point and from a box, both models), and prints the tables.
 """
 
 import argparse
 import csv
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -32,14 +36,47 @@ from ..utils.data.prepare import load_split
 from ..utils.data.prompts import PROMPTS, PromptConfig, object_prompts
 from ..utils.image_spec import add_arguments as add_image_arguments
 from ..utils.tiles import add_arguments as add_tile_arguments, check_arguments as check_tile_arguments
+from ..utils.data.records import mask_to_box
+from ..utils.eval_metrics import BOX_NOISE, NOC_CAP, NOC_TARGETS, SIZES, automatic_mask_scores, size_bucket
 from ..utils.metrics import boundary_iou, mask_dice, mask_iou
 from ..utils.postprocess import clean_masks
+from ..training.config import str2bool
+from . import _protocols
 from ._flags import add_data_options, add_data_set, alias
 from ._model import add_model_args, check_base, cli, image_spec_as_trained, load_model, weights_metadata
 from ._stats import bootstrap_mean, format_ci
 
 MODELS = ("base", "tuned")
 METRICS = ("iou", "dice", "boundary_iou")
+
+
+@dataclass(frozen=True)
+class Protocols:
+    """Which literature protocols run: noc = click cap (0: none), box_noise = jitter percents,
+    prompt_following = the background point and the box leakage."""
+
+    noc: int = NOC_CAP
+    box_noise: Tuple[int, ...] = tuple(round(f * 100) for f in BOX_NOISE)
+    prompt_following: bool = True
+
+    def metrics(self) -> List[str]:
+        names = [f"noc{round(t * 100)}_{start}" for start in _protocols.STARTS for t in NOC_TARGETS] if self.noc else []
+        names += [f"iou_box_noise{p}" for p in self.box_noise]
+        if self.prompt_following:
+            names += ["box_outside_fraction", "background_point_area", "background_point_fraction"]
+        return names
+
+
+def parse_percents(text: str) -> Tuple[int, ...]:
+    if text.strip().lower() in ("", "none", "off"):
+        return ()
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--box_noise takes percents like 0,5,10,20 (or none), got {text!r}") from None
+    if any(v < 0 or v > 100 for v in values):
+        raise ValueError(f"--box_noise percents must be within 0..100, got {text!r}")
+    return values
 
 
 def parse_clicks(text: Optional[str]) -> List[int]:
@@ -94,8 +131,10 @@ def object_prompt_list(records: List[Record], cfg: PromptConfig, seed: int) -> L
 
 
 def score_model(sam, records: List[Record], prompts: List[dict], clicks: List[int], min_area: int,
-                tile: int = 0, tile_overlap: int = 128) -> List[dict]:
+                protocols: Protocols = Protocols(), seed: int = 0, tile: int = 0, tile_overlap: int = 128) -> List[dict]:
     """Metrics of one model for every prompt; masks kept as packed bits for the comparison picture.
+    A metric of the image (the background point) sits in the image's first row, NaN in the others,
+    so its mean and interval count each image once.
     tile: decode each prompt in the tile that holds it best (0: the whole image resized)."""
     predictor = TiledPredictor(sam, tile, tile_overlap) if tile else SamPredictor(sam)
     rows, by_image = [], {}
@@ -105,9 +144,30 @@ def score_model(sam, records: List[Record], prompts: List[dict], clicks: List[in
         record = records[i]
         predictor.set_image(record.load_image())
         targets = record.load_masks([p["object"] for p in image_prompts]).astype(bool)
+        first = len(rows)
         for p, target in zip(image_prompts, targets):
             rows.append(score_prompt(predictor, p, target, clicks, min_area, record))
+            rows[-1].update(protocol_scores(predictor, p, target, protocols, np.random.default_rng([seed, i, p["object"]])))
+        if protocols.prompt_following:
+            image_values = _protocols.background_point(predictor, record.load_masks().astype(bool).any(0))
+            for j, row in enumerate(rows[first:]):
+                row.update({k: v if j == 0 else float("nan") for k, v in image_values.items()})
     return rows
+
+
+def protocol_scores(predictor: SamPredictor, p: dict, target: np.ndarray, protocols: Protocols,
+                    rng: np.random.Generator) -> dict:
+    """The object's size class and the literature protocols, all on the object's own box
+    (cv2.boundingRect of its mask) whatever --prompt says, so they compare across runs."""
+    box = mask_to_box(target)
+    row = {"area": int(target.sum()), "size": size_bucket(int(target.sum()))}
+    if protocols.noc:
+        curves = _protocols.click_curves(predictor, target, box, protocols.noc)
+        row.update(_protocols.noc_entries(curves, protocols.noc), curves=curves)
+    row.update(_protocols.box_noise_entries(predictor, target, box, list(protocols.box_noise), rng))
+    if protocols.prompt_following:
+        row["box_outside_fraction"] = _protocols.box_leakage(predictor, box)
+    return row
 
 
 def score_prompt(predictor: SamPredictor, p: dict, target: np.ndarray, clicks: List[int], min_area: int, record: Record) -> dict:
@@ -132,9 +192,19 @@ def score_prompt(predictor: SamPredictor, p: dict, target: np.ndarray, clicks: L
     return row
 
 
-def summarize(results: Dict[str, List[dict]], metrics: List[str], n_resamples: int, seed: int) -> dict:
+def summarize(results: Dict[str, List[dict]], metrics: List[str], n_resamples: int, seed: int,
+              by_size: bool = True) -> dict:
+    """Means with intervals for both models and their paired difference; with by_size, the same
+    for each COCO size class (small < 32², medium < 96², large) that holds objects."""
     groups = [r["image"] for r in results["base"]]
     out = {"objects": len(groups), "images": len(set(groups))}
+    if by_size and results["base"] and "size" in results["base"][0]:
+        out["by_size"] = {}
+        for size in SIZES:
+            keep = [i for i, r in enumerate(results["base"]) if r["size"] == size]
+            if keep:
+                subset = {m: [results[m][i] for i in keep] for m in MODELS}
+                out["by_size"][size] = summarize(subset, metrics, n_resamples, seed, by_size=False)
     for name in MODELS:
         out[name] = {m: bootstrap_mean([r[m] for r in results[name]], groups, n_resamples, seed) for m in metrics}
     out["difference"] = {
@@ -162,13 +232,41 @@ def table(summary: dict, metrics: List[str], title: str) -> str:
 def write_csv(path: Path, results: Dict[str, Dict[str, List[dict]]], metrics: List[str]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["dataset", "model", "image", "object", "category"] + metrics)
+        writer.writerow(["dataset", "model", "image", "object", "category", "area", "size"] + metrics)
         for dataset, by_model in results.items():
             for model in MODELS:
                 for r in by_model[model]:
-                    writer.writerow([dataset, model, r["image"], r["object"], r["category"]] + [f"{r[m]:.6f}" for m in metrics])
+                    writer.writerow([dataset, model, r["image"], r["object"], r["category"], r.get("area", ""),
+                                     r.get("size", "")] + [f"{r[m]:.6f}" for m in metrics])
 
 
+def clicks_figure(results: Dict[str, List[dict]], path: Path) -> None:
+    """clicks.png: mean IoU after 1..N interactions, from a point and from a box, both models."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for model, colour in zip(MODELS, ("tab:blue", "tab:red")):
+        for start, style in zip(_protocols.STARTS, ("-", "--")):
+            curves = np.array([r["curves"][start] for r in results[model]])
+            ks = np.arange(1, curves.shape[1] + 1)
+            ax.plot(ks, curves.mean(0), style, color=colour, marker="o", markersize=3,
+                    label=f"{'fine-tuned' if model == 'tuned' else 'base'}, from a {start}")
+    for t in NOC_TARGETS:
+        ax.axhline(t, color="grey", linewidth=0.6, linestyle=":")
+    ax.set_xlabel("interactions (the first point or box, then corrective clicks)")
+    ax.set_ylabel(f"mean IoU over {len(results['base'])} objects")
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(np.arange(1, curves.shape[1] + 1, max(1, curves.shape[1] // 10)))
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+SIZE_NOTE = {"small": "area < 32²", "medium": "32² <= area < 96²", "large": "area >= 96²"}
 COMPARE_CELL = 160  # pixels per picture in compare.png
 
 
@@ -227,7 +325,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = parser.parse_args(argv)
     clicks = parse_clicks(args.clicks)
     check_tile_arguments(args)
-    metrics = list(METRICS) + [f"iou_click{k}" for k in clicks]
+    if args.noc < 0:
+        raise ValueError(f"--noc must be >= 0 (0 = no click curves), got {args.noc}")
+    if args.tile and args.noc:
+        print("note: --tile: no click curves (--noc 0): a click session would move between tiles")
+        args.noc = 0
+    protocols = Protocols(args.noc, parse_percents(args.box_noise), args.prompt_following)
+    metrics = list(METRICS) + [f"iou_click{k}" for k in clicks] + protocols.metrics()
     cfg = PromptConfig(prompt=args.prompt, num_points=args.num_points)
     # Every input is read and checked before any model is built, the weights files first (quick).
     # Both models at the fine-tuned model's input size (a base at 1024 would not be the same model).
@@ -243,17 +347,34 @@ def main(argv: Optional[List[str]] = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     results: Dict[str, Dict[str, List[dict]]] = {name: {} for name in datasets}
+    automatic: Dict[str, dict] = {}
     for model_name, weights in (("base", None), ("tuned", args.weights)):
         sam = load_model(args, weights)
         for name, recs in datasets.items():
             results[name][model_name] = score_model(sam, recs, prompts[name], clicks, args.min_region_area,
-                                                      args.tile, args.tile_overlap)
+                                                    protocols, args.prompt_seed, args.tile, args.tile_overlap)
+        if args.amg:
+            automatic[model_name] = automatic_mask_scores(
+                [dict(_protocols.automatic_masks(sam, r.load_image(), points_per_side=args.amg_points_per_side),
+                      gt=list(r.load_masks().astype(bool))) for r in datasets["data"]])
         del sam
     summary = {"prompt": args.prompt, "num_points": args.num_points, "prompt_seed": args.prompt_seed, "clicks": clicks,
                "model_type": args.model_type, "checkpoint": args.checkpoint, "weights": args.weights}
     for name in datasets:
         summary[name] = summarize(results[name], metrics, args.bootstrap, args.seed)
         print(table(summary[name], metrics, f"{'reference (forgetting check)' if name == 'reference' else 'data'} {getattr(args, name + '_json') or getattr(args, name + '_dir')}"))
+        print()
+    for name in datasets:
+        for size, part in summary[name].get("by_size", {}).items():
+            print(table(part, metrics, f"{name}, {size} objects ({SIZE_NOTE[size]})"))
+            print()
+    if automatic:
+        summary["automatic_masks"] = automatic
+        print("automatic masks (SamAutomaticMaskGenerator) against the ground-truth objects of --data_dir:")
+        for model in MODELS:
+            a = automatic[model]
+            print(f"  {'fine-tuned' if model == 'tuned' else 'base':>10}: mask AP@[.5:.95] {a['ap']:.4f}, "
+                  f"recall@0.5 {a['recall@0.5']:.4f} ({a['masks']} masks for {a['objects']} objects)")
         print()
     if "reference" in summary:
         summary["forgetting"] = {m: summary["reference"]["difference"][m] for m in metrics}
@@ -263,7 +384,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     picture = compare_picture(datasets["data"], prompts["data"], results["data"], args.compare_count)
     draw.save_rgb(out_dir / "compare.png", picture)
-    print(f"wrote {out_dir}/per_object.csv, summary.json, compare.png")
+    written = "per_object.csv, summary.json, compare.png"
+    if protocols.noc:
+        clicks_figure(results["data"], out_dir / "clicks.png")
+        written += ", clicks.png"
+    print(f"wrote {out_dir}/{written}")
     return summary
 
 
@@ -283,6 +408,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_points", type=int, default=1, help="positive points per object for point prompts")
     parser.add_argument("--prompt_seed", type=int, default=0, help="seed of the prompts (per image and object)")
     parser.add_argument("--clicks", help="IoU after these numbers of corrective clicks, e.g. 1,3,5")
+    parser.add_argument("--noc", type=int, default=NOC_CAP,
+                        help="NoC@85/90 and the IoU-vs-clicks curve up to this many interactions, from a point and "
+                             "from a box (0 = off; costs about 2N decoder calls per object)")
+    parser.add_argument("--box_noise", default=",".join(str(round(f * 100)) for f in BOX_NOISE),
+                        help="IoU with each box side moved by up to these percents of the box size (seeded), or none")
+    parser.add_argument("--prompt_following", type=str2bool, nargs="?", const=True, default=True,
+                        help="a positive point far from every object (mask area) and box leakage (share outside the box)")
+    parser.add_argument("--amg", type=str2bool, nargs="?", const=True, default=False,
+                        help="automatic masks of both models scored against the objects: mask AP@[.5:.95], recall@0.5")
+    parser.add_argument("--amg_points_per_side", type=int, default=32, help="--amg: the generator's point grid")
     add_data_set(parser, "reference", "forgetting check: a second, generic data set")
     alias(parser, "--reference_data", "reference_dir")
     parser.add_argument("--reference_format", default="auto", choices=list(DATA_FORMATS), help="as --data_format")

@@ -27,8 +27,10 @@ def weights_file(path, seed=None):
 
 def run(tmp_path, weights, *extra):
     out = tmp_path / "eval"
+    # The literature protocols cost ~2 x --noc decoder calls per object: off unless a test asks.
+    cheap = ["--noc", "0", "--box_noise", "none", "--prompt_following", "False"]
     summary = evaluate.main(["--checkpoint", "none", "--weights", str(weights), "--output_dir", str(out),
-                             "--bootstrap", "200", *map(str, extra)])
+                             "--bootstrap", "200", *cheap, *map(str, extra)])
     with open(out / "per_object.csv") as f:
         rows = list(csv.DictReader(f))
     return summary, rows, out
@@ -138,3 +140,31 @@ def test_compare_rows_are_labelled_gain_or_loss_and_the_point_leaves_a_small_obj
     assert object_pixels(prompts) > 0.6 * unmarked
     labels = [label for _, label in evaluate.compare_rows(results, 1)]
     assert labels[0].startswith("gain +0.60") and labels[1].startswith("loss -0.50")
+
+
+def test_literature_protocols_are_in_the_summary_csv_and_picture(tmp_path):
+    """NoC, box noise, prompt following, automatic-mask AP and the by-size tables: with the base's
+    own decoder as 'fine-tuned' every one of them is the same for both models, the summary's
+    means are the CSV's, and each NoC lies within 1..cap."""
+    nails = require_shared_data("nails")
+    summary, rows, out = run(tmp_path, weights_file(tmp_path / "same.pth"), "--data_dir", nails, "--max_images", 1,
+                             "--noc", 3, "--box_noise", "0,20", "--prompt_following", "True", "--amg",
+                             "--amg_points_per_side", 4)
+    names = ["noc85_point", "noc90_point", "noc85_box", "noc90_box", "iou_box_noise0", "iou_box_noise20",
+             "box_outside_fraction", "background_point_area", "background_point_fraction"]
+    data = summary["data"]
+    base = [r for r in rows if r["model"] == "base"]
+    for name in names:
+        assert data["difference"][name]["mean"] == 0.0, name
+        values = [float(r[name]) for r in base if r[name] != "nan"]
+        assert data["base"][name]["mean"] == pytest.approx(np.mean(values), abs=1e-6), name  # the CSV has 6 decimals
+    assert all(1 <= float(r["noc90_box"]) <= 3 and float(r["noc85_box"]) <= float(r["noc90_box"]) for r in base)
+    # The background point is one value per image, not per object.
+    assert data["base"]["background_point_area"]["n"] == data["images"]
+    assert set(data["by_size"]) <= {"small", "medium", "large"}
+    assert sum(part["objects"] for part in data["by_size"].values()) == data["objects"]
+    assert {r["size"] for r in base} == set(data["by_size"])
+    amg = summary["automatic_masks"]
+    assert amg["base"] == amg["tuned"] and 0.0 <= amg["base"]["ap"] <= 1.0 and amg["base"]["objects"] == len(base)
+    picture = cv2.imread(str(out / "clicks.png"))
+    assert picture is not None and picture.std() > 10

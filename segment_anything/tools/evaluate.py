@@ -137,6 +137,8 @@ def score_model(sam, records: List[Record], prompts: List[dict], clicks: List[in
     so its mean and interval count each image once.
     tile: decode each prompt in the tile that holds it best (0: the whole image resized)."""
     predictor = TiledPredictor(sam, tile, tile_overlap) if tile else SamPredictor(sam)
+    if tile:  # a click session would move between tiles, a jittered box may span two: whole images only
+        protocols = Protocols(0, (), False)
     rows, by_image = [], {}
     for p in prompts:
         by_image.setdefault(p["image_index"], []).append(p)
@@ -327,10 +329,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     check_tile_arguments(args)
     if args.noc < 0:
         raise ValueError(f"--noc must be >= 0 (0 = no click curves), got {args.noc}")
-    if args.tile and args.noc:
-        print("note: --tile: no click curves (--noc 0): a click session would move between tiles")
-        args.noc = 0
     protocols = Protocols(args.noc, parse_percents(args.box_noise), args.prompt_following)
+    if args.tile and protocols.metrics():  # score_model runs them on whole images only
+        print("note: --tile: the literature protocols (--noc, --box_noise, --prompt_following) are off")
+        protocols = Protocols(0, (), False)
     metrics = list(METRICS) + [f"iou_click{k}" for k in clicks] + protocols.metrics()
     cfg = PromptConfig(prompt=args.prompt, num_points=args.num_points)
     # Every input is read and checked before any model is built, the weights files first (quick).

@@ -139,7 +139,7 @@ class TrainConfig:
     world_size: Optional[int] = DISTRIBUTION(None, "processes to spawn without torchrun (default: visible GPUs, else 1)")
     device: str = DISTRIBUTION("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu", choices=["auto", "cuda", "mps", "cpu"])
     num_workers: Optional[int] = DISTRIBUTION(None, "data-loader workers per process (default: 4 on CUDA, 0 on CPU/MPS)")
-    threads: Optional[int] = PROCESSES(None, "CPU threads per process (torch.set_num_threads; default: the usable cores less the 1-minute load average, divided by this node's processes, at least 1; the log says the choice)")
+    threads: Optional[int] = PROCESSES(None, "CPU threads per process (torch.set_num_threads; default: OMP_NUM_THREADS if set, else the usable cores less the 1-minute load average, divided by this node's processes, at least 1; the log says the choice)")
     model_type: str = MODEL("vit_t", "SAM variant", choices=list(MODEL_TYPES))
     checkpoint: Optional[str] = MODEL(
         None, "official SAM weights; 'none' = random initialisation (demos, tests); default: the official file name in the current folder"

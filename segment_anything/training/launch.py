@@ -86,7 +86,12 @@ def default_threads(local_processes: int) -> Tuple[int, str]:
     allocation) less those other programs keep busy (the 1-minute load average, rounded), shared
     by this node's processes; at least 1. More threads than free cores make every thread wait for
     the others at each parallel region: on a busy machine that is many times slower than one thread.
+    OMP_NUM_THREADS, when set, is taken as it is: the count then does not change between a run and
+    its resumption (float sums split over another number of threads round differently).
     """
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:  # an explicit choice, and the same on every start: a resumed run
+        return int(omp), f"CPU threads per process: {omp} (OMP_NUM_THREADS; --threads N sets it)"  # reproduces bit for bit
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     free = max(cores - int(load + 0.5), 1)

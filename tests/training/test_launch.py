@@ -217,12 +217,23 @@ def test_progress_reads_the_loss_rarely_and_writes_plain_lines_off_a_terminal(ca
 def test_default_threads_leave_the_cores_other_programs_use(monkeypatch, cores, load, procs, expected):
     from segment_anything.training import launch
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(launch.os, "getloadavg", lambda: (load, load, load))
     threads, note = launch.default_threads(procs)
     assert threads == expected
     assert note.startswith(f"CPU threads per process: {expected} ") and f"{cores} usable cores" in note
     assert f"load average {load:.1f}" in note and "--threads" in note
+
+
+def test_omp_num_threads_is_taken_as_given_whatever_the_load(monkeypatch):
+    """A run and its resumption must use the same thread count to train bit for bit alike."""
+    from segment_anything.training import launch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setattr(launch.os, "getloadavg", lambda: (40.0, 40.0, 40.0))
+    threads, note = launch.default_threads(2)
+    assert threads == 3 and "OMP_NUM_THREADS" in note
 
 
 @pytest.mark.parametrize("cmdline,argv0,expected", [

@@ -28,7 +28,7 @@ from ..utils.data.cache import EmbeddingCache, open_cache
 from ..utils.data.samplers import EpochSampler, ResumableSampler
 from ..utils.distributed import DistInfo, all_gather_objects, barrier
 from ..utils.log import FILE_ONLY, add_log_file, get_logger
-from ..utils.save_weight import append_text, atomic_save, image_flags, save_partial_weight
+from ..utils.save_weight import append_text, atomic_save, atomic_write_bytes, image_flags, save_partial_weight
 from ..utils.trainable import configure, export_weights, lora_metadata, parameter_report
 from ..utils.trainer import evaluate, train_one_epoch
 from .compile import compile_decode
@@ -228,6 +228,25 @@ def start_run_folder(cfg: TrainConfig, out_dir: Path, data: RunData) -> None:
             log.info(f"skipped: {line}", extra=FILE_ONLY)
 
 
+def drop_records_after(path: Path, epochs: int) -> int:
+    """A run stopped between an epoch's metrics line and that epoch's last.pth resumes from the
+    epoch before: the lines of epochs that last.pth does not hold (and a torn last line) go, so
+    every epoch is recorded once. Returns how many lines were removed."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("epoch", 0) <= epochs:
+                keep.append(line)
+        except ValueError:
+            pass
+    if len(keep) != len(lines):
+        atomic_write_bytes("".join(keep).encode(), path)
+    return len(lines) - len(keep)
+
+
 def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Prepared] = None) -> Dict[str, float]:
     """Train, validate every epoch, keep best.pth / last.pth / metrics.jsonl; returns the best metrics.
 
@@ -268,6 +287,9 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Prepared] = None) -
         except ResumeError as err:
             raise PreflightError(str(err)) from err
         log.info(f"resumed from {cfg.resume} at epoch {run.epoch + 1}, step {run.step}")
+        dropped = drop_records_after(out_dir / "metrics.jsonl", run.epoch) if info.is_main else 0
+        if dropped:
+            log.info(f"metrics.jsonl: {dropped} line(s) of epochs after last.pth's removed; those epochs train again")
     if info.is_main:
         log_summary(run.sam, cfg, info, data, task)
     if cfg.eval_base and run.epoch == 0 and run.step == 0:

@@ -271,3 +271,17 @@ def test_resume_auto_never_writes_over_a_folder_without_last_pth(tmp_path, capsy
     with pytest.raises(SystemExit):
         TrainConfig.from_args(["--resume", "auto", "--output_dir", str(tmp_path / "other")])
     assert "holds files but no last.pth" in capsys.readouterr().err
+
+
+def test_resuming_drops_metrics_lines_of_epochs_last_pth_does_not_hold(tmp_path):
+    """Killed after epoch 2's metrics line but before epoch 2's last.pth: the resumed run trains
+    epoch 2 again, so its old line (and a torn one) must go, or epoch 2 would be recorded twice."""
+    import json
+
+    from segment_anything.training.engine import drop_records_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"epoch": e, "val_iou": e / 10}) + "\n" for e in (0, 1, 2)) + '{"epoch": 3, "va')
+    assert drop_records_after(path, 1) == 2
+    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1]
+    assert drop_records_after(path, 1) == 0 and drop_records_after(tmp_path / "none.jsonl", 0) == 0

@@ -15,6 +15,10 @@ from torch.utils.checkpoint import checkpoint
 
 from .common import LOW_PRECISION_EXPLICIT, LayerNorm2d, MLPBlock
 
+# Scores per chunk in rel_pos_attention, by path (measured: docs/performance-encoder.md).
+FUSED_CHUNK = 2**23
+EXPLICIT_CHUNK = 2**20
+
 
 class ImageEncoderViT(nn.Module):
     def __init__(
@@ -189,7 +193,7 @@ def rel_pos_attention(
     rel_pos_h: torch.Tensor,
     rel_pos_w: torch.Tensor,
     size: Tuple[int, int],
-    max_bias_elements: int = 2**23,
+    max_bias_elements: Optional[int] = None,
 ) -> torch.Tensor:
     """softmax(scale * q k^T + bias) v with SAM's decomposed relative-position bias.
 
@@ -198,13 +202,19 @@ def rel_pos_attention(
     (N, H) and (N, W) tables per head. The official code expands them into a full N x N bias
     added to a materialised score matrix: several passes over 800 MB per image for a 64 x 64
     global block, bound by memory bandwidth. Here the attention runs on chunks (whole samples,
-    or one head's block of queries) of at most max_bias_elements scores (default 2**23: half a
-    head of a 64 x 64 grid), and without autograd one bias buffer serves every chunk. The score
-    matrix is never stored whole. Chunks are large rather than cache-sized because every call
-    repacks its whole right-hand operands (one head's keys, then values): with cache-sized
-    chunks the repacking cost about as much as the products themselves. (Appending the tables
-    to q and one-hot codes to k gives the same scores in one kernel call, but triples the head
-    size; it measured slower on CPU.)
+    or one head's block of queries) of at most max_bias_elements scores, and without autograd
+    one bias buffer serves every chunk. The score matrix is never stored whole.
+    Two paths (docs/performance-encoder.md has the measurements behind both):
+    - the fused kernel (scaled_dot_product_attention with the bias as its mask; default chunk
+      2**23 scores, half a head of a 64 x 64 grid): large chunks, because every call repacks its
+      whole right-hand operands (one head's keys, then values);
+    - explicit products (LOW_PRECISION_EXPLICIT dtypes on CPU, without autograd): the keys and
+      values are made dense once, the bias is written into the buffer and the scores are
+      accumulated onto it by the matrix product itself (baddbmm), so the bias costs one pass
+      over the scores instead of three; smaller chunks (default 2**20) then keep the scores
+      in cache between the product, the softmax and the product with the values.
+    (Appending the tables to q and one-hot codes to k gives the same scores in one kernel
+    call, but triples the head size; it measured slower on CPU.)
     """
     H, W = size
     B, heads, N, C = q.shape
@@ -216,6 +226,8 @@ def rel_pos_attention(
 
     reuse = not (torch.is_grad_enabled() and (q.requires_grad or rel_pos_h.requires_grad))
     explicit = reuse and q.device.type == "cpu" and q.dtype in LOW_PRECISION_EXPLICIT
+    if max_bias_elements is None:
+        max_bias_elements = EXPLICIT_CHUNK if explicit else FUSED_CHUNK
     if heads * N * N <= max_bias_elements:  # small grids (windows): whole samples per call
         samples, head_step, rows = max(1, max_bias_elements // (heads * N * N)), heads, N
     else:  # large grids: one head, a block of queries
@@ -226,7 +238,7 @@ def rel_pos_attention(
         # qkv layout by every chunk's product.
         k = (k * scale).transpose(-1, -2).contiguous()
         v = v.contiguous()
-    buffer = q.new_empty(samples, head_step, rows, H, W) if reuse and not explicit else None
+    buffer = q.new_empty(samples, head_step, rows, H, W) if reuse else None
     out = q.new_empty(B, N, heads, C)
     for b in range(0, B, samples):
         b1 = min(B, b + samples)
@@ -236,9 +248,10 @@ def rel_pos_attention(
                 r1 = min(N, r + rows)
                 a, c = rel_h[b:b1, h:h1, r:r1], rel_w[b:b1, h:h1, r:r1]
                 if explicit:
-                    scores = torch.matmul(q[b:b1, h:h1, r:r1], k[b:b1, h:h1])
-                    scores.view(b1 - b, h1 - h, r1 - r, H, W).add_(a).add_(c)
-                    part = torch.matmul(torch.softmax(scores, -1), v[b:b1, h:h1])
+                    n = (b1 - b) * (h1 - h)
+                    scores = torch.add(a, c, out=buffer[: b1 - b, :, : r1 - r]).view(n, r1 - r, N)
+                    scores.baddbmm_(q[b:b1, h:h1, r:r1].reshape(n, r1 - r, C), k[b:b1, h:h1].reshape(n, C, N))
+                    part = torch.matmul(torch.softmax(scores, -1).view(b1 - b, h1 - h, r1 - r, N), v[b:b1, h:h1])
                 else:
                     bias = torch.add(a, c, out=buffer[: b1 - b, :, : r1 - r]) if reuse else a + c
                     part = F.scaled_dot_product_attention(

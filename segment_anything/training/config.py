@@ -23,6 +23,7 @@ from ..utils.interactive import InteractiveSpec, parse_prompt_probs, parse_val_c
 from ..utils.losses import LossSpec, parse_loss
 from ..utils.semantic_train import SemanticLoss
 from ..utils.semantic_train import parse_loss as parse_semantic_loss
+from ..utils.tiles import check_tiling
 from ..utils.trainable import TrainPlan, parse_parts, plan_errors
 from .compile import compile_errors
 from .resume import resolve_resume, saved_args
@@ -149,6 +150,11 @@ class TrainConfig:
     val_dir: Optional[str] = DATA(None, "validation folder (default: a seeded 80/20 split of train_dir)")
     val_fraction: float = DATA(0.2, "share of train_dir used for validation when --val_dir is absent")
     mask_threshold: int = DATA(127, "JPEG masks: pixel > threshold is foreground")
+    tile: int = DATA(0, "cut images larger than this many pixels into overlapping tiles of this side, each one training "
+                        "item seen at full resolution (the grid of tiled inference; 0 = off: each image resized whole)")
+    tile_overlap: int = DATA(128, "--tile: pixels shared by neighbouring tiles; objects up to this size fit wholly in one tile")
+    tile_min_visible: float = DATA(0.5, "--tile: an object cut by tile borders trains (its visible part) in the tile holding most "
+                                        "of it when that is at least this share of its area; other parts are left out of the loss")
     data_format: str = FORMATS("auto", "auto (folder, objects or labelme from the folder; coco from --train_json), "
                              "folder, objects, instance_map, labelme or coco", choices=list(DATA_FORMATS))
     instance_mode: str = FORMATS("per_object", "per_object: every object its own prompt and target (folder: each "
@@ -267,6 +273,7 @@ class TrainConfig:
         augment = _parsed(parse_augment, self.augment, errors, prefix="--augment: ")
         errors.extend(compile_errors(self))
         errors += self._semantic_errors()
+        errors += self._tile_errors()
         if errors:
             raise ValueError(f"{INVALID}\n  " + "\n  ".join(errors))
         multimask = self.multimask and self._single_point_prompts(probs)
@@ -376,6 +383,25 @@ class TrainConfig:
             errors.append("--negative_points needs --prompt point or box+point (box prompts carry no points)")
         if not 0.0 <= self.box_jitter < 0.5:
             errors.append(f"--box_jitter must be in [0, 0.5), got {self.box_jitter}")
+        return errors
+
+    def _tile_errors(self) -> List[str]:
+        if self.tile <= 0:
+            return [] if self.tile == 0 else [f"--tile must be 0 (off) or a tile side in pixels, got {self.tile}"]
+        errors = []
+        try:
+            check_tiling(self.tile, self.tile_overlap)
+        except ValueError as err:
+            errors.append(str(err))
+        if not 0 < self.tile_min_visible <= 1:
+            errors.append(f"--tile_min_visible must be in (0, 1], got {self.tile_min_visible}")
+        if self.task == "semantic":
+            errors.append("--tile is not available with --task semantic yet")
+        if self.augment:
+            errors.append("--tile with --augment is not available yet (the left-out fragments would have to follow "
+                          "every transform)")
+        if self.instance_mode != "per_object":
+            errors.append("--tile needs --instance_mode per_object (one object spanning the image cannot be tiled)")
         return errors
 
     def _semantic_errors(self) -> List[str]:

@@ -327,5 +327,5 @@ def log_summary(sam, cfg: TrainConfig, info: DistInfo, data: RunData, task: Task
                  "(their relative-position tables are kept for the stock keys, unused and frozen)")
     log.info(f"{info.world_size} process(es) on {info.device.type} ({torch.get_num_threads()} CPU threads each), "
              f"batch {cfg.batch_size} per process, "
-             f"{len(data.train)} train / {len(data.val)} val images")
+             f"{len(data.train)} train / {len(data.val)} val {'tiles' if cfg.tile else 'images'}")
     log.info(task.describe(sam))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..utils.data import DataError, RunData, prepare_data
+from ..utils.data.tiling import tile_data
 from ..utils.distributed import DistInfo, broadcast_object
 from ..utils.weights import check_checkpoint
 from .config import RunSpec, TrainConfig
@@ -51,8 +52,8 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
 
 
 def preflight(cfg: TrainConfig) -> Prepared:
-    """Weights file, data files, the task (a label value >= --num_classes stops the run here,
-    naming the file), output folder, resume file."""
+    """Weights file, data files (cut into tiles with --tile), the task (a label value >=
+    --num_classes stops the run here, naming the file), output folder, resume file."""
     if not (cfg.train_dir or cfg.train_json):  # the first thing a user without flags must hear
         raise DataError("--train_dir is required (a folder of images and masks or labelme JSON files), "
                         "or --train_json + --train_images for COCO")
@@ -60,6 +61,8 @@ def preflight(cfg: TrainConfig) -> Prepared:
         check_checkpoint(cfg.checkpoint_path(), cfg.model_type, cfg.image_size)
     out_dir = resolve_output_dir(cfg)  # before the data checks: a folder that cannot be written fails at once
     data = prepare_data(cfg)
+    if cfg.tile:  # once, here: every rank trains the same tiles
+        data = tile_data(data, cfg.tile, cfg.tile_overlap, cfg.tile_min_visible)
     spec = cfg.resolve()
     task = build_task(cfg, spec, data)
     return Prepared(data, out_dir, spec, task)

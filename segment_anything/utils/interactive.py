@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .clicks import next_clicks, to_input_frame
-from .losses import LossSpec, low_res_pair
+from .losses import LossSpec, ignore_at, low_res_pair
 from .metrics import mask_dice, mask_iou
 from .resize import resize_logits
 from .trainable import grad_if_trained
@@ -198,9 +198,11 @@ def min_loss_select(terms: Dict[str, torch.Tensor], multimask: torch.Tensor, wei
 
 
 def token_terms(sam, loss: LossSpec, low: torch.Tensor, iou: torch.Tensor, target: torch.Tensor,
-                input_size, original_size) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+                input_size, original_size, ignore: Optional[torch.Tensor] = None
+                ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
     """Loss terms of every token of one image's n prompts: low (n, T, L, L), iou (n, T),
-    target (n, H, W). Returns ({name: (n, T)}, logits (n, T, h, w) and target (n, h, w) where the
+    target (n, H, W), ignore: the image's pixels out of the loss, where the loss is computed.
+    Returns ({name: (n, T)}, logits (n, T, h, w) and target (n, h, w) where the
     loss is computed: the original size, or the low-resolution grid with loss.size 'low_res')."""
     n, t = low.shape[:2]
     if loss.size == "low_res":
@@ -209,7 +211,7 @@ def token_terms(sam, loss: LossSpec, low: torch.Tensor, iou: torch.Tensor, targe
     else:
         logits = resize_logits(low, input_size, original_size, sam.image_encoder.img_size).flatten(0, 1)
         tgt = target.repeat_interleave(t, 0)
-    out = loss(logits, tgt, iou.flatten(), sam.mask_threshold)
+    out = loss(logits, tgt, iou.flatten(), sam.mask_threshold, ignore)
     return {k: v.view(n, t) for k, v in out.items()}, logits.view(n, t, *logits.shape[-2:]), tgt.view(n, t, *tgt.shape[-2:])[:, 0]
 
 
@@ -224,7 +226,9 @@ def score_round(sam, loss: LossSpec, low: torch.Tensor, iou: torch.Tensor, batch
         n = target.shape[0]
         rows = slice(start, start + n)
         per_token, logits, truth = token_terms(sam, loss, low[rows, tokens], iou[rows, tokens], target,
-                                        batch.input_sizes[i], batch.original_sizes[i])
+                                        batch.input_sizes[i], batch.original_sizes[i],
+                                        ignore_at(batch.ignore[i] if batch.ignore else None, low[rows], batch.input_sizes[i],
+                                                  sam.image_encoder.img_size, loss.size))
         out, choice = min_loss_select(per_token, multimask[rows], dict(loss.weights))
         pred = logits.detach().gather(1, choice.view(n, 1, 1, 1).expand(-1, 1, *logits.shape[-2:]))[:, 0] > sam.mask_threshold
         out["iou"], out["dice"] = mask_iou(pred, truth), mask_dice(pred, truth)

@@ -27,7 +27,7 @@ from .click_eval import click_keys, click_metrics
 from .data.cache import EmbeddingCache
 from .distributed import get_world_size
 from .interactive import InteractiveSpec, object_keys
-from .losses import DEFAULT_LOSS_SPEC, LossSpec, low_res_pair
+from .losses import DEFAULT_LOSS_SPEC, LossSpec, ignore_at, low_res_pair
 from .metrics import Meter, mask_dice, mask_iou
 from .postprocess import clean_masks
 from .resize import resize_logits
@@ -109,6 +109,7 @@ class Batch:
     cache_keys: List[Optional[str]] = field(default_factory=list)  # per item, from a cache-aware dataset
     encode_rows: List[int] = field(default_factory=list)  # per item: its row of `images`, or -1 (cached)
     num_cached: int = 0  # images (not chunks) whose embedding came from the cache
+    ignore: List[Optional[torch.Tensor]] = field(default_factory=list)  # per image: (H_i, W_i) pixels out of the loss, or None
 
     @property
     def num_images(self) -> int:
@@ -191,6 +192,7 @@ def prepare_batch(items: List[dict], sam: Sam, device: torch.device) -> Batch:
         cache_keys=keys,
         encode_rows=rows,
         num_cached=sum(1 for it, emb in zip(items, cached) if emb is not None and it.get("first_chunk", True)),
+        ignore=[None if it.get("ignore") is None else it["ignore"].to(device, non_blocking=True) for it in items],
     )
 
 
@@ -243,12 +245,13 @@ def score(sam: Sam, batch: Batch, low_res: torch.Tensor, iou_pred: torch.Tensor,
         n = masks.shape[0]
         low, ious = low_res[start : start + n].float(), iou_pred[start : start + n, 0]
         full = None
+        ignore = ignore_at(batch.ignore[i] if batch.ignore else None, low, batch.input_sizes[i], size, loss.size)
         if loss.size == "low_res":
             logits, target = low_res_pair(low[:, 0], masks, batch.input_sizes[i], size)
         else:
             full = logits = resize_logits(low[:, 0], batch.input_sizes[i], batch.original_sizes[i], size)
             target = masks
-        out = loss(logits, target, ious, sam.mask_threshold)
+        out = loss(logits, target, ious, sam.mask_threshold, ignore)
         if metrics_at_original and full is None:
             full = resize_logits(low[:, 0], batch.input_sizes[i], batch.original_sizes[i], size)
         pred, truth = (full, masks) if full is not None else (logits, target)

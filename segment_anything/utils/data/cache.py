@@ -130,8 +130,9 @@ class EmbeddingCache:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    def key_for(self, image_path) -> str:
-        parts = dict(self.key_parts, cache_dtype=self.dtype)
+    def key_for(self, image_path, **more) -> str:
+        """The key of an image file; more: what else selects the encoder's input (a tile's rectangle)."""
+        parts = dict(self.key_parts, **more, cache_dtype=self.dtype)
         model = parts.pop("weights", "")
         return embedding_key(file_hash(image_path), model, **parts)
 

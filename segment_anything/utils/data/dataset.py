@@ -48,6 +48,7 @@ class MaskDataset(Dataset):
       prompt         'box', 'point' or 'box+point': which prompts the step gives the decoder
       objects        int64 (N,): the objects' indices in the record
       first_chunk    bool: the item holds the image's first objects (validation counts images by it)
+      ignore         uint8 (H, W), only for a tile with fragments (data.tiling): pixels left out of the loss
     With an embedding cache (data.cache.EmbeddingCache, set as `cache` before the first
     iteration), items also carry `cache_key`, and a hit carries `embedding` (C, g, g) in the cache
     dtype instead of `image` (the image file is then not decoded). open_cache refuses to run with
@@ -94,7 +95,7 @@ class MaskDataset(Dataset):
               first: bool) -> dict:
         record = self.records[index]
         masks = record.load_masks(objects.tolist())
-        key = self.cache.key_for(record.image) if self.cache is not None else None
+        key = self.cache.key_for(record.image, **record.cache_parts()) if self.cache is not None else None
         embedding = self.cache.lookup(key) if key is not None else None
         pixels = {"embedding": embedding, "cache_key": key} if key is not None else {}
         if embedding is None:
@@ -106,6 +107,9 @@ class MaskDataset(Dataset):
             pixels["image"] = torch.from_numpy(np.ascontiguousarray(self.transform.apply_image(image).transpose(2, 0, 1)))
         size = (int(masks.shape[1]), int(masks.shape[2]))
         boxes, points, labels = self._prompts(record, index, masks, objects, epoch)
+        ignore = record.ignore_mask()  # never with augmentation (the configuration refuses --augment with --tile)
+        if ignore is not None:
+            pixels["ignore"] = torch.from_numpy(ignore)
         return {
             **pixels,
             "original_size": size,
@@ -134,7 +138,7 @@ class MaskDataset(Dataset):
             try:
                 boxes[j], points[j], labels[j] = object_prompts(mask, self.prompts, rng, jitter=self.train)
             except ValueError as err:
-                raise DataError(f"{record.source}: object {int(obj)} of {record.image}: {err}") from err
+                raise DataError(f"{record.source}: object {int(obj)} of {record.describe()}: {err}") from err
         return boxes, points, labels
 
 

@@ -40,6 +40,24 @@ class Record:
         """uint8 (N, H, W) in {0, 1}: the objects at `indices` (default: all), in that order."""
         raise NotImplementedError
 
+    def label_map(self) -> Optional[Tuple[np.ndarray, Sequence[int]]]:
+        """(labels (H, W), each object's label value) when the format stores all objects in one
+        label image: tiling then reads it once instead of one mask per object; else None."""
+        return None
+
+    def ignore_mask(self) -> Optional[np.ndarray]:
+        """uint8 (H, W) in {0, 1}: pixels left out of the loss (parts of objects trained elsewhere,
+        see data.tiling), or None when every pixel counts."""
+        return None
+
+    def cache_parts(self) -> dict:
+        """What the embedding cache's key needs besides the file and the run's settings (a tile's rectangle)."""
+        return {}
+
+    def describe(self) -> str:
+        """The image as messages name it."""
+        return str(self.image)
+
     def subset(self, keep: Sequence[int]) -> "Record":
         """The same image with only the objects at `keep` (for records with an `objects` field)."""
         keep = list(keep)

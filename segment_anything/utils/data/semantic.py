@@ -88,7 +88,7 @@ class SemanticDataset(Dataset):
         record = self.records[index]
         item = {}
         if self.cache is not None:
-            item["cache_key"] = self.cache.key_for(record.image)
+            item["cache_key"] = self.cache.key_for(record.image, **record.cache_parts())
             item["embedding"] = self.cache.lookup(item["cache_key"])
         if item.get("embedding") is None:
             # The predictor's own resize, so training inputs are exactly what inference sees.

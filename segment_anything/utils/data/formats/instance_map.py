@@ -39,6 +39,9 @@ class InstanceMapRecord(Record):
         labels = read_instances(self.mask, self.image_spec.plane)
         return stack_masks([labels == self.objects[i] for i in chosen], self.size)
 
+    def label_map(self):
+        return read_instances(self.mask, self.image_spec.plane), self.objects
+
 
 def build(pair: Pair, opts: DataOptions):
     check_lossless(pair.mask)

@@ -25,7 +25,7 @@ from segment_anything.utils.data.cache import EmbeddingCache
 from segment_anything.utils.data.prompts import PromptConfig
 from segment_anything.utils.data.records import Record, pick, stack_masks
 from segment_anything.utils.data.tiling import assign, measure, tile_records
-from segment_anything.utils.losses import DEFAULT_LOSS_SPEC, bce_loss, sam_loss
+from segment_anything.utils.losses import DEFAULT_LOSS_SPEC, LossSpec, bce_loss, sam_loss
 from segment_anything.utils.resize import resize_logits
 from segment_anything.utils.tiles import tile_grid
 from segment_anything.utils.trainer import Batch, score
@@ -207,3 +207,22 @@ def test_a_label_map_is_read_once_and_gives_the_same_tiles():
         np.testing.assert_array_equal(x.load_masks(), y.load_masks())
         assert (x.ignore_mask() is None) == (y.ignore_mask() is None)
     np.testing.assert_array_equal(a[0].ignore_mask(), b[0].ignore_mask())
+
+
+def test_with_the_loss_on_the_low_resolution_grid_the_ignore_mask_goes_there_as_the_targets_do():
+    sam = SimpleNamespace(image_encoder=SimpleNamespace(img_size=16), mask_threshold=0.0)
+    low = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(1, 16, 16, dtype=torch.uint8)
+    mask[0, 4:12, 4:12] = 1
+    ignore = torch.zeros(16, 16, dtype=torch.uint8)
+    ignore[:, 12:] = 1  # the last column of the 4 x 4 grid
+    spec = LossSpec(DEFAULT_LOSS_SPEC.weights, size="low_res")
+    batch = Batch(images=None, boxes=None, image_index=torch.tensor([0]), masks=[mask], input_sizes=[(16, 16)],
+                  original_sizes=[(16, 16)], ignore=[ignore])
+    terms = score(sam, batch, low, torch.zeros(1, 1), spec)
+    target = torch.zeros(1, 4, 4)
+    target[0, 1:3, 1:3] = 1
+    grid_ignore = torch.zeros(4, 4)
+    grid_ignore[:, 3] = 1
+    want = sam_loss(low[:, 0], target, torch.zeros(1), spec.weights, ignore=grid_ignore)["loss"]
+    torch.testing.assert_close(terms["loss"], want)

@@ -75,12 +75,14 @@ class Scan:
     problems: List[Problem] = field(default_factory=list)
 
 
-def finish(record: Record, image: np.ndarray, masks: np.ndarray, opts: DataOptions,
-           drops: Optional[Counter] = None) -> Built:
+def finish(record: Record, image: np.ndarray, masks: Optional[np.ndarray], opts: DataOptions,
+           drops: Optional[Counter] = None, areas: Optional[np.ndarray] = None) -> Built:
     """Drop empty and too small objects, refuse a record left without objects, apply
-    --instance_mode. masks: the record's uint8 (N, H, W), already loaded by the format."""
+    --instance_mode. masks: the record's uint8 (N, H, W), already loaded by the format, or None
+    with areas (N,) given instead (a label map counts them without N full-size masks)."""
     drops = Counter() if drops is None else drops
-    areas = masks.reshape(len(masks), -1).sum(1) if len(masks) else np.zeros(0)
+    if areas is None:
+        areas = masks.reshape(len(masks), -1).sum(1) if len(masks) else np.zeros(0)
     keep = [i for i, a in enumerate(areas) if a > 0 and a >= opts.min_area]
     drops["empty"] += int((areas == 0).sum())
     drops["smaller than --min_area"] += int(((areas > 0) & (areas < opts.min_area)).sum())

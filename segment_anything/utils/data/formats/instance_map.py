@@ -49,13 +49,16 @@ def build(pair: Pair, opts: DataOptions):
     labels = read_instances(pair.mask, opts.image_spec.plane)
     if image.shape[:2] != labels.shape:
         raise size_mismatch(str(pair.image), image, str(pair.mask), labels.shape)
-    values = [int(v) for v in np.unique(labels) if v != 0]
+    # Areas from one count over the map: N full-size masks of a large map would not fit in memory.
+    found, counts = np.unique(labels, return_counts=True)
+    area = {int(v): int(n) for v, n in zip(found, counts) if v != 0}
+    values = list(area)
     if opts.foreground_values:
         values = [v for v in values if v in opts.foreground_values]
     record = InstanceMapRecord(str(pair.image), image.shape[:2], str(pair.mask), ("object",) * len(values),
                                str(pair.mask), tuple(values), opts.image_spec)
-    masks = stack_masks([labels == v for v in values], labels.shape)
-    return finish(record, image, masks, opts)
+    areas = np.array([area[v] for v in values], np.int64)
+    return finish(record, image, None, opts, areas=areas)
 
 
 def scan(root, opts: DataOptions) -> Scan:

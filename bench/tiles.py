@@ -1,7 +1,7 @@
 """Tiled training on a large image: peak memory and time of a training step untiled vs --tile, and
 how many objects are too small for the encoder in each mode.
 
-The large image is a 6000x4000 mosaic of the nuclei-instances images in ../shared/data (objects
+The large image is a mosaic (6000x4000 by default; --sizes gives several) of the nuclei-instances images in ../shared/data (objects
 known: their label maps are pasted alongside, one label per nucleus), written once as an
 instance_map data set in a temporary folder. Each mode runs in a fresh subprocess (its peak
 resident set size, ru_maxrss, is its own) and trains the mask decoder for --steps steps of batch 1
@@ -12,7 +12,7 @@ time only. An object is "too small" when the longer side of its box (its visible
 below 8 pixels of the encoder's input.
 
     python bench/tiles.py                                   # vit_t, 6000x4000, tile 1024, 2 steps
-    python bench/tiles.py --steps 1 --max_objects 4 --threads 1
+    python bench/tiles.py --sizes 6000x4000,3000x2000 --steps 1
 """
 
 import argparse
@@ -136,8 +136,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model_type", default="vit_t")
     p.add_argument("--image_size", type=int, default=1024)
-    p.add_argument("--height", type=int, default=4000)
-    p.add_argument("--width", type=int, default=6000)
+    p.add_argument("--sizes", default="6000x4000", help="mosaic sizes WxH, comma-separated (memory against image size)")
     p.add_argument("--tile", type=int, default=1024)
     p.add_argument("--tile_overlap", type=int, default=128)
     p.add_argument("--tile_min_visible", type=float, default=0.5)
@@ -150,31 +149,33 @@ def main() -> None:
     if args.case:
         print(json.dumps(one_case(args)))
         return
-    root = build_mosaic(Path(args.work) / f"{args.width}x{args.height}", args.height, args.width)
-    args.work = str(root)
+    sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     rows = {}
-    for case in ("untiled", "tiled"):
-        cmd = [sys.executable, __file__, *[a for a in sys.argv[1:]], "--work", str(root), "--case", case]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"error: the {case} case failed:\n{out.stderr[-2000:]}")
-        rows[case] = json.loads(out.stdout.strip().splitlines()[-1])
-        rows[case].update(too_small(root, args.tile if case == "tiled" else 0, args.tile_overlap,
-                                    args.tile_min_visible, args.image_size))
+    for width, height in sizes:
+        root = build_mosaic(Path(args.work) / f"{width}x{height}", height, width)
+        for case in ("untiled", "tiled"):
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--work", str(root), "--case", case]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"error: the {case} case failed:\n{out.stderr[-2000:]}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row.update(too_small(root, args.tile if case == "tiled" else 0, args.tile_overlap, args.tile_min_visible,
+                                 args.image_size))
+            rows[(f"{width}x{height}", case)] = row
     print(f"command: python bench/tiles.py {' '.join(sys.argv[1:])}")
     print(machine_line(args.threads))
     print(f"{args.model_type} at {args.image_size} px, random weights, mask decoder trains, no embedding cache; "
-          f"{args.width}x{args.height} mosaic of the nuclei-instances images; tile {args.tile} overlap "
-          f"{args.tile_overlap}, min visible {args.tile_min_visible:g}; batch 1, at most {args.max_objects} objects "
-          f"per item, {args.steps} step(s), lowest time; too small: box's longer side < {SMALL} encoder pixels")
-    print("| mode | items | item size | peak RSS (MiB) | data (s) | step (s) | objects trained | too small | median box side (encoder px) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for case, r in rows.items():
-        trained = f"{r['objects']}" + (f" ({r['untrained']} never trained)" if "untrained" in r else "")
-        print(f"| {case} | {r['items']} | {r['item'][1]}x{r['item'][0]} | {r['peak_mb']:.0f} | {r['data_s']:.2f} | "
-              f"{r['step_s']:.2f} | {trained} | {r['small']} ({100 * r['small'] / max(1, r['objects']):.1f} %) | "
-              f"{r['median_side']:.1f} |")
-
+          f"mosaics of the nuclei-instances images; tile {args.tile} overlap {args.tile_overlap}, min visible "
+          f"{args.tile_min_visible:g}; batch 1, at most {args.max_objects} objects per item, {args.steps} step(s), "
+          f"lowest time; too small: box's longer side < {SMALL} encoder pixels")
+    print("| image | mode | items | item size | peak RSS (MiB) | data (s) | step (s) | objects | too small | "
+          "median box side (encoder px) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (size, case), r in rows.items():
+        objects = f"{r['objects']}" + (f" ({r['untrained']} never trained)" if "untrained" in r else "")
+        print(f"| {size} | {case} | {r['items']} | {r['item'][1]}x{r['item'][0]} | {r['peak_mb']:.0f} | "
+              f"{r['data_s']:.2f} | {r['step_s']:.2f} | {objects} | {r['small']} "
+              f"({100 * r['small'] / max(1, r['objects']):.1f} %) | {r['median_side']:.1f} |")
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ Validation data that is the training data, or shares files with it, is refused; 
 identical pixels in both are named in a warning.
 """
 
+import os
 import random
 import statistics
 from collections import Counter
@@ -16,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 from .checks import DataError, Problem, raise_problems, run_checks, summary
 from .formats import DataOptions, Scan, detect, folder, instance_map, labelme, layout_hint, objects
 from .formats import coco as coco_format
-from .manifest import Manifest
+from .manifest import Manifest, gc_paused
 from .records import Record
 
 FOLDER_FORMATS = {"folder": folder, "objects": objects, "instance_map": instance_map, "labelme": labelme}
@@ -64,18 +65,22 @@ def load_split(fmt: str, source: str, opts: DataOptions, images: Optional[str] =
     nothing usable in a folder of another known layout is one DataError naming that layout."""
     hint = (lambda: "") if fmt in ("auto", "coco") else (lambda: layout_hint(fmt, Path(source)))
     try:
-        found = scan(fmt, source, opts, images)
+        with gc_paused():
+            found = scan(fmt, source, opts, images)
     except DataError as err:
         said = hint()
         if said:
             raise DataError(f"{str(err).splitlines()[0]}{said}") from None
         raise
     manifest = Manifest.open(found.fmt, found.source, opts, images)
-    built, problems = run_checks(found.candidates, found.build, manifest=manifest)
+    with gc_paused():  # many small records and no cycles: see manifest.gc_paused
+        built, problems = run_checks(found.candidates, found.build, manifest=manifest)
     said = "" if built else hint()
     if said:
         raise DataError(f"{source}: --data_format {fmt} finds no usable sample here{said}")
-    drops = sum((b.drops for b in built), Counter())
+    drops = Counter()
+    for b in built:
+        drops.update(b.drops)
     digests = {b.record.image: b.digest for b in built}
     return Loaded(found.fmt, found.source, [b.record for b in built], found.problems + problems, drops,
                   digests, len(found.candidates) + len(found.problems))
@@ -130,15 +135,33 @@ def _check_sources(cfg) -> None:
         raise DataError(f"--val_json {cfg.val_json} is --train_json; give another file or leave it out for a seeded split")
 
 
+def _identity(path: str):
+    """The file behind a path (device, inode): one stat, where resolving the path takes one per
+    component; two names of one file (a link, another spelling) have the same identity."""
+    try:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+    except OSError:
+        return str(Path(path).resolve())
+
+
+WARNINGS_SHOWN = 5  # identical-content warnings named one by one; the rest are counted
+
+
 def _overlap(train: Sequence[Record], val: Sequence[Record], digests: Dict[str, str]) -> List[str]:
     """Refuse shared image files; return warnings for identical pixels in both splits."""
-    shared = sorted({str(Path(r.image).resolve()) for r in train} & {str(Path(r.image).resolve()) for r in val})
+    train_files = {_identity(r.image) for r in train}
+    shared = sorted(r.image for r in val if _identity(r.image) in train_files)
     if shared:
         raise DataError(f"{len(shared)} image file(s) are in both the training and the validation data, e.g. "
                         + ", ".join(shared[:5]))
     by_digest = {digests[r.image]: r.image for r in train}
-    return [f"warning: identical image content in train and val: {by_digest[digests[r.image]]} and {r.image}"
-            for r in val if digests[r.image] in by_digest]
+    same = [(by_digest[digests[r.image]], r.image) for r in val if digests[r.image] in by_digest]
+    warnings = [f"warning: identical image content in train and val: {a} and {b}" for a, b in same[:WARNINGS_SHOWN]]
+    if len(same) > WARNINGS_SHOWN:
+        warnings.append(f"warning: {len(same) - WARNINGS_SHOWN} more validation images have the content of a "
+                        f"training image ({len(same)} in all)")
+    return warnings
 
 
 def prepare_data(cfg) -> RunData:

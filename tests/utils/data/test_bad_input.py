@@ -139,6 +139,16 @@ def test_shared_files_refused_and_identical_content_warned(tmp_path):
     assert f"identical image content in train and val: {train / 'images' / '0000.png'} and {val / 'images' / '0000.png'}" in notes
 
 
+def test_identical_content_warnings_are_capped(tmp_path):
+    """Many duplicates across the splits: the first few are named, the rest counted in one line."""
+    train, val = folder(tmp_path, "train", n=8), tmp_path / "val"
+    shutil.copytree(train, val)  # other files, the same pixels: every validation image warned about
+    notes = prepare_data(TrainConfig(train_dir=str(train), val_dir=str(val))).notes
+    named = [n for n in notes if "identical image content" in n]
+    assert len(named) == 5 and named[0].endswith(f"{train / 'images' / '0000.png'} and {val / 'images' / '0000.png'}")
+    assert "warning: 3 more validation images have the content of a training image (8 in all)" in notes
+
+
 def test_nails_duplicate_pair_is_named_when_split_apart():
     """nails holds one photo twice (different bytes, same pixels); the default seeded split puts
     one copy in train and the other in val."""

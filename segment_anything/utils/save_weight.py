@@ -9,10 +9,12 @@ with keys exactly as in the official state dict (``mask_decoder.transformer.laye
 and metadata of plain Python values (model_type, image_size, epoch, metrics, args), so the file
 loads with ``torch.load(..., weights_only=True)``.
 
-This module depends only on torch and the standard library: load_model_ex.py loads it by file path
-next to Meta's stock ``segment_anything``, which has no such module.
+This module depends only on torch, numpy and the standard library (build_sam's checkpoint_filter_fn
+when it is there): load_model_ex.py loads it by file path next to Meta's stock ``segment_anything``,
+which has no such module. ``model_spec`` reads from a file's metadata how to build the model it goes on.
 """
 
+import inspect
 import io
 import logging
 import os
@@ -21,8 +23,9 @@ import uuid
 import warnings
 import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterable, Optional, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import torch
@@ -338,6 +341,71 @@ def read_weights_file(path: PathLike) -> "tuple[Dict[str, torch.Tensor], Dict[st
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     return _split(load_data_only(path), path)
+
+
+@dataclass
+class ModelSpec:
+    """How to build the model that a best.pth (or a run's last.pth) goes on top of."""
+
+    model_type: str
+    image_size: int
+    build: Dict[str, Any]  # the builder's keyword arguments besides checkpoint (image_size, attention, fft_blocks)
+    image_flags: Dict[str, Any]  # how the run read its images (recorded_image_flags)
+    seed: Optional[int]  # the run's --seed (a --checkpoint none run starts from the model it seeds); None: not recorded
+    notes: List[str] = field(default_factory=list)  # lines worth printing
+
+
+def model_spec(path: PathLike, builders: Dict[str, Callable[..., nn.Module]], model_type: Optional[str] = None,
+               image_size: Optional[int] = None) -> ModelSpec:
+    """The ModelSpec of a weights file, from its metadata, for the flags --model_type / --image_size
+    (None: the file's; given, they must agree with it).
+
+    builders: a sam_model_registry, ours or Meta's; Meta's builders take neither image_size nor
+    attention, so a file trained at another size or with FFT token mixing is refused, saying so.
+    FileNotFoundError / ValueError: one line naming the flag and the file."""
+    path = Path(path)
+    try:
+        _, meta = read_weights_file(path)
+    except (FileNotFoundError, UnsafeFileError) as err:
+        raise type(err)(f"--weights {err}") from None
+    except ValueError as err:
+        raise ValueError(f"--weights {err}; expected a best.pth written by run.py") from None
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... depending on the damage
+        with open(path, "rb") as f:
+            head = f.read(4)
+        what = (f"a truncated or damaged PyTorch file ({(str(err).strip().splitlines() or [type(err).__name__])[0][:200]})"
+                if head.startswith(b"PK") or head[:1] == b"\x80"  # torch.save's zip, or an old-style pickle
+                else f"not a PyTorch checkpoint (neither torch.save's zip format nor a pickle; it starts with {head!r})")
+        raise ValueError(f"--weights {path} is {what}; expected a best.pth written by run.py") from None
+
+    def pick(flag: str, given: Any, fallback: Any = None) -> Any:
+        stored = meta.get(flag)
+        if given is not None and stored is not None and given != stored:
+            raise ValueError(f"--{flag} {given}, but {path} was trained with {flag} {stored}; "
+                             f"leave --{flag} out to use the file's")
+        value = given if given is not None else stored if stored is not None else fallback
+        if value is None:
+            raise ValueError(f"{path} does not say which {flag} it was trained for; pass --{flag}")
+        return value
+
+    model_type, image_size = pick("model_type", model_type), pick("image_size", image_size, fallback=1024)
+    if model_type not in builders:
+        raise ValueError(f"{path} is for {model_type}, which this segment_anything does not have")
+    accepts = inspect.signature(builders[model_type]).parameters
+    mixing = meta.get("attention") or {}
+    build = {"attention": "fft", "fft_blocks": ",".join(map(str, mixing["blocks"]))} if mixing.get("type") == "fft" else {}
+    if build and "attention" not in accepts:
+        raise ValueError(f"{path} was trained with FFT token mixing in encoder blocks {mixing['blocks']}; this "
+                         "segment_anything (Meta's) has only standard attention: use this repository's package")
+    if "image_size" in accepts:
+        build["image_size"] = image_size  # the official weights are adapted to the size
+    elif image_size != 1024:
+        raise ValueError(f"{path} was trained at image_size {image_size}; this segment_anything (Meta's) runs "
+                         "only at 1024: use this repository's package")
+    notes = [f"note: {path} is a run's resume file (last.pth, after epoch {meta.get('epoch')}); using the "
+             "parameters it holds (best.pth holds the best epoch's)"] if meta.get("resume_file") else []
+    seed = (meta.get("args") or {}).get("seed")
+    return ModelSpec(model_type, image_size, build, recorded_image_flags(meta), seed, notes)
 
 
 def _listing(title: str, lines: list) -> str:

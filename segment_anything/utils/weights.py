@@ -6,11 +6,9 @@
     info.image_size  # 1024 (from the position embedding's grid, or from the metadata; None if unknown)
     info.describe()  # one sentence for error messages
 
-The run.py preflight uses it before any worker starts, and load_model_ex.py uses it to read the
-model type and input size stored in best.pth. Every file is read data-only
+The run.py preflight and the tools use it before a model is built. Model types, widths, depths and
+the official files come from build_sam's model table. Every file is read data-only
 (save_weight.load_data_only): a file whose pickle would call code is the kind "unsafe", never run.
-Like save_weight.py this module depends only on torch, numpy and the standard library, so
-load_model_ex.py can load it next to Meta's stock segment_anything.
 """
 
 import zipfile
@@ -20,11 +18,11 @@ from typing import Any, Dict, Optional, Set, Union
 
 import torch
 
+from ..build_sam import OFFICIAL_SIZE, PATCH_SIZE, VIT_CONFIGS, official_weights_hint, sam_model_registry
 from .save_weight import UnsafeFileError, load_data_only, strip_prefixes
 
-PATCH_SIZE = 16  # every ViT encoder here has a 16-pixel patch; pos_embed is (1, size/16, size/16, C)
-VIT_WIDTHS = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}  # patch_embed.proj.weight's output channels
-VIT_DEPTHS = {"vit_b": 12, "vit_l": 24, "vit_h": 32}
+VIT_WIDTHS = {width: name for name, (width, _, _, _) in VIT_CONFIGS.items()}  # patch_embed.proj.weight's output channels
+VIT_DEPTHS = {name: depth for name, (_, depth, _, _) in VIT_CONFIGS.items()}
 PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 RESUME_KEYS = {"optimizer", "scheduler", "model", "epoch"}  # what marks a last.pth
 
@@ -132,7 +130,6 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
-OFFICIAL_SIZE = 1024  # the published weights; only these are adapted (interpolated) to other sizes
 _SHOWN = 5  # keys listed per kind in an error message
 
 
@@ -142,8 +139,6 @@ def check_checkpoint(path: Union[str, Path], model_type: str, image_size: int) -
     Raises FileNotFoundError (with where the official file is published) or ValueError saying what the
     file holds and what was expected; returns the WeightsInfo when the file fits.
     """
-    from segment_anything.build_sam import official_weights_hint  # lazy: this module stays torch-only
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {path} not found. {official_weights_hint(model_type)}; "
@@ -176,8 +171,6 @@ def check_checkpoint(path: Union[str, Path], model_type: str, image_size: int) -
 def _check_keys(path: Path, model_type: str, image_size: int) -> None:
     """Every key of the model in the file and no other, with the model's shapes (up to the tensors
     that build_sam interpolates to the input size)."""
-    from segment_anything.build_sam import sam_model_registry
-
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         target = {k: v.shape for k, v in sam_model_registry[model_type](image_size=image_size).state_dict().items()}
     found = {k: v.shape for k, v in torch.load(path, map_location="meta", weights_only=True).items()}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ..random_weights import DEFAULT_SEED
 from .checks import DataError, Problem, raise_problems, run_checks, summary
 from .formats import DataOptions, Scan, detect, folder, instance_map, labelme, layout_hint, objects
 from .formats import coco as coco_format
@@ -21,9 +22,6 @@ from .manifest import Manifest, gc_paused
 from .records import Record
 
 FOLDER_FORMATS = {"folder": folder, "objects": objects, "instance_map": instance_map, "labelme": labelme}
-
-# run.py's default --seed: the train/val split, the shuffling, and a --checkpoint none run's random model.
-DEFAULT_SEED = 21
 
 
 @dataclass

@@ -34,7 +34,7 @@ def epoch(sam, decoder_state, records, args, amp_dtype, cache_dir, epochs):
     """Seconds of each epoch, from the starting decoder, with a cache in cache_dir."""
     sam.mask_decoder.load_state_dict(decoder_state)
     cfg = TrainConfig(model_type=args.model, checkpoint="none", image_size=args.image_size, cache_dir=str(cache_dir))
-    cache = open_cache(cfg, sam, amp_dtype, log=False)
+    cache = open_cache(cfg.resolve().cache, sam, amp_dtype, log=False)
     ds = MaskDataset(records, args.image_size, cache=cache)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, collate_fn=collate, num_workers=args.workers,
                                          pin_memory=args.device == "cuda", persistent_workers=args.workers > 0)

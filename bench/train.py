@@ -106,7 +106,7 @@ def our_epochs(args, device, warm: bool, compiled: bool = False, amp: str = "off
     cfg = TrainConfig(model_type=args.model_type, checkpoint="none", image_size=args.image_size,
                       cache_dir=args.cache_dir, cache_dtype=args.cache_dtype, amp=amp)
     amp_dtype = amp_dtype_for(cfg, device)  # as run.py chooses it
-    cache = open_cache(cfg, sam, amp_dtype, log=False)  # the compute dtype is part of the key
+    cache = open_cache(cfg.resolve().cache, sam, amp_dtype, log=False)  # the compute dtype is part of the key
     ds = dataset(args, args.image_size, cache)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, collate_fn=list, num_workers=args.workers)
     opt = optimizer(sam)

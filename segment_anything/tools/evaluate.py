@@ -31,7 +31,7 @@ from ..utils import draw
 from ..utils.clicks import click_session
 from ..utils.data import DataError, DataOptions, Record, split_records
 from ..utils.data.checks import raise_problems, summary
-from ..utils.data.formats import DATA_FORMATS
+from ..utils.data.formats import DATA_FLAGS, DATA_FORMATS
 from ..utils.data.prepare import load_split
 from ..utils.data.prompts import PROMPTS, PromptConfig, object_prompts
 from ..utils.image_spec import add_arguments as add_image_arguments
@@ -341,7 +341,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args.image_size = args.image_size or meta.get("image_size") or 1024
     check_base(args.checkpoint, args.model_type, args.image_size)
     image_spec_as_trained(args, args.weights)  # fills the image flags left out, as the run read its images
-    datasets = {"data": read_data(args, "data", DataOptions.from_config(args), args.split)}
+    options = DataOptions.from_flags(**{name: getattr(args, name) for name in DATA_FLAGS})
+    datasets = {"data": read_data(args, "data", options, args.split)}
     if args.reference_dir or args.reference_json:  # read as it is: the options are --data_dir's
         datasets["reference"] = read_data(args, "reference", DataOptions(args.reference_format))
     prompts = {name: object_prompt_list(recs, cfg, args.prompt_seed) for name, recs in datasets.items()}

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from ..utils.data.checks import DataError, raise_problems, summary
-from ..utils.data.formats import DataOptions
+from ..utils.data.formats import DATA_FLAGS, DataOptions
 from ..utils.data.prepare import describe, load_split
 from ..utils.data.prompts import POINT_MODES, PROMPTS, PromptConfig, object_prompts
 from ..utils.data.records import Record
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     if not coco and not args.data_dir:
         sys.exit("error: --data_dir is required (or --data_json and --data_images for COCO)")
     try:
-        opts = DataOptions.from_config(args)
+        opts = DataOptions.from_flags(**{name: getattr(args, name) for name in DATA_FLAGS})
     except ValueError as err:
         sys.exit(f"error: {err}")
     out = Path(args.output_dir)

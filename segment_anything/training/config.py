@@ -16,8 +16,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from ..build_sam import MODEL_TYPES, OFFICIAL_FILES, fft_blocks_for
 from ..modeling.lora import parse_targets
 from ..utils.data.augment import parse_augment
-from ..utils.data.formats import DATA_FORMATS, INSTANCE_MODES
-from ..utils.data.prepare import DEFAULT_SEED
+from ..utils.data.cache import INPUT_FLAGS, CacheSpec
+from ..utils.data.dataset import DatasetSpec
+from ..utils.data.formats import DATA_FLAGS, DATA_FORMATS, INSTANCE_MODES, DataOptions
+from ..utils.data.prepare import DEFAULT_SEED, DataSources
+from ..utils.data.prompts import PromptConfig
 from ..utils.image_spec import CHANNELS_HELP, PLANE_HELP, RANGE_HELP, ImageSpec
 from ..utils.interactive import InteractiveSpec, parse_prompt_probs, parse_val_clicks
 from ..utils.losses import LossSpec, parse_loss
@@ -130,6 +133,9 @@ class RunSpec:
     val_clicks: Tuple[int, ...]  # validation IoU after these numbers of corrective clicks
     augment: Tuple[str, ...]  # training augmentation
     faults: FaultSpec
+    data: DataSources  # where the data is and how it is read
+    datasets: DatasetSpec  # prompts, objects per item, augmentation
+    cache: CacheSpec  # the embedding cache
 
 
 @dataclass(eq=False)
@@ -287,7 +293,22 @@ class TrainConfig:
                          lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_targets=tuple(targets),
                          grad_checkpoint=self.grad_checkpoint)
         faults = FaultSpec(self.save_every, self.save_every_minutes, self.max_bad_steps, self.dist_timeout)
-        return RunSpec(task, plan, loss, interactive, val_clicks, augment, faults)
+        return RunSpec(task, plan, loss, interactive, val_clicks, augment, faults, *self._data_specs(augment))
+
+    def _data_specs(self, augment: Tuple[str, ...]) -> Tuple[DataSources, DatasetSpec, CacheSpec]:
+        """The data, dataset and cache specs. --prompt mixed: training items carry both the box and
+        the points of every object (the interactive step picks one per object); validation items
+        carry boxes, the prompt users give most."""
+        options = DataOptions.from_flags(**{name: getattr(self, name) for name in DATA_FLAGS})
+        data = DataSources(options, self.train_dir, self.train_json, self.train_images, self.val_dir, self.val_json,
+                           self.val_images, self.val_fraction, self.seed, self.skip_bad)
+        prompts = [PromptConfig(prompt, self.num_points, self.point_mode,
+                                self.negative_points if prompt != "box" else 0, self.box_jitter)
+                   for prompt in (("box+point", "box") if self.prompt == "mixed" else (self.prompt,) * 2)]
+        datasets = DatasetSpec(self.image_size, *prompts, self.max_objects, augment, self.seed)
+        cache = CacheSpec({name: getattr(self, name) for name in INPUT_FLAGS}, not self.no_cache, self.augment,
+                          self.cache_dir, self.cache_dtype, self.cache_max_gb)
+        return data, datasets, cache
 
     def _single_point_prompts(self, probs: Dict[str, float]) -> bool:
         """True when a run can give an object exactly one positive point and nothing else: the

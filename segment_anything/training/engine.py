@@ -271,7 +271,7 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Prepared] = None) -
     sam = build_model(cfg, task).to(info.device)
     amp_dtype = amp_dtype_for(cfg, info.device)
     # The cache's key hashes the loaded encoder weights: after the model, before the datasets that read it.
-    cache = open_cache(cfg, sam, amp_dtype, log=info.is_main, images=len(data.train) + len(data.val))
+    cache = open_cache(task.spec.cache, sam, amp_dtype, log=info.is_main, images=len(data.train) + len(data.val))
     train_loader, val_loader, sampler = make_loaders(cfg, info, data, task, cache)
     run = Training.build(cfg, info, sam, amp_dtype, cache, sampler.steps_per_epoch, task)
     guard = StepGuard(run, info, lambda sums: save_last(run, sampler, out_dir, info, sums),

@@ -60,10 +60,10 @@ def preflight(cfg: TrainConfig) -> Prepared:
     if cfg.checkpoint_path() is not None:
         check_checkpoint(cfg.checkpoint_path(), cfg.model_type, cfg.image_size)
     out_dir = resolve_output_dir(cfg)  # before the data checks: a folder that cannot be written fails at once
-    data = prepare_data(cfg)
+    spec = cfg.resolve()
+    data = prepare_data(spec.data)
     if cfg.tile:  # once, here: every rank trains the same tiles
         data = tile_data(data, cfg.tile, cfg.tile_overlap, cfg.tile_min_visible)
-    spec = cfg.resolve()
     task = build_task(cfg, spec, data)
     return Prepared(data, out_dir, spec, task)
 

@@ -62,7 +62,7 @@ def parse_val_clicks(text: str) -> Tuple[int, ...]:
 
 @dataclass(frozen=True)
 class InteractiveSpec:
-    """What the interactive step does; from_config returns None when none of it is on."""
+    """What the interactive step does (training.config's resolve gives None when none of it is on)."""
 
     seed: int = 0
     mixed: Optional[Tuple[float, float]] = None  # (P(box), P(point)) per object; None: prompts as given
@@ -71,11 +71,6 @@ class InteractiveSpec:
     click_rounds: int = 0  # at most this many corrective clicks per step (drawn per step), then a mask-only round
     click_mode: str = "center"
     click_grad: str = "all"
-
-    @classmethod
-    def from_config(cls, cfg) -> Optional["InteractiveSpec"]:
-        """The spec of a training configuration (training.config resolves the flags)."""
-        return cfg.resolve().interactive
 
     def rounds(self, epoch: int, step: int) -> int:
         """Corrective clicks of this step: uniform in 1..click_rounds from a Generator seeded by

@@ -52,11 +52,6 @@ class TrainPlan:
     lora_targets: Tuple[str, ...] = ("qkv", "proj")
     grad_checkpoint: bool = False
 
-    @classmethod
-    def from_config(cls, cfg) -> "TrainPlan":
-        """The plan of a training configuration (training.config resolves the flags)."""
-        return cfg.resolve().plan
-
     @property
     def uses_boxes(self) -> bool:
         return "box" in self.prompt or self.prompt == "mixed"

@@ -21,7 +21,7 @@ from segment_anything.training.config import TrainConfig
 from segment_anything.utils.data import make_synthetic_dataset
 from segment_anything.utils.data import MaskDataset, load_records
 from segment_anything.utils.data.cache import EmbeddingCache, open_cache
-from segment_anything.utils.interactive import InteractiveSpec, InteractiveStep
+from segment_anything.utils.interactive import InteractiveStep
 from segment_anything.utils.losses import DEFAULT_LOSS_SPEC
 from segment_anything.utils.log import LOGGER_NAME
 from segment_anything.utils.random_weights import randomize_
@@ -109,7 +109,7 @@ def test_a_corrupt_entry_is_a_logged_miss_and_is_rewritten(tmp_path, damage, cap
 
 
 def key_of(cfg, sam, image) -> str:
-    return open_cache(cfg, sam, None, log=False).key_for(image)
+    return open_cache(cfg.resolve().cache, sam, None, log=False).key_for(image)
 
 
 def test_every_key_part_changes_the_key(tmp_path, pairs):
@@ -123,7 +123,7 @@ def test_every_key_part_changes_the_key(tmp_path, pairs):
         "image size": key_of(config(tmp_path, image_size=64), new_sam(0, 64), image),
         "model type": key_of(config(tmp_path, model_type="vit_b"), sam, image),
         "cache dtype": key_of(config(tmp_path, cache_dtype="fp32"), sam, image),
-        "compute dtype": open_cache(config(tmp_path), sam, torch.bfloat16, log=False).key_for(image),
+        "compute dtype": open_cache(config(tmp_path).resolve().cache, sam, torch.bfloat16, log=False).key_for(image),
         "intensity range": key_of(config(tmp_path, intensity_range="0,4095"), sam, image),
         "channels": key_of(config(tmp_path, channels="0,1,1"), sam, image),
         "plane": key_of(config(tmp_path, plane=1), sam, image),
@@ -143,14 +143,14 @@ def test_cache_is_off_with_a_reason(tmp_path, caplog):
     logging.getLogger(LOGGER_NAME).propagate = True
     try:
         with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
-            assert open_cache(config(tmp_path, no_cache=True), sam, None) is None
+            assert open_cache(config(tmp_path, no_cache=True).resolve().cache, sam, None) is None
             sam.image_encoder.requires_grad_(True)
-            assert open_cache(config(tmp_path), sam, None) is None
+            assert open_cache(config(tmp_path).resolve().cache, sam, None) is None
             sam.image_encoder.requires_grad_(False)
             cfg = config(tmp_path)
             object.__setattr__(cfg, "augment", "flip")  # the data issue's flag
-            assert open_cache(cfg, sam, None) is None
-            assert open_cache(config(tmp_path), sam, None) is not None
+            assert open_cache(cfg.resolve().cache, sam, None) is None
+            assert open_cache(config(tmp_path).resolve().cache, sam, None) is not None
     finally:
         logging.getLogger(LOGGER_NAME).propagate = False
     text = caplog.text
@@ -195,9 +195,9 @@ def train(pairs, cache, epochs=2, seed=0, cfg=None):
     """epochs of train_one_epoch over fixed batches (2 images, then 1); returns (sam, metrics).
     cfg: a TrainConfig with interactive training (its plan and InteractiveStep) instead of the box step."""
     sam = new_sam(seed)
-    spec = InteractiveSpec.from_config(cfg) if cfg is not None else None
+    spec = cfg.resolve().interactive if cfg is not None else None
     if spec is not None:
-        configure(sam, TrainPlan.from_config(cfg))
+        configure(sam, cfg.resolve().plan)
     step = SamTrainStep(sam) if spec is None else InteractiveStep(sam, spec, DEFAULT_LOSS_SPEC)
     ds = MaskDataset(pairs, SIZE, cache=cache)
     opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=1e-3)

@@ -155,11 +155,11 @@ def test_start_up_says_what_the_run_needs_and_what_the_disk_has(tmp_path, logged
     sam = new_sam()
     size = entry_bytes(sam, "fp16")
     assert size == HEADER.size + 256 * 8 * 8 * 2  # 128 px: an (256, 8, 8) embedding
-    open_cache(config(tmp_path), sam, None, images=1000)
+    open_cache(config(tmp_path).resolve().cache, sam, None, images=1000)
     assert f"needs up to {1000 * size / 2**30:.2f} GB (1000 images x {size / 2**20:.2f} MB); " in logged.text
     assert "GB free on its disk" in logged.text and "WARNING" not in logged.text
     logged.clear()
-    open_cache(config(tmp_path, cache_max_gb=size * 10 / 2**30), sam, None, images=1000)
+    open_cache(config(tmp_path, cache_max_gb=size * 10 / 2**30).resolve().cache, sam, None, images=1000)
     record = [r for r in logged.records if "needs up to" in r.message][0]
     assert record.levelno == logging.WARNING and "bounded to" in record.message
     assert "least recently used entries go first" in record.message and "recomputed every epoch" in record.message

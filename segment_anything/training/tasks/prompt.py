@@ -4,7 +4,7 @@ from typing import Dict
 
 from torch import nn
 
-from ...utils.data.dataset import describe, make_datasets
+from ...utils.data.dataset import make_datasets
 from ...utils.distributed import share_buffers
 from ...utils.trainer import POST_KEYS, PromptLoop, SamTrainStep
 from .base import Task
@@ -28,11 +28,20 @@ class PromptTask(Task):
             share_buffers(sam.image_encoder)  # a training TinyViT's BatchNorm statistics: rank 0's everywhere
 
     def datasets(self, data, cache=None):
-        return make_datasets(self.cfg, data.train, data.val, cache=cache)
+        return make_datasets(self.spec.datasets, data.train, data.val, cache=cache)
 
     def val_extra(self, val: Dict) -> Dict:
         return {**{f"val_{k}": val[k] for k in POST_KEYS if k in val},
                 **{f"val_{k}": v for k, v in val.items() if k.endswith("_iou") and "_click" in k}}
 
     def describe(self, sam) -> str:
-        return describe(self.cfg)
+        """One start-up log line: prompts, the object bound, augmentation."""
+        cfg, p = self.cfg, self.spec.datasets.prompts
+        what = p.prompt
+        if p.points_per_object:
+            what += f" ({p.num_points} {p.point_mode} point(s)" + (f", {p.negative_points} negative" if p.negative_points else "") + ")"
+        if cfg.prompt == "mixed":
+            what = (f"mixed ({cfg.prompt_probs}): its box or 1..{cfg.num_points} {cfg.point_mode} positive point(s) "
+                    f"per object; validation: box")
+        return (f"prompts: {what} per object; at most {cfg.max_objects} objects per image per step, validation in chunks of "
+                f"{cfg.max_objects}; augment: {cfg.augment or 'none'}; box jitter {cfg.box_jitter:g}")

@@ -4,7 +4,7 @@
     formats/        folder, objects, instance_map, labelme, coco
     image_io.py     strict image / mask decoding
     checks.py       DataError, per-sample problems, --skip_bad summary
-    prepare.py      prepare_data(cfg): every file checked before training
+    prepare.py      prepare_data(sources): every file checked before training
     dataset.py      MaskDataset, collate
     samplers.py     resumable distributed sampling, the epoch sent with each index
     synthetic.py    small deterministic datasets for the demo and the tests

@@ -288,35 +288,47 @@ def _decode(data: bytes) -> Optional[torch.Tensor]:
 INPUT_FLAGS = ("model_type", "image_size", "intensity_range", "channels", "plane")
 
 
-def open_cache(cfg, sam: torch.nn.Module, amp_dtype: Optional[torch.dtype], log: bool = True,
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a run asks of the cache (training.config's resolve builds it from the flags)."""
+
+    inputs: Dict[str, object]  # INPUT_FLAGS -> the run's value: part of every key
+    enabled: bool = True  # False: --no_cache
+    augment: str = ""  # --augment as given; augmentation changes the pixels, so it turns the cache off
+    folder: Optional[str] = None  # --cache_dir; None: default_cache_dir()
+    dtype: str = "fp16"  # --cache_dtype
+    max_gb: float = 0.0  # --cache_max_gb; 0: no bound
+
+
+def open_cache(spec: CacheSpec, sam: torch.nn.Module, amp_dtype: Optional[torch.dtype], log: bool = True,
                images: int = 0) -> Optional[EmbeddingCache]:
     """The run's cache, or None (with the reason logged) when it cannot or must not be used:
     --no_cache, a trained image encoder, or augmentation that changes the pixels. images: the
     run's image count, for the log line of the space it needs against the space free."""
     logger = get_logger()
     reason = None
-    if cfg.no_cache:
+    if not spec.enabled:
         reason = "--no_cache"
     elif any(p.requires_grad for p in sam.image_encoder.parameters()):
         reason = "the image encoder is trained, so its embeddings change every step"
-    elif getattr(cfg, "augment", None):
-        reason = f"--augment {cfg.augment} changes the pixels the encoder sees on every epoch"
+    elif spec.augment:
+        reason = f"--augment {spec.augment} changes the pixels the encoder sees on every epoch"
     if reason is not None:
         if log:
             logger.info(f"embedding cache off: {reason}")
         return None
-    parts = {flag: getattr(cfg, flag) for flag in INPUT_FLAGS}
+    parts = {flag: spec.inputs[flag] for flag in INPUT_FLAGS}
     parts["weights"] = weights_hash(sam.image_encoder, _Preprocess(sam))
     parts["compute_dtype"] = str(amp_dtype)
     if fft_block_indices(sam):  # FFT mixing makes other embeddings from the same weights;
         parts["fft_blocks"] = fft_block_indices(sam)  # only then in the key: stock runs keep their entries
-    cache = EmbeddingCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), cfg.cache_dtype, parts,
-                           max_bytes=int(cfg.cache_max_gb * 2**30))
+    cache = EmbeddingCache(Path(spec.folder) if spec.folder else default_cache_dir(), spec.dtype, parts,
+                           max_bytes=int(spec.max_gb * 2**30))
     if log:
         count, size = cache.usage()
         logger.info(f"embedding cache: {cache.root} ({count} entries, {size / 2**20:.1f} MB on disk), "
-                    f"{cfg.cache_dtype}, weights {parts['weights'][:12]}")
-        log_space(cache, entry_bytes(sam, cfg.cache_dtype), images, size)
+                    f"{spec.dtype}, weights {parts['weights'][:12]}")
+        log_space(cache, entry_bytes(sam, spec.dtype), images, size)
     return cache
 
 

@@ -12,6 +12,7 @@ one image are consecutive and share `index`; the trainer encodes the image once)
 stays bounded however many objects an image holds. No augmentation, no box jitter.
 """
 
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..transforms import ResizeLongestSide
-from .augment import build_augment, parse_augment
+from .augment import build_augment
 from .checks import DataError
 from .prompts import PromptConfig, object_prompts
 from .records import Record
@@ -147,33 +148,23 @@ def collate(batch: List[dict]) -> List[dict]:
     return list(batch)
 
 
-def prompt_config(cfg, train: bool = True) -> PromptConfig:
-    """The prompt settings of a TrainConfig. --prompt mixed: training items carry both the box
-    and the points of every object (utils.interactive picks one per object in the step);
-    validation items carry boxes, the prompt users give most."""
-    prompt = cfg.prompt
-    if prompt == "mixed":
-        prompt = "box+point" if train else "box"
-    return PromptConfig(prompt=prompt, num_points=cfg.num_points, point_mode=cfg.point_mode,
-                        negative_points=cfg.negative_points if prompt != "box" else 0, box_jitter=cfg.box_jitter)
+@dataclass(frozen=True)
+class DatasetSpec:
+    """The datasets of a run (training.config's resolve builds it): augmentation and box jitter
+    only in training; validation prompts may differ (--prompt mixed: boxes)."""
+
+    image_size: int
+    prompts: PromptConfig = PromptConfig()
+    val_prompts: PromptConfig = PromptConfig()
+    max_objects: int = 16
+    augment: Tuple[str, ...] = ()
+    seed: int = 0
 
 
-def make_datasets(cfg, train: Sequence[Record], val: Sequence[Record], cache=None) -> Tuple[MaskDataset, MaskDataset]:
-    """(training, validation) datasets for a TrainConfig: augmentation and box jitter only in training."""
-    return (MaskDataset(train, cfg.image_size, prompt_config(cfg), cfg.max_objects, parse_augment(cfg.augment), cfg.seed,
-                        train=True, cache=cache),
-            MaskDataset(val, cfg.image_size, prompt_config(cfg, train=False), cfg.max_objects, seed=cfg.seed, train=False,
+def make_datasets(spec: DatasetSpec, train: Sequence[Record], val: Sequence[Record],
+                  cache=None) -> Tuple[MaskDataset, MaskDataset]:
+    """(training, validation) datasets."""
+    return (MaskDataset(train, spec.image_size, spec.prompts, spec.max_objects, spec.augment, spec.seed, train=True,
+                        cache=cache),
+            MaskDataset(val, spec.image_size, spec.val_prompts, spec.max_objects, seed=spec.seed, train=False,
                         cache=cache))
-
-
-def describe(cfg) -> str:
-    """One start-up log line: prompts, the object bound, augmentation."""
-    p = prompt_config(cfg)
-    what = p.prompt
-    if p.points_per_object:
-        what += f" ({p.num_points} {p.point_mode} point(s)" + (f", {p.negative_points} negative" if p.negative_points else "") + ")"
-    if cfg.prompt == "mixed":
-        what = (f"mixed ({cfg.prompt_probs}): its box or 1..{cfg.num_points} {cfg.point_mode} positive point(s) "
-                f"per object; validation: box")
-    return (f"prompts: {what} per object; at most {cfg.max_objects} objects per image per step, validation in chunks of "
-            f"{cfg.max_objects}; augment: {cfg.augment or 'none'}; box jitter {cfg.box_jitter:g}")

@@ -37,6 +37,23 @@ class Loaded:
     total: int  # samples listed, bad ones included
 
 
+@dataclass(frozen=True)
+class DataSources:
+    """Where a run's data is and how to read it (training.config's resolve builds it from the
+    flags; the names below are the flags')."""
+
+    options: DataOptions
+    train_dir: str = ""
+    train_json: Optional[str] = None
+    train_images: Optional[str] = None
+    val_dir: Optional[str] = None
+    val_json: Optional[str] = None
+    val_images: Optional[str] = None
+    val_fraction: float = 0.2
+    seed: int = DEFAULT_SEED
+    skip_bad: bool = False
+
+
 @dataclass
 class RunData:
     train: List[Record]
@@ -125,12 +142,12 @@ def mode_note(opts: DataOptions) -> str:
             "connected component); --instance_mode per_image gives the reference's one box per image")
 
 
-def _check_sources(cfg) -> None:
-    if cfg.val_dir and cfg.train_dir and Path(cfg.val_dir).resolve() == Path(cfg.train_dir).resolve():
-        raise DataError(f"--val_dir {cfg.val_dir} is --train_dir: validation on the training images "
+def _check_sources(src: DataSources) -> None:
+    if src.val_dir and src.train_dir and Path(src.val_dir).resolve() == Path(src.train_dir).resolve():
+        raise DataError(f"--val_dir {src.val_dir} is --train_dir: validation on the training images "
                         "measures nothing; give another folder, or leave --val_dir out for a seeded split")
-    if cfg.val_json and cfg.train_json and Path(cfg.val_json).resolve() == Path(cfg.train_json).resolve():
-        raise DataError(f"--val_json {cfg.val_json} is --train_json; give another file or leave it out for a seeded split")
+    if src.val_json and src.train_json and Path(src.val_json).resolve() == Path(src.train_json).resolve():
+        raise DataError(f"--val_json {src.val_json} is --train_json; give another file or leave it out for a seeded split")
 
 
 def _identity(path: str):
@@ -162,24 +179,24 @@ def _overlap(train: Sequence[Record], val: Sequence[Record], digests: Dict[str, 
     return warnings
 
 
-def prepare_data(cfg) -> RunData:
+def prepare_data(src: DataSources) -> RunData:
     """Find and check every train/val sample; raise one DataError naming every bad file."""
-    opts = DataOptions.from_config(cfg)
-    coco = cfg.data_format == "coco" or (cfg.data_format == "auto" and cfg.train_json)
-    if coco and not (cfg.train_json and cfg.train_images):
+    opts = src.options
+    coco = opts.data_format == "coco" or (opts.data_format == "auto" and src.train_json)
+    if coco and not (src.train_json and src.train_images):
         raise DataError("COCO data needs --train_json (instances JSON) and --train_images (its image folder)")
-    if not coco and not cfg.train_dir:
+    if not coco and not src.train_dir:
         raise DataError("--train_dir is required (a folder of images and masks or labelme JSON files), "
                         "or --train_json + --train_images for COCO")
-    _check_sources(cfg)
-    fmt = "coco" if coco else cfg.data_format
-    train = load_split(fmt, cfg.train_json if coco else cfg.train_dir, opts, cfg.train_images)
-    val_source = (cfg.val_json if coco else cfg.val_dir) or None
-    if val_source and coco and not cfg.val_images:
+    _check_sources(src)
+    fmt = "coco" if coco else opts.data_format
+    train = load_split(fmt, src.train_json if coco else src.train_dir, opts, src.train_images)
+    val_source = (src.val_json if coco else src.val_dir) or None
+    if val_source and coco and not src.val_images:
         raise DataError("--val_json needs --val_images (its image folder)")
-    val = load_split(train.fmt, val_source, opts, cfg.val_images) if val_source else None
+    val = load_split(train.fmt, val_source, opts, src.val_images) if val_source else None
     problems = train.problems + (val.problems if val else [])
-    if not cfg.skip_bad:
+    if not src.skip_bad:
         raise_problems(problems, "data check")
     for split in (train, val):
         if split is not None and not split.records:
@@ -191,7 +208,7 @@ def prepare_data(cfg) -> RunData:
         train_records, val_records = train.records, val.records
         digests.update(val.digests)
     else:
-        train_records, val_records = split_records(train.records, cfg.val_fraction, cfg.seed)
+        train_records, val_records = split_records(train.records, src.val_fraction, src.seed)
         notes.append(f"no validation data given: seeded split, {len(train_records)} train / {len(val_records)} val images")
     notes.append(mode_note(opts))
     notes += _overlap(train_records, val_records, digests)

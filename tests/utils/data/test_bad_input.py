@@ -25,12 +25,12 @@ def folder(tmp_path, name="train", n=3, seed=3) -> Path:
 
 def fails(**flags) -> str:
     with pytest.raises(DataError) as info:
-        prepare_data(TrainConfig(**flags))
+        prepare_data(TrainConfig(**flags).resolve().data)
     return str(info.value)
 
 
 def skipped(**flags):
-    data = prepare_data(TrainConfig(skip_bad=True, **flags))
+    data = prepare_data(TrainConfig(skip_bad=True, **flags).resolve().data)
     return data, "\n".join(data.skipped)
 
 
@@ -135,7 +135,7 @@ def test_shared_files_refused_and_identical_content_warned(tmp_path):
     (val / "images" / "0000.png").unlink()
     ok, png = cv2.imencode(".png", cv2.imread(str(train / "images" / "0000.png")), [cv2.IMWRITE_PNG_COMPRESSION, 9])
     (val / "images" / "0000.png").write_bytes(png.tobytes())  # other bytes, same pixels
-    notes = "\n".join(prepare_data(TrainConfig(train_dir=str(train), val_dir=str(val))).notes)
+    notes = "\n".join(prepare_data(TrainConfig(train_dir=str(train), val_dir=str(val)).resolve().data).notes)
     assert f"identical image content in train and val: {train / 'images' / '0000.png'} and {val / 'images' / '0000.png'}" in notes
 
 
@@ -143,7 +143,7 @@ def test_identical_content_warnings_are_capped(tmp_path):
     """Many duplicates across the splits: the first few are named, the rest counted in one line."""
     train, val = folder(tmp_path, "train", n=8), tmp_path / "val"
     shutil.copytree(train, val)  # other files, the same pixels: every validation image warned about
-    notes = prepare_data(TrainConfig(train_dir=str(train), val_dir=str(val))).notes
+    notes = prepare_data(TrainConfig(train_dir=str(train), val_dir=str(val)).resolve().data).notes
     named = [n for n in notes if "identical image content" in n]
     assert len(named) == 5 and named[0].endswith(f"{train / 'images' / '0000.png'} and {val / 'images' / '0000.png'}")
     assert "warning: 3 more validation images have the content of a training image (8 in all)" in notes
@@ -153,7 +153,7 @@ def test_nails_duplicate_pair_is_named_when_split_apart():
     """nails holds one photo twice (different bytes, same pixels); the default seeded split puts
     one copy in train and the other in val."""
     nails = require_shared_data("nails")
-    data = prepare_data(TrainConfig(train_dir=str(nails), min_area=10))
+    data = prepare_data(TrainConfig(train_dir=str(nails), min_area=10).resolve().data)
     a, b = "2C29D473-CCB4-458C-926B-99D0042161E6.jpg", "d61a32a0-db67-11e8-9658-0242ac1c0002.jpg"
     sides = {Path(r.image).name: side for side, recs in (("train", data.train), ("val", data.val)) for r in recs}
     assert {sides[a], sides[b]} == {"train", "val"}
@@ -253,7 +253,7 @@ def test_labelme_image_path_naming_the_json_reads_image_data(tmp_path):
     # labelme's own tutorial files: imagePath is the JSON itself, the picture is in imageData;
     # labelme opens them from imageData, and so must the data check.
     root = labelme_dir(tmp_path, image_path="bad.json")
-    data = prepare_data(TrainConfig(train_dir=str(root)))
+    data = prepare_data(TrainConfig(train_dir=str(root)).resolve().data)
     records = {Path(r.source).name: r for r in data.train + data.val}
     assert records["bad.json"].embedded and records["bad.json"].load_image().shape == (30, 40, 3)
     root = labelme_dir(tmp_path, image_path="bad.json", embed=False)
@@ -263,7 +263,7 @@ def test_labelme_image_path_naming_the_json_reads_image_data(tmp_path):
 def test_labelme_image_path_not_an_image_falls_back_to_image_data(tmp_path):
     root = labelme_dir(tmp_path, image_path="notes.txt")
     (root / "notes.txt").write_text("not a picture")
-    data = prepare_data(TrainConfig(train_dir=str(root)))
+    data = prepare_data(TrainConfig(train_dir=str(root)).resolve().data)
     assert {Path(r.source).name for r in data.train + data.val if r.embedded} == {"good.json", "good2.json", "bad.json"}
 
 

@@ -164,7 +164,7 @@ def test_mixed_prompts_give_training_boxes_and_points_and_validation_boxes():
     from segment_anything.utils.data.dataset import make_datasets
 
     cfg = TrainConfig(prompt="mixed", num_points=3, negative_points=1, image_size=64)
-    train, val = make_datasets(cfg, RECORDS[:1], RECORDS[:1])
+    train, val = make_datasets(cfg.resolve().datasets, RECORDS[:1], RECORDS[:1])
     t, v = train[(0, 0)], val[0]
     assert t["prompt"] == "box+point" and t["boxes"].shape == (3, 4)
     assert (t["point_labels"] == 1).sum(1).tolist() == [3, 3, 3] and (t["point_labels"] == 0).sum(1).tolist() == [1, 1, 1]

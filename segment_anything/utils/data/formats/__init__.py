@@ -28,7 +28,7 @@ MASK_DIRS = ("mask", "masks", "label", "labels", "gt")
 
 @dataclass(frozen=True)
 class DataOptions:
-    """What the data flags ask for (TrainConfig -> `from_config`)."""
+    """What the data flags ask for (`from_flags`)."""
 
     data_format: str = "auto"
     instance_mode: str = "per_object"
@@ -40,15 +40,24 @@ class DataOptions:
     image_spec: ImageSpec = ImageSpec()  # --channels, --intensity_range, --plane
 
     @classmethod
-    def from_config(cls, cfg) -> "DataOptions":
-        names = tuple(_split(cfg.foreground_values))
+    def from_flags(cls, data_format: str = "auto", instance_mode: str = "per_object", min_area: int = 0,
+                   mask_threshold: int = 127, labels: Optional[str] = None, categories: Optional[str] = None,
+                   foreground_values: Optional[str] = None, channels: Optional[str] = "",
+                   intensity_range: Optional[str] = "auto", plane: Optional[int] = None) -> "DataOptions":
+        """From the values of the data flags (DATA_FLAGS) as given on a command line."""
+        names = tuple(_split(foreground_values))
         numeric = all(v.lstrip("-").isdigit() for v in names)
-        labels, categories = _split(cfg.labels), _split(cfg.categories)
+        labels, categories = _split(labels), _split(categories)
         if names and not numeric:  # class names: what --labels / --categories mean
             labels, categories = labels or names, categories or names
-        spec = ImageSpec.from_flags(cfg.channels, cfg.intensity_range, cfg.plane)
-        return cls(cfg.data_format, cfg.instance_mode, cfg.min_area, cfg.mask_threshold, tuple(labels),
+        spec = ImageSpec.from_flags(channels, intensity_range, plane)
+        return cls(data_format, instance_mode, min_area, mask_threshold, tuple(labels),
                    tuple(categories), tuple(int(v) for v in names) if numeric else (), spec)
+
+
+# The flags DataOptions.from_flags reads: every data tool and run.py has them under these names.
+DATA_FLAGS = ("data_format", "instance_mode", "min_area", "mask_threshold", "labels", "categories",
+              "foreground_values", "channels", "intensity_range", "plane")
 
 
 def _split(text: Optional[str]) -> List[str]:

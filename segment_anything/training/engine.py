@@ -34,10 +34,9 @@ from ..utils.trainer import evaluate, train_one_epoch
 from .compile import compile_decode
 from .config import TrainConfig
 from .faults import StepGuard, faults_to_exit, stop_signals
-from .launch import resume_command
 from .preflight import Prepared, PreflightError, share_preflight
 from .progress import Progress, shard_images
-from .resume import ResumeError, check_world_size, find_resume_file, load_state, make_state, restore, rng_state
+from .resume import ResumeError, check_world_size, find_resume_file, load_state, make_state, restore, resume_command, rng_state
 from .tasks import Task
 from .writer import N_SAMPLES, RunWriter, device_label
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from ..utils.distributed import DistInfo, all_reduce_sum, is_dist
 from ..utils.log import get_logger
 from ..utils.save_weight import WriteError, load_data_only
-from .launch import resume_command
+from .resume import resume_command
 
 # TEST-ONLY fault injection, read here and nowhere else: comma-separated "KIND:RANK:STEP", KIND
 # nan (this rank's gradients become NaN at that global step; "STEP+" = from that step on), exit

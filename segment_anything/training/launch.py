@@ -1,22 +1,28 @@
-"""Worker processes: die with the launcher, a free or checked port, threads per process, no orphan
-run folders, and the command that resumes a run the way it was launched."""
+"""Starting a run: the launcher checks everything once (preflight), then runs one worker or spawns
+one per process; each worker dies with the launcher, takes a free or checked port and its share of
+the CPU threads, and a run that fails before its first save leaves no run folder behind."""
 
 import ctypes
 import errno
-import multiprocessing
+import gc
 import os
-import shlex
 import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
-from ..utils.distributed import launched_by_torchrun
+import torch
+import torch.multiprocessing as mp
+
+from ..utils.distributed import destroy_distributed, init_distributed, launched_by_torchrun, pick_device
+from ..utils.log import get_logger, setup_logging
+from .config import TrainConfig
+from .engine import fit
+from .preflight import PREFLIGHT_ERRORS, PreflightError, Prepared, preflight, share_preflight
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _WATCH_SECONDS = 1.0
@@ -118,53 +124,88 @@ def discard_unstarted_run(out_dir: Path, existed: bool) -> bool:
     return True
 
 
-def launch_cmdline() -> List[str]:
-    """The command line the user typed to start this run: torchrun's (this worker's parent) under
-    torchrun, the run.py launcher's (the parent) in a worker it spawned, else this process's own."""
-    if launched_by_torchrun() or multiprocessing.parent_process() is not None:
-        try:
-            return [a.decode(errors="replace") for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0") if a]
-        except OSError:  # not Linux: the fallback below
-            return []
-    return list(getattr(sys, "orig_argv", []))
-
-
-def resume_command(out_dir, cmdline: Optional[Sequence[str]] = None, argv0: Optional[str] = None) -> str:
-    """The command that continues out_dir the way this run was started: the launch command up to
-    the training script (torchrun and its flags included: the world size must match), then
-    --resume out_dir, which takes the run's saved flags. 'python run.py --resume out_dir' when
-    the command line cannot be read."""
-    cmd = list(launch_cmdline() if cmdline is None else cmdline)
-    script = sys.argv[0] if argv0 is None else argv0
-    prefix: List[str] = []
-    if script in cmd[1:]:  # python run.py, torchrun ... run.py, a console script
-        prefix = cmd[:cmd.index(script, 1) + 1]
-    elif "-m" in cmd[1:-1]:  # python -m segment_anything.tools.train
-        prefix = cmd[:cmd.index("-m", 1) + 2]
-    if len(prefix) >= 2 and not prefix[1].startswith("-") and not prefix[1].endswith(".py"):
-        prefix = [os.path.basename(prefix[1])] + prefix[2:]  # a console script (torchrun, sam-train) by its name
-    if not prefix:
-        prefix = ["python", "run.py"]
-    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1)
-    text = shlex.join(prefix + ["--resume", str(out_dir)])
-    return text + (f" (on each of the {nodes} nodes, with its own torchrun flags)" if nodes > 1 else "")
-
-
-def check_writable_folder(folder: Path, flag: str) -> None:
-    """ValueError naming flag when the run folder cannot be created or written: a path through a
-    file, a read-only or special file system (/sys), no permission. Tried for real (a probe folder
-    made and removed), since permission bits say nothing for root or on network file systems."""
-    folder = Path(folder)
-    name = f"{flag} {folder}"
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{name}: it is a file, not a folder")
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{name}: cannot create it: {existing} is a file, not a folder")
+def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_method: Optional[str],
+           prepared: Optional[Prepared]) -> None:
+    if init_method is not None or launched_by_torchrun():
+        die_with_parent()  # a worker never outlives the launcher that started it
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    setup_logging(rank)
+    # CPU processes share the cores with each other and with other programs.
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    else:
+        threads, note = default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+        torch.set_num_threads(threads)
+        if rank == 0:
+            get_logger().info(note)
+    info = init_distributed(device_type, rank, local_rank, world_size, init_method, cfg.dist_timeout)
     try:
-        Path(tempfile.mkdtemp(prefix=".sam-write-check-", dir=existing)).rmdir()
-    except OSError as err:
-        where = "cannot write in it" if existing == folder else f"cannot create it in {existing}"
-        raise ValueError(f"{name}: {where} ({err.strerror or err})") from None
+        prepared = share_preflight(cfg, info, prepared)
+        out_dir = prepared.out_dir
+        existed = out_dir.exists()
+        try:
+            fit(cfg, info, prepared)
+        except BaseException:
+            if info.is_main and discard_unstarted_run(out_dir, existed):
+                get_logger().error(f"the run failed before its first save; removed what it wrote in {out_dir}")
+            raise
+    except PreflightError as err:  # under torchrun the checks run here, on rank 0, for all ranks
+        sys.exit(f"error (rank {rank}): {err}")
+    finally:
+        # Free the DDP wrapper and its gradient buckets before the group goes: torch can
+        # abort at exit when they outlive it.
+        gc.collect()
+        destroy_distributed()
+
+
+def launch(cfg: TrainConfig) -> None:
+    """Run cfg: under torchrun this process is one worker; else one worker here, or --world_size
+    (default: the visible GPUs) spawned ones."""
+    device_type = pick_device(cfg.device)
+    if launched_by_torchrun():
+        worker(int(os.environ["RANK"]), cfg, device_type, int(os.environ["WORLD_SIZE"]), None, None)
+        return
+    if cfg.dist:
+        default = torch.cuda.device_count() if device_type == "cuda" else 1
+        world_size = cfg.world_size or default
+    else:
+        world_size = 1
+    # Every check runs here, before any process starts: a bad file is one clear error.
+    # The workers get the result, so they all use the same (timestamped) run folder.
+    try:
+        port = pick_port(cfg.port) if world_size > 1 else None
+        prepared = preflight(cfg)
+    except PREFLIGHT_ERRORS as err:
+        sys.exit(f"error: {err}")
+    if world_size == 1:
+        worker(0, cfg, device_type, 1, None, prepared)
+        return
+    out_dir = prepared.out_dir
+    existed = out_dir.exists()
+    try:
+        spawn_workers(world_size, (cfg, device_type, world_size, f"tcp://127.0.0.1:{port}", prepared))
+    except BaseException:
+        discard_unstarted_run(out_dir, existed)  # a worker killed by a signal cannot clean up itself
+        raise
+
+
+def spawn_workers(world_size: int, args: tuple) -> None:
+    """Start the workers and wait. SIGINT/SIGTERM to this launcher go to every worker, which saves
+    last.pth and stops; a worker that fails ends the others (torch's clean-up) and this launcher
+    with its exit code, without a second traceback (the worker's log says what happened)."""
+    context = mp.start_processes(worker, args=args, nprocs=world_size, join=False, start_method="spawn")
+
+    def forward(signum, frame):
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as err:
+        sys.exit(err.exit_code if err.exit_code and err.exit_code > 0 else 1)
+    except mp.ProcessRaisedException as err:
+        sys.exit(f"error: a worker failed:\n{err}")

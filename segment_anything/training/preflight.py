@@ -5,6 +5,7 @@ process has to be cleaned up; under torchrun rank 0 runs it and share_preflight(
 rank the result or the same error, so no rank starts training alone.
 """
 
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -15,7 +16,6 @@ from ..utils.data.tiling import tile_data
 from ..utils.distributed import DistInfo, broadcast_object
 from ..utils.weights import check_checkpoint
 from .config import RunSpec, TrainConfig
-from .launch import check_writable_folder
 from .resume import check_resume
 from .tasks import Task, build_task
 
@@ -83,3 +83,23 @@ def share_preflight(cfg: TrainConfig, info: DistInfo, prepared: Optional[Prepare
     if isinstance(result, str):
         raise PreflightError(result)
     return result
+
+
+def check_writable_folder(folder: Path, flag: str) -> None:
+    """ValueError naming flag when the run folder cannot be created or written: a path through a
+    file, a read-only or special file system (/sys), no permission. Tried for real (a probe folder
+    made and removed), since permission bits say nothing for root or on network file systems."""
+    folder = Path(folder)
+    name = f"{flag} {folder}"
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{name}: it is a file, not a folder")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{name}: cannot create it: {existing} is a file, not a folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=".sam-write-check-", dir=existing)).rmdir()
+    except OSError as err:
+        where = "cannot write in it" if existing == folder else f"cannot create it in {existing}"
+        raise ValueError(f"{name}: {where} ({err.strerror or err})") from None

@@ -24,13 +24,18 @@ an offset), so with the same world size it trains exactly as an uninterrupted ru
 
 import dataclasses
 import json
+import multiprocessing
+import os
 import random
+import shlex
+import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Sequence, Set
 
 import numpy as np
 import torch
 
+from ..utils.distributed import launched_by_torchrun
 from ..utils.save_weight import UnsafeFileError, load_data_only, strip_prefixes, unwrap_model
 from ..utils.trainable import trained_state_dict
 from ..utils.data.samplers import ResumableSampler
@@ -270,3 +275,35 @@ def restore(run, state: Dict, path: Path, sampler: ResumableSampler, rank: int) 
         group["lr"] = lr
     run.scheduler._last_lr = lrs
     return None  # the partial epoch's sums belong to another sharding
+
+
+def launch_cmdline() -> List[str]:
+    """The command line the user typed to start this run: torchrun's (this worker's parent) under
+    torchrun, the run.py launcher's (the parent) in a worker it spawned, else this process's own."""
+    if launched_by_torchrun() or multiprocessing.parent_process() is not None:
+        try:
+            return [a.decode(errors="replace") for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0") if a]
+        except OSError:  # not Linux: the fallback below
+            return []
+    return list(getattr(sys, "orig_argv", []))
+
+
+def resume_command(out_dir, cmdline: Optional[Sequence[str]] = None, argv0: Optional[str] = None) -> str:
+    """The command that continues out_dir the way this run was started: the launch command up to
+    the training script (torchrun and its flags included: the world size must match), then
+    --resume out_dir, which takes the run's saved flags. 'python run.py --resume out_dir' when
+    the command line cannot be read."""
+    cmd = list(launch_cmdline() if cmdline is None else cmdline)
+    script = sys.argv[0] if argv0 is None else argv0
+    prefix: List[str] = []
+    if script in cmd[1:]:  # python run.py, torchrun ... run.py, a console script
+        prefix = cmd[:cmd.index(script, 1) + 1]
+    elif "-m" in cmd[1:-1]:  # python -m segment_anything.tools.train
+        prefix = cmd[:cmd.index("-m", 1) + 2]
+    if len(prefix) >= 2 and not prefix[1].startswith("-") and not prefix[1].endswith(".py"):
+        prefix = [os.path.basename(prefix[1])] + prefix[2:]  # a console script (torchrun, sam-train) by its name
+    if not prefix:
+        prefix = ["python", "run.py"]
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1)
+    text = shlex.join(prefix + ["--resume", str(out_dir)])
+    return text + (f" (on each of the {nodes} nodes, with its own torchrun flags)" if nodes > 1 else "")

@@ -13,6 +13,7 @@ import torch
 
 from conftest import REPO
 from segment_anything.tools import train as launcher
+from segment_anything.training import launch
 from segment_anything.tools.synthetic_data import make_synthetic_dataset
 from segment_anything.utils import save_weight
 
@@ -65,8 +66,8 @@ def test_disk_full_later_keeps_the_previous_files_and_says_how_to_resume(data, t
 
     monkeypatch.setattr(save_weight.torch, "save", save)
     lines = []
-    real_setup = launcher.setup_logging
-    monkeypatch.setattr(launcher, "setup_logging", lambda rank: capture(lines, real_setup(rank)))
+    real_setup = launch.setup_logging
+    monkeypatch.setattr(launch, "setup_logging", lambda rank: capture(lines, real_setup(rank)))
     threads = torch.get_num_threads()
     try:
         with pytest.raises(SystemExit) as stop:

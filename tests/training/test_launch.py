@@ -248,7 +248,7 @@ def test_omp_num_threads_is_taken_as_given_whatever_the_load(monkeypatch):
     ([], "run.py", "python run.py --resume out"),  # nothing readable: the documented command
 ])
 def test_resume_command_repeats_how_the_run_was_launched(cmdline, argv0, expected):
-    from segment_anything.training.launch import resume_command
+    from segment_anything.training.resume import resume_command
 
     assert resume_command("out", cmdline, argv0) == expected
 

@@ -11,7 +11,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms, box_area
 
 from .modeling import Sam
 from .predictor import SamPredictor
@@ -34,8 +33,19 @@ def _concat(parts: List[amg.MaskData]) -> amg.MaskData:
     return out
 
 
+def _box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """Areas of (N, 4) XYXY boxes (torchvision.ops.box_area's formula)."""
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
 def _nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Indices kept by box NMS over all masks (one category), best score first."""
+    """Indices kept by box NMS over all masks (one category), best score first.
+
+    torchvision is imported here, on first use: importing it (and the torch._dynamo it pulls
+    in) costs about 2 CPU seconds, and `import segment_anything` at every training start and
+    in every tool should not pay it when no automatic masks are generated."""
+    from torchvision.ops import batched_nms
+
     return batched_nms(boxes.float(), scores.float(), torch.zeros(len(boxes), device=boxes.device), iou_threshold)
 
 
@@ -142,7 +152,7 @@ class SamAutomaticMaskGenerator:
         data = _concat([self._process_crop(image, box, layer, orig_size) for box, layer in zip(crop_boxes, layers)])
         if len(crop_boxes) > 1 and len(data["rles"]):
             # Across crops, prefer the mask from the smaller crop (it saw the object at a higher resolution).
-            data.filter(_nms(data["boxes"], 1 / box_area(data["crop_boxes"].float()), self.crop_nms_thresh))
+            data.filter(_nms(data["boxes"], 1 / _box_area(data["crop_boxes"].float()), self.crop_nms_thresh))
         return data
 
     def _process_crop(self, image: np.ndarray, crop_box: List[int], layer: int, orig_size: Tuple[int, int]) -> amg.MaskData:

@@ -33,6 +33,30 @@ class MLPBlock(nn.Module):
         return self.lin2(self.act(h))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth for a residual branch: in training, each sample's branch output is
+    zeroed with probability drop_prob and the kept ones scaled by 1 / (1 - drop_prob); the
+    identity in eval. Same draws as timm's DropPath (one Bernoulli per sample from the default
+    generator), written here because importing timm.layers costs about 3 CPU seconds at every
+    start (it imports torchvision and torch._dynamo) for this one module."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        if keep > 0.0:
+            mask.div_(keep)
+        return x * mask
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of a (B, C, H, W) tensor."""
 

@@ -4,7 +4,8 @@ Module names, parameter shapes and outputs match MobileSAM's ``tiny_vit_sam.Tiny
 checkpoints load strictly; the unused ImageNet classifier (``norm_head``, ``head``) is kept only
 for that reason. Unlike the original, spatial sizes come from the input instead of a
 hard-coded 64x64 grid, the resolution-keeping last merge is chosen by position instead of by
-channel count, and nothing is registered with timm.
+channel count, nothing is registered with timm, and timm is not imported (modeling.common
+has the stochastic-depth module).
 
 Feature maps travel between blocks as (B, C, H, W); the attention blocks work channels-last
 inside and hand back permuted views, so the layout changes cost no copies.
@@ -16,11 +17,10 @@ from typing import ContextManager, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .common import LayerNorm2d
+from .common import DropPath, LayerNorm2d
 
 
 class ConvBN(nn.Sequential):

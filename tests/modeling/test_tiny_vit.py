@@ -192,3 +192,25 @@ def test_every_parameter_but_the_classifier_gets_a_gradient():
             assert p.grad is None, name
         else:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("drop_prob", [0.0, 0.3, 1.0])
+def test_drop_path_draws_like_timm(drop_prob):
+    """Our stochastic depth module against timm's (MobileSAM's TinyViT uses it): the same output
+    from the same seed in training, the identity in eval."""
+    from timm.layers import DropPath as TimmDropPath
+
+    from segment_anything.modeling.common import DropPath
+
+    x = torch.randn(6, 4, 5, 5)
+    ours, ref = DropPath(drop_prob), TimmDropPath(drop_prob)
+    torch.manual_seed(3)
+    a = ours(x)
+    torch.manual_seed(3)
+    b = ref(x)
+    assert torch.equal(a, b)
+    if 0.0 < drop_prob < 1.0:
+        kept = (a.flatten(1) != 0).all(1)
+        assert 0 < kept.sum() < 6  # some samples dropped, some kept (seeded)
+        assert torch.allclose(a[kept], x[kept] / (1 - drop_prob))
+    assert torch.equal(ours.eval()(x), x)

@@ -40,7 +40,8 @@ from segment_anything.utils.data import collate  # noqa: E402
 from segment_anything.utils.data.dataset import MaskDataset  # noqa: E402
 from segment_anything.utils.data.records import Record  # noqa: E402
 from segment_anything.utils.trainable import TrainPlan, configure, set_train_mode  # noqa: E402
-from segment_anything.utils.trainer import SamTrainStep, evaluate, prepare_batch, score, step_loss  # noqa: E402
+from segment_anything.utils.batch import prepare_batch  # noqa: E402
+from segment_anything.utils.trainer import SamTrainStep, evaluate, score, step_loss  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def _masks(sam, batch, logits: torch.Tensor) -> List[torch.Tensor]:
 
 @torch.no_grad()
 def click_metrics(sam, batch, embeddings: torch.Tensor, clicks: Sequence[int]) -> Dict[str, torch.Tensor]:
-    """{'<start>_click<k>_iou': (P,)} for k in clicks, for a batch (utils.trainer.Batch) whose
+    """{'<start>_click<k>_iou': (P,)} for k in clicks, for a batch (utils.batch.Batch) whose
     images are embedded in embeddings (B, C, g, g)."""
     out: Dict[str, torch.Tensor] = {}
     if not clicks:

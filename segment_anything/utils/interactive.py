@@ -115,7 +115,7 @@ def mixed_choice(spec: InteractiveSpec, epoch: int, keys: Sequence[Tuple[int, in
 
 
 def step_prompts(batch, spec: InteractiveSpec, epoch: int, keys: Sequence[Tuple[int, int]]) -> Prompts:
-    """The batch's prompts (utils.trainer.Batch), with the mixed choice applied: a box object
+    """The batch's prompts (utils.batch.Batch), with the mixed choice applied: a box object
     keeps only its box; a point object keeps its first k positive points (and its negatives)."""
     p = batch.image_index.numel()
     device = batch.image_index.device

@@ -18,7 +18,8 @@ from torch import nn
 from ..modeling.semantic_head import upsample_logits
 from .distributed import all_reduce_sum
 from .trainable import grad_if_trained
-from .trainer import Batch, autocast_context, batch_embeddings, evaluate, images_to_encode
+from .batch import Batch, images_to_encode
+from .trainer import autocast_context, batch_embeddings, evaluate
 
 TERMS = ("ce", "dice")
 DEFAULT_LOSS = "ce=1"

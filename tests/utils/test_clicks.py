@@ -13,7 +13,7 @@ from segment_anything.utils.data import MaskDataset, load_records, make_syntheti
 from segment_anything.utils.data.prompts import center_points, mask_to_box
 from segment_anything.utils.metrics import mask_iou
 from segment_anything.utils.random_weights import randomize_
-from segment_anything.utils.trainer import prepare_batch
+from segment_anything.utils.batch import prepare_batch
 
 SIZE, CLICKS = 128, (1, 2, 3)
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -19,7 +19,7 @@ from segment_anything.utils.losses import DEFAULT_LOSS_SPEC, LossSpec, parse_los
 from segment_anything.utils.clicks import corrective_click, next_clicks, random_click
 from segment_anything.utils.random_weights import randomize_
 from segment_anything.utils.trainable import TrainPlan, configure
-from segment_anything.utils.trainer import prepare_batch
+from segment_anything.utils.batch import prepare_batch
 
 SIZE = 128
 CPU = torch.device("cpu")
@@ -177,7 +177,7 @@ def test_mixed_choice_is_seeded_per_object_and_follows_the_probabilities():
 
 
 def test_step_prompts_keep_a_box_or_the_first_k_points():
-    class B:  # the fields of utils.trainer.Batch that step_prompts reads
+    class B:  # the fields of utils.batch.Batch that step_prompts reads
         image_index = torch.zeros(200, dtype=torch.long)
         boxes = torch.ones(200, 4)
         points = torch.zeros(200, 3, 2)

@@ -16,7 +16,8 @@ from segment_anything.utils.trainable import (
     PARTS, TrainPlan, configure, export_weights, lora_metadata, never_used, parameter_counts, parameter_report,
     parse_parts, set_train_mode,
 )
-from segment_anything.utils.trainer import SamTrainStep, prepare_batch, score, step_loss
+from segment_anything.utils.batch import prepare_batch
+from segment_anything.utils.trainer import SamTrainStep, score, step_loss
 
 SIZE = 128
 CPU = torch.device("cpu")
@@ -175,7 +176,7 @@ def test_lora_weights_load_into_a_stock_model_and_predict_the_same(lora_save, it
 def test_validation_scores_with_and_without_post_processing():
     """A mask with a small island: the raw IoU counts it, the post-processed IoU (islands below
     --min_region_area removed) does not."""
-    from segment_anything.utils.trainer import Batch
+    from segment_anything.utils.batch import Batch
 
     sam = sam_model_registry["vit_t"](checkpoint=None, image_size=64)
     clean = torch.full((1, 1, 16, 16), -10.0)
@@ -218,7 +219,7 @@ def test_encoder_weights_trained_at_another_size_are_interpolated_on_load(tmp_pa
 def test_low_res_loss_scores_the_low_res_grid_and_validation_metrics_stay_at_the_original_size():
     from segment_anything.utils.losses import LossSpec, low_res_pair, parse_loss
     from segment_anything.utils.metrics import mask_iou
-    from segment_anything.utils.trainer import Batch
+    from segment_anything.utils.batch import Batch
 
     sam = sam_model_registry["vit_t"](checkpoint=None, image_size=64)
     torch.manual_seed(0)

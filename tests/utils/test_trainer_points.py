@@ -13,7 +13,8 @@ from segment_anything.utils.data import MaskDataset, load_image, load_records, m
 from segment_anything.utils.data.prompts import PromptConfig, object_prompts
 from segment_anything.utils.random_weights import randomize_
 from segment_anything.utils.trainable import TrainPlan, configure, set_train_mode
-from segment_anything.utils.trainer import SamTrainStep, evaluate, prepare_batch
+from segment_anything.utils.batch import prepare_batch
+from segment_anything.utils.trainer import SamTrainStep, evaluate
 from segment_anything.utils.transforms import ResizeLongestSide
 
 SIZE = 128

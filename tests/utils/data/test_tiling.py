@@ -28,7 +28,8 @@ from segment_anything.utils.data.tiling import assign, measure, tile_records
 from segment_anything.utils.losses import DEFAULT_LOSS_SPEC, LossSpec, bce_loss, sam_loss
 from segment_anything.utils.resize import resize_logits
 from segment_anything.utils.tiles import tile_grid
-from segment_anything.utils.trainer import Batch, score
+from segment_anything.utils.batch import Batch
+from segment_anything.utils.trainer import score
 
 H, W, TILE, OVERLAP = 100, 150, 64, 16
 BOXES = {"A": (5, 5, 15, 15), "B": (50, 5, 60, 15), "C": (40, 20, 70, 30), "D": (30, 32, 90, 80)}

@@ -69,7 +69,7 @@ class TileRecord(Record):
         """inner's masks at indices cropped to the tile: from its label map read once, or decoded
         a bounded number at a time."""
         x0, y0, x1, y1 = self.rect
-        labelled = self.inner.label_map() if indices else None
+        labelled = last_label_map(self.inner) if indices else None
         if labelled is not None:
             labels, values = labelled
             crop = labels[y0:y1, x0:x1]
@@ -80,6 +80,17 @@ class TileRecord(Record):
         for start in range(0, len(indices), step):
             for mask in self.inner.load_masks(list(indices[start : start + step])):
                 yield np.ascontiguousarray(mask[y0:y1, x0:x1] != 0, dtype=np.uint8)
+
+
+_LAST: list = []  # [(record, its label map)]: the one most recently read in this process
+
+
+def last_label_map(record: Record):
+    """record.label_map(), kept for the next call: a tile's objects, its fragments and the chunks
+    of a validation tile read one label map (the whole image's) once, not once per call."""
+    if not (_LAST and _LAST[0][0] == record):
+        _LAST[:] = [(record, record.label_map())]
+    return _LAST[0][1]
 
 
 def measure(record: Record, rects: Sequence[Rect]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

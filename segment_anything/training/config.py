@@ -141,6 +141,10 @@ class RunSpec:
 @dataclass(eq=False)
 class TrainConfig:
     batch_size: int = DISTRIBUTION(1, "images per process per step")
+    objects_per_step: int = DISTRIBUTION(0, "fill each process's step with this many objects instead of --batch_size images "
+                                         "(0 = off): images packed in a seeded order, one with more objects split across "
+                                         "steps, every object once per epoch, so ranks decode equal work; --max_objects "
+                                         "then sets only the validation chunks; with --accumulate K a step trains K x this")
     dist: bool = DISTRIBUTION(True, "use torch.distributed (one process per GPU, or --world_size CPU processes)")
     port: Optional[int] = DISTRIBUTION(None, "TCP port on 127.0.0.1 for the process group when run.py spawns its own workers (default: a free port)")
     world_size: Optional[int] = DISTRIBUTION(None, "processes to spawn without torchrun (default: visible GPUs, else 1)")
@@ -328,6 +332,7 @@ class TrainConfig:
         errors: List[str] = []
         if self.batch_size < 1:
             errors.append(f"--batch_size must be >= 1, got {self.batch_size}")
+        errors += self._packing_errors()
         if self.model_type not in MODEL_TYPES:
             errors.append(f"--model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         if self.image_size < 16 or self.image_size % 16:
@@ -355,6 +360,19 @@ class TrainConfig:
         if self.patience < 0:
             errors.append(f"--patience must be >= 0, got {self.patience}")
         return errors
+
+    def _packing_errors(self) -> List[str]:
+        """--objects_per_step replaces the image count of a step; semantic training has no objects."""
+        if self.objects_per_step < 0:
+            return [f"--objects_per_step must be >= 0 (0 = off), got {self.objects_per_step}"]
+        if not self.objects_per_step:
+            return []
+        if self.batch_size != 1:
+            return [f"--objects_per_step {self.objects_per_step} fills each step by objects: leave --batch_size at 1 "
+                    f"(it counts images), got {self.batch_size}"]
+        if self.task == "semantic":
+            return ["--objects_per_step needs prompt training: --task semantic trains class maps, not objects"]
+        return []
 
     def _adaptation_errors(self) -> List[str]:
         errors = []

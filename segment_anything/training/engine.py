@@ -25,7 +25,7 @@ from ..build_sam import sam_model_registry
 from ..modeling.fft_attention import attention_metadata, fft_block_indices
 from ..utils.data import RunData, collate
 from ..utils.data.cache import EmbeddingCache, open_cache
-from ..utils.data.samplers import EpochSampler, ResumableSampler
+from ..utils.data.samplers import EpochSampler, ObjectBatchSampler, ResumableSampler
 from ..utils.distributed import DistInfo, all_gather_objects, barrier
 from ..utils.log import FILE_ONLY, add_log_file, get_logger
 from ..utils.save_weight import append_text, atomic_save, atomic_write_bytes, image_flags, save_partial_weight
@@ -63,13 +63,19 @@ def build_model(cfg: TrainConfig, task: Task):
 def make_loaders(cfg: TrainConfig, info: DistInfo, data: RunData, task: Task, cache: Optional[EmbeddingCache] = None):
     workers = cfg.num_workers if cfg.num_workers is not None else (4 if info.device.type == "cuda" else 0)
     train_ds, val_ds = task.datasets(data, cache)
+    common = dict(collate_fn=collate, num_workers=workers, pin_memory=info.device.type == "cuda",
+                  persistent_workers=workers > 0)
     # Explicit replicas/rank: the same sampler (same permutation) for 1 process and for N. The
     # epoch travels with each index, so persistent workers draw this epoch's objects and prompts.
-    sampler = EpochSampler(ResumableSampler(train_ds, cfg.batch_size, cfg.accumulate, num_replicas=info.world_size,
-                                            rank=info.rank, shuffle=True, seed=cfg.seed))
-    common = dict(batch_size=cfg.batch_size, collate_fn=collate, num_workers=workers,
-                  pin_memory=info.device.type == "cuda", persistent_workers=workers > 0)
-    train = DataLoader(train_ds, sampler=sampler, **common)
+    if cfg.objects_per_step:
+        sampler = ObjectBatchSampler(train_ds.object_counts(), cfg.objects_per_step, cfg.accumulate,
+                                     num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
+        train = DataLoader(train_ds, batch_sampler=sampler, **common)
+    else:
+        sampler = EpochSampler(ResumableSampler(train_ds, cfg.batch_size, cfg.accumulate, num_replicas=info.world_size,
+                                                rank=info.rank, shuffle=True, seed=cfg.seed))
+        train = DataLoader(train_ds, sampler=sampler, batch_size=cfg.batch_size, **common)
+    common["batch_size"] = cfg.batch_size
     # Validation shards whole images without padding: every object is scored exactly once.
     val = DataLoader(torch.utils.data.Subset(val_ds, val_ds.shard(info.rank, info.world_size)), shuffle=False, **common)
     return train, val, sampler
@@ -139,7 +145,7 @@ def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler, 
     cfg, task = run.cfg, run.task
     sampler.set_epoch(run.epoch, start=run.step)
     t0 = time.perf_counter()
-    bar = Progress(total=len(sampler) * info.world_size, desc=f"epoch {run.epoch + 1}/{cfg.epoch}", enabled=info.is_main)
+    bar = Progress(total=sampler.images_left(), desc=f"epoch {run.epoch + 1}/{cfg.epoch}", enabled=info.is_main)
     train_m = train_one_epoch(run.model, run.sam, train_loader, run.optimizer, run.scheduler, run.scaler, info.device,
                               run.amp_dtype, progress=bar, accumulate=cfg.accumulate, guard=guard, cache=run.cache,
                               epoch=run.epoch, task=task.loop)
@@ -276,7 +282,10 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Prepared] = None) -
     guard = StepGuard(run, info, lambda sums: save_last(run, sampler, out_dir, info, sums),
                       resume_hint=resume_command(out_dir))
     # The sample pictures decode validation images, so their dataset has no cache.
-    writer = (RunWriter(out_dir, task.datasets(data)[1], cfg.batch_size * cfg.accumulate * info.world_size,
+    # Images per optimizer step (all ranks): by objects, the epoch's mean.
+    per_step = (len(data.train) / max(sampler.steps_per_epoch, 1) if cfg.objects_per_step
+                else cfg.batch_size * cfg.accumulate * info.world_size)
+    writer = (RunWriter(out_dir, task.datasets(data)[1], per_step,
                         n_samples=N_SAMPLES if task.sample_pictures else 0) if info.is_main else None)
     if writer is not None:
         guard.on_step = writer.step
@@ -325,6 +334,7 @@ def log_summary(sam, cfg: TrainConfig, info: DistInfo, data: RunData, task: Task
         log.info(f"image encoder: FFT token mixing in blocks {', '.join(map(str, fft_block_indices(sam)))} "
                  "(their relative-position tables are kept for the stock keys, unused and frozen)")
     log.info(f"{info.world_size} process(es) on {info.device.type} ({torch.get_num_threads()} CPU threads each), "
-             f"batch {cfg.batch_size} per process, "
-             f"{len(data.train)} train / {len(data.val)} val {'tiles' if cfg.tile else 'images'}")
+             + (f"{cfg.objects_per_step} objects per process per step, " if cfg.objects_per_step
+                else f"batch {cfg.batch_size} per process, ")
+             + f"{len(data.train)} train / {len(data.val)} val {'tiles' if cfg.tile else 'images'}")
     log.info(task.describe(sam))

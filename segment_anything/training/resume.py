@@ -8,6 +8,7 @@ last.pth is written by rank 0 (atomically) at every epoch end and in the middle 
     optimizer, scheduler, scaler   their state dicts
     epoch        epochs completed;  step  optimizer steps done in the current epoch
     world_size, batch_size, accumulate, steps_per_epoch   the geometry that step counts refer to
+                 (batch_size: images per micro-batch, or objects with --objects_per_step)
     data_order   the current epoch's global sample order (dataset indices)
     meter        every rank's running sums of the current epoch (so its metrics cover all of it)
     rng          every rank's RNG states (torch's as tensors, numpy's and Python's as tensors of their
@@ -45,7 +46,8 @@ RESUME_FORMAT = "sam-resume-v3"
 READABLE_FORMATS = ("sam-resume-v2", RESUME_FORMAT)
 # What defines the schedule and the model: a resumed run may not change these (what trains
 # is checked through the keys of the resume file).
-RESUME_MUST_MATCH = ("model_type", "image_size", "epoch", "batch_size", "lr", "accumulate", "attention", "fft_blocks")
+RESUME_MUST_MATCH = ("model_type", "image_size", "epoch", "batch_size", "objects_per_step", "lr", "accumulate",
+                     "attention", "fft_blocks")
 # Flags that --resume RUN never takes from the saved run: they say where to continue.
 NOT_INHERITED = ("resume", "output_dir")
 
@@ -251,7 +253,7 @@ def restore(run, state: Dict, path: Path, sampler: ResumableSampler, rank: int) 
     same_world = state["world_size"] == sampler.num_replicas
     if same_world and sampler.global_order(state["epoch"]) != state["data_order"]:
         raise ResumeError(f"--resume: the training set is not the one {path} was trained on "
-                          f"({len(state['data_order'])} samples then, {len(sampler.dataset)} now, or another order)")
+                          f"({len(state['data_order'])} samples then, {len(sampler.global_order(0))} now, or another order)")
     with torch.no_grad():
         entries = unwrap_model(run.sam).state_dict()  # parameters and trained BatchNorm statistics
         for key, value in saved.items():

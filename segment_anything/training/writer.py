@@ -267,7 +267,7 @@ def figure_array(fig) -> np.ndarray:
 class RunWriter:
     """Rank 0's TensorBoard writer and pictures. Every method is cheap when tensorboard is absent."""
 
-    def __init__(self, out_dir: Path, val_dataset, images_per_step: int, n_samples: int = N_SAMPLES) -> None:
+    def __init__(self, out_dir: Path, val_dataset, images_per_step: float, n_samples: int = N_SAMPLES) -> None:
         self.out_dir, self.val_dataset, self.images_per_step = Path(out_dir), val_dataset, images_per_step
         self.n_samples = n_samples
         self.last_time: Optional[float] = None

@@ -46,3 +46,19 @@ def test_run_py_negative_lr_is_one_line():
     proc = subprocess.run([sys.executable, str(REPO / "run.py"), *ENV_ARGS, "--lr", "-1e-3"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr == "error: --lr must be > 0, got -0.001\n", proc.stderr
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--objects_per_step", "-4"], "--objects_per_step must be >= 0 (0 = off), got -4"),
+    (["--objects_per_step", "32", "--batch_size", "4"],
+     "--objects_per_step 32 fills each step by objects: leave --batch_size at 1 (it counts images), got 4"),
+    (["--objects_per_step", "32", "--task", "semantic"],
+     "--objects_per_step needs prompt training: --task semantic trains class maps, not objects"),
+])
+def test_objects_per_step_refuses_bad_values_and_combinations_in_one_line(capsys, extra, message):
+    assert error_of([*ENV_ARGS, *extra], capsys) == f"error: {message}\n"
+
+
+def test_objects_per_step_goes_with_accumulate_and_max_objects():
+    cfg = TrainConfig.from_args([*ENV_ARGS, "--objects_per_step", "32", "--accumulate", "2", "--max_objects", "8"])
+    assert (cfg.objects_per_step, cfg.accumulate, cfg.max_objects) == (32, 2, 8)

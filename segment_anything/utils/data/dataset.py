@@ -1,7 +1,9 @@
 """The Dataset over Records: one prompt per object, seeded randomness, validation in chunks.
 
 Training: one item per image. At most `max_objects` of its objects, a fresh choice each epoch,
-then augmentation, then prompts drawn from the augmented masks. Every random choice comes from
+then augmentation, then prompts drawn from the augmented masks. With --objects_per_step the
+ObjectBatchSampler asks for given objects instead (key (index, epoch, first, end)): a piece of the
+image's objects, every object once per epoch; pieces of one image share its augmentation. Every random choice comes from
 a numpy Generator seeded by (seed, epoch, image index) (and the object's own index for its
 prompts), so any process, any DataLoader worker and any batch split draw the same data. The
 epoch reaches the workers with each index (`EpochSampler` yields (index, epoch)): an attribute
@@ -25,7 +27,8 @@ from .checks import DataError
 from .prompts import PromptConfig, object_prompts
 from .records import Record
 
-Index = Union[int, Tuple[int, int]]  # a dataset index, or (index, epoch) from EpochSampler
+# A dataset index, (index, epoch) from EpochSampler, or (index, epoch, first, end) from ObjectBatchSampler.
+Index = Union[int, Tuple[int, int], Tuple[int, int, int, int]]
 
 
 def item_rng(seed: int, epoch: int, index: int, *more: int) -> np.random.Generator:
@@ -48,7 +51,7 @@ class MaskDataset(Dataset):
       index          int, the image's index in `records`
       prompt         'box', 'point' or 'box+point': which prompts the step gives the decoder
       objects        int64 (N,): the objects' indices in the record
-      first_chunk    bool: the item holds the image's first objects (validation counts images by it)
+      first_chunk    bool: the item holds the image's first objects (images are counted by it)
       ignore         uint8 (H, W), only for a tile with fragments (data.tiling): pixels left out of the loss
     With an embedding cache (data.cache.EmbeddingCache, set as `cache` before the first
     iteration), items also carry `cache_key`, and a hit carries `embedding` (C, g, g) in the cache
@@ -73,6 +76,10 @@ class MaskDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records) if self.train else len(self.chunks)
 
+    def object_counts(self) -> List[int]:
+        """Objects per image, in record order (what ObjectBatchSampler packs)."""
+        return [r.num_objects for r in self.records]
+
     def shard(self, rank: int, world_size: int) -> List[int]:
         """Item positions of this rank for validation: whole images (all their chunks), images
         rank, rank + world_size, ..., so each image is encoded and counted on one rank only."""
@@ -81,11 +88,13 @@ class MaskDataset(Dataset):
         return [k for k, (i, _) in enumerate(self.chunks) if i % world_size == rank]
 
     def __getitem__(self, key: Index) -> dict:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        index, epoch, *piece = key if isinstance(key, tuple) else (key, 0)
         if self.train:
             record = self.records[index]
             rng = item_rng(self.seed, epoch, index)
             n = record.num_objects
+            if piece:  # the objects the sampler chose, however many
+                return self._item(index, epoch, np.arange(*piece), rng, first=piece[0] == 0)
             objects = np.arange(n) if n <= self.max_objects else np.sort(rng.choice(n, self.max_objects, replace=False))
             return self._item(index, epoch, objects, rng, first=True)
         image_index, start = self.chunks[index]

@@ -3,6 +3,7 @@ wrapper that sends the epoch with every index into the DataLoader workers, and t
 that fills every rank's step with the same number of objects (--objects_per_step)."""
 
 import bisect
+import itertools
 import math
 from typing import Iterator, List, Sequence, Tuple
 
@@ -147,7 +148,7 @@ class ObjectBatchSampler(Sampler):
         """Every rank's micro-batches of the epoch in the global order (micro-batch k is rank
         k % world's), each a list of pieces (image, first object, end object)."""
         order = [i for i in self.global_order(epoch) if self.counts[i] > 0]
-        ends = list(_cumulative(self.counts[i] for i in order))
+        ends = list(itertools.accumulate(self.counts[i] for i in order))
         out, position = [], 0
         for size in self.sizes:
             out.append(_pieces(order, ends, position, position + size))
@@ -176,13 +177,6 @@ def _micro_batch_sizes(total: int, per: int, world: int) -> List[int]:
         rounds -= 1
     left = max(total - (rounds - 1) * per * world, world)  # fewer objects than ranks: some twice
     return [per] * ((rounds - 1) * world) + [left // world + (r < left % world) for r in range(world)]
-
-
-def _cumulative(values) -> Iterator[int]:
-    total = 0
-    for v in values:
-        total += v
-        yield total
 
 
 def _pieces(order: List[int], ends: List[int], a: int, b: int) -> List[Piece]:

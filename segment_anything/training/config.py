@@ -212,6 +212,13 @@ class TrainConfig:
     grad_checkpoint: bool = ADAPTATION(False, "recompute the image encoder's blocks in the backward pass (less memory when the encoder trains)")
     accumulate: int = ADAPTATION(1, "accumulate gradients over this many steps (K steps of batch B train as one of batch K*B)")
     min_region_area: int = ADAPTATION(0, "validation also reports IoU/Dice after filling holes and removing islands smaller than this (pixels; 0 = off)")
+    distill: float = ADAPTATION(0.0, "keep the starting model's answers to other prompts: adds this weight x the mean squared "
+                           "difference of the tuned and the starting model's low-resolution logits on --distill_prompts random "
+                           "boxes and points per image (MSE on logits: a gradient even where both are confident; 0 = off)")
+    distill_prompts: int = ADAPTATION(4, "--distill: off-target prompts per image, half boxes and half single points, "
+                                   "drawn per image and epoch")
+    l2sp: float = ADAPTATION(0.0, "adds this weight x the squared distance of the trained parameters to their starting values "
+                        "(L2-SP; with LoRA: of the adapter factors to their start; 0 = off)")
     loss_size: str = ADAPTATION("original", "compute the loss at each image's original size or on the decoder's low-resolution grid",
                            choices=["original", "low_res"])
     attention: str = FFT("standard", "image encoder token mixing: standard self-attention, or fft (an O(N log N) "
@@ -275,6 +282,7 @@ class TrainConfig:
             errors.append(f"--loss_size must be original or low_res, got {self.loss_size!r}")
         errors += self._fault_errors()
         probs = _parsed(parse_prompt_probs, self.prompt_probs, errors)
+        errors += self._anchor_errors(probs)
         val_clicks = _parsed(parse_val_clicks, self.val_clicks, errors)
         if self.click_rounds < 0:
             errors.append(f"--click_rounds must be >= 0, got {self.click_rounds}")
@@ -292,7 +300,8 @@ class TrainConfig:
             task, loss = "semantic", SemanticLoss(loss_weights)
         else:
             task = "prompt" if interactive is None else "interactive"
-            loss = LossSpec(loss_weights, self.focal_alpha, self.focal_gamma, self.loss_size)
+            loss = LossSpec(loss_weights, self.focal_alpha, self.focal_gamma, self.loss_size, distill=self.distill,
+                            distill_prompts=self.distill_prompts, l2sp=self.l2sp)
         plan = TrainPlan(parts=parts, prompt=self.prompt, multimask=multimask, mask_prompt=self.click_rounds > 0,
                          lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_targets=tuple(targets),
                          grad_checkpoint=self.grad_checkpoint)
@@ -309,7 +318,8 @@ class TrainConfig:
         prompts = [PromptConfig(prompt, self.num_points, self.point_mode,
                                 self.negative_points if prompt != "box" else 0, self.box_jitter)
                    for prompt in (("box+point", "box") if self.prompt == "mixed" else (self.prompt,) * 2)]
-        datasets = DatasetSpec(self.image_size, *prompts, self.max_objects, augment, self.seed)
+        datasets = DatasetSpec(self.image_size, *prompts, self.max_objects, augment, self.seed,
+                               self.distill_prompts if self.distill > 0 else 0)
         cache = CacheSpec({name: getattr(self, name) for name in INPUT_FLAGS}, not self.no_cache, self.augment,
                           self.cache_dir, self.cache_dtype, self.cache_max_gb)
         return data, datasets, cache
@@ -384,6 +394,21 @@ class TrainConfig:
             errors.append(f"--min_region_area must be >= 0, got {self.min_region_area}")
         if self.accumulate < 1:
             errors.append(f"--accumulate must be >= 1, got {self.accumulate}")
+        return errors
+
+    def _anchor_errors(self, probs: Optional[Dict[str, float]]) -> List[str]:
+        """--distill and --l2sp: finite weights >= 0, and the box/point task only."""
+        errors = [f"--{name} must be finite and >= 0, got {value}" for name, value in
+                  (("distill", self.distill), ("l2sp", self.l2sp)) if not 0 <= value < float("inf")]
+        if self.distill_prompts < 1:
+            errors.append(f"--distill_prompts must be >= 1, got {self.distill_prompts}")
+        if not (self.distill > 0 or self.l2sp > 0):
+            return errors
+        if self.task == "semantic":
+            errors.append("--distill and --l2sp keep the promptable decoder; --task semantic trains a new head instead")
+        elif probs is not None and self._interactive(probs, self.multimask and self._single_point_prompts(probs)):
+            errors.append("--distill and --l2sp train box/point prompts only, not interactive training (--prompt mixed, "
+                          "--click_rounds, or single-point prompts with --multimask true: add --multimask false)")
         return errors
 
     def _fault_errors(self) -> List[str]:

@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..modeling import Sam
+from .distill import OffTarget, off_target_batch
 from .transforms import ResizeLongestSide
 
 
@@ -33,6 +34,7 @@ class Batch:
     encode_rows: List[int] = field(default_factory=list)  # per item: its row of `images`, or -1 (cached)
     num_cached: int = 0  # images (not chunks) whose embedding came from the cache
     ignore: List[Optional[torch.Tensor]] = field(default_factory=list)  # per image: (H_i, W_i) pixels out of the loss, or None
+    off_target: Optional[OffTarget] = None  # the items' off-target prompts (--distill), else None
 
     @property
     def num_images(self) -> int:
@@ -116,4 +118,5 @@ def prepare_batch(items: List[dict], sam: Sam, device: torch.device) -> Batch:
         encode_rows=rows,
         num_cached=sum(1 for it, emb in zip(items, cached) if emb is not None and it.get("first_chunk", True)),
         ignore=[None if it.get("ignore") is None else it["ignore"].to(device, non_blocking=True) for it in items],
+        off_target=off_target_batch(items, transform, device),
     )

@@ -152,21 +152,29 @@ def pixel_weight(ignore: Optional[torch.Tensor], target: torch.Tensor) -> Option
 
 
 LOSS_SIZES = ("original", "low_res")
+ANCHOR_TERMS = ("distill", "l2sp")  # LossSpec's weights of the terms that keep the starting model (utils.distill)
 
 
 @dataclass(frozen=True)
 class LossSpec:
     """What the trainer minimises: weighted terms, focal parameters, and the resolution it is
-    computed at ('original': each image's own size; 'low_res': the decoder's 4x-embedding grid)."""
+    computed at ('original': each image's own size; 'low_res': the decoder's 4x-embedding grid).
+
+    distill and l2sp weigh the two terms that keep the starting model's behaviour (utils.distill;
+    0 = off): they are not functions of the objects' masks, so the loop adds them after sam_loss."""
 
     weights: Mapping[str, float]
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     size: str = "original"
+    distill: float = 0.0
+    distill_prompts: int = 4  # off-target prompts per image with distill
+    l2sp: float = 0.0
 
     def keys(self) -> Tuple[str, ...]:
-        """The names sam_loss returns."""
-        return ("loss",) + tuple(f"loss_{name}" for name in self.weights)
+        """The names sam_loss returns, then loss_distill and loss_l2sp when they are on."""
+        anchors = tuple(f"loss_{name}" for name in ANCHOR_TERMS if getattr(self, name) > 0)
+        return ("loss",) + tuple(f"loss_{name}" for name in self.weights) + anchors
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tensor,
                  mask_threshold: float = 0.0, ignore: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:

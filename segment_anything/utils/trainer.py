@@ -24,18 +24,22 @@ from .accumulate import global_count
 from .batch import Batch, prepare_batch
 from .click_eval import click_keys, click_metrics
 from .data.cache import EmbeddingCache
+from .distill import Anchor
 from .distributed import get_world_size
 from .interactive import InteractiveSpec, object_keys
 from .losses import DEFAULT_LOSS_SPEC, LossSpec, ignore_at, low_res_pair
 from .metrics import Meter, mask_dice, mask_iou
 from .postprocess import clean_masks
 from .resize import resize_logits
+from .save_weight import unwrap_model
 from .trainable import grad_if_trained, set_train_mode
 
 
 class SamTrainStep(nn.Module):
     """The module that DistributedDataParallel wraps: its forward is the differentiable part
-    of a training step, so calling the DDP wrapper runs DDP's forward and gradient hooks."""
+    of a training step, so calling the DDP wrapper runs DDP's forward and gradient hooks.
+    `embeddings` keeps the last forward's image embeddings (the distillation term decodes its
+    off-target prompts from them, with the encoder's gradient when it trains)."""
 
     def __init__(self, sam: Sam) -> None:
         super().__init__()
@@ -64,6 +68,7 @@ class SamTrainStep(nn.Module):
         if embeddings is None:
             with grad_if_trained(self.sam.image_encoder):
                 embeddings = self.sam.image_encoder(images)
+        self.embeddings = embeddings
         return self.decode(embeddings, boxes, image_index, points, point_labels)
 
     def decode(
@@ -182,10 +187,13 @@ class PromptLoop:
     SamTrainStep (or its DDP wrapper); the meter averages loss terms and metrics per prompt.
 
     min_region_area and clicks concern validation only: IoU/Dice after clean_masks, and the IoU
-    after that many corrective clicks (utils.click_eval)."""
+    after that many corrective clicks (utils.click_eval). anchor (utils.distill): adds the
+    loss's distill / l2sp terms, in training and validation alike."""
 
-    def __init__(self, loss: LossSpec = DEFAULT_LOSS_SPEC, min_region_area: int = 0, clicks: Sequence[int] = ()) -> None:
+    def __init__(self, loss: LossSpec = DEFAULT_LOSS_SPEC, min_region_area: int = 0, clicks: Sequence[int] = (),
+                 anchor: Optional[Anchor] = None) -> None:
         self.loss, self.min_region_area, self.clicks = loss, min_region_area, tuple(clicks)
+        self.anchor = anchor
 
     def prepare(self, items: List[dict], sam: Sam, device: torch.device) -> Batch:
         return prepare_batch(items, sam, device)
@@ -197,7 +205,11 @@ class PromptLoop:
                    amp_dtype: Optional[torch.dtype], epoch: int, micro: int) -> Tuple[Dict[str, torch.Tensor], Any]:
         """(per-prompt loss terms and metrics, what the meter counts them by: the batch's images)."""
         low_res, iou_pred = forward_step(model, sam, batch, cache, amp_dtype)
-        return score(sam, batch, low_res, iou_pred, self.loss), batch.num_images
+        terms = score(sam, batch, low_res, iou_pred, self.loss)
+        if self.anchor is not None:
+            with autocast_context(batch.image_index.device, amp_dtype):
+                terms = self.anchor.add_terms(terms, sam, batch, unwrap_model(model).embeddings)
+        return terms, batch.num_images
 
     def eval_meter(self) -> Meter:
         post = POST_KEYS if self.min_region_area > 0 else ()
@@ -219,6 +231,8 @@ class PromptLoop:
                       min_region_area=self.min_region_area)
         with autocast_context(device, amp_dtype):
             terms.update(click_metrics(sam, batch, embeddings, self.clicks))
+            if self.anchor is not None:
+                terms = self.anchor.add_terms(terms, sam, batch, embeddings)
         return terms, batch.num_images
 
 

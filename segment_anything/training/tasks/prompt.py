@@ -5,6 +5,7 @@ from typing import Dict
 from torch import nn
 
 from ...utils.data.dataset import make_datasets
+from ...utils.distill import Anchor
 from ...utils.distributed import share_buffers
 from ...utils.trainer import POST_KEYS, PromptLoop, SamTrainStep
 from .base import Task
@@ -15,12 +16,20 @@ class PromptTask(Task):
 
     def __init__(self, cfg, spec) -> None:
         super().__init__(cfg, spec)
-        self.loop = PromptLoop(self.loss)
+        # --distill / --l2sp: the starting model's copies and values, captured in adapt_model.
+        self.anchor = Anchor(self.loss) if self.loss.distill > 0 or self.loss.l2sp > 0 else None
+        self.loop = PromptLoop(self.loss, anchor=self.anchor)
         # After each epoch also the IoU after corrective clicks; the starting model without them.
-        self.val_loop = PromptLoop(self.loss, cfg.min_region_area, spec.val_clicks)
-        self.base_loop = PromptLoop(self.loss, cfg.min_region_area)
+        self.val_loop = PromptLoop(self.loss, cfg.min_region_area, spec.val_clicks, anchor=self.anchor)
+        self.base_loop = PromptLoop(self.loss, cfg.min_region_area, anchor=self.anchor)
+
+    def adapt_model(self, sam) -> None:
+        if self.anchor is not None:
+            self.anchor.capture(sam)
 
     def step_module(self, sam, device, world_size) -> nn.Module:
+        if self.anchor is not None:
+            self.anchor.to(device)
         return SamTrainStep(sam)
 
     def after_train(self, sam, world_size: int) -> None:

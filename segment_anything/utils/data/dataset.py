@@ -24,11 +24,12 @@ from torch.utils.data import Dataset
 from ..transforms import ResizeLongestSide
 from .augment import build_augment
 from .checks import DataError
-from .prompts import PromptConfig, object_prompts
+from .prompts import PromptConfig, object_prompts, off_target_prompts
 from .records import Record
 
 # A dataset index, (index, epoch) from EpochSampler, or (index, epoch, first, end) from ObjectBatchSampler.
 Index = Union[int, Tuple[int, int], Tuple[int, int, int, int]]
+OFF_TARGET_STREAM = (0, 1)  # item_rng's extra numbers for the off-target prompts: apart from every object's stream
 
 
 def item_rng(seed: int, epoch: int, index: int, *more: int) -> np.random.Generator:
@@ -53,6 +54,9 @@ class MaskDataset(Dataset):
       objects        int64 (N,): the objects' indices in the record
       first_chunk    bool: the item holds the image's first objects (images are counted by it)
       ignore         uint8 (H, W), only for a tile with fragments (data.tiling): pixels left out of the loss
+    With off_target = n > 0 (--distill), also off_boxes float32 (ceil(n/2), 4) and off_points
+    float32 (n//2, 2): prompts that ignore the objects (prompts.off_target_prompts), drawn from
+    their own Generator (seed, epoch, image, *OFF_TARGET_STREAM); every chunk of an image has them.
     With an embedding cache (data.cache.EmbeddingCache, set as `cache` before the first
     iteration), items also carry `cache_key`, and a hit carries `embedding` (C, g, g) in the cache
     dtype instead of `image` (the image file is then not decoded). open_cache refuses to run with
@@ -61,11 +65,11 @@ class MaskDataset(Dataset):
 
     def __init__(self, records: Sequence[Record], image_size: int, prompts: PromptConfig = PromptConfig(),
                  max_objects: int = 16, augment: Sequence[str] = (), seed: int = 0, train: bool = True,
-                 cache=None) -> None:
+                 cache=None, off_target: int = 0) -> None:
         if image_size <= 0 or max_objects < 1:
             raise ValueError(f"image_size and max_objects must be positive, got {image_size}, {max_objects}")
         self.records, self.prompts, self.max_objects = list(records), prompts, max_objects
-        self.seed, self.train, self.cache = seed, train, cache
+        self.seed, self.train, self.cache, self.off_target = seed, train, cache, off_target
         self.transform = ResizeLongestSide(image_size)
         self.augment = build_augment(augment) if train else None
         # Validation items: (image index, first object) per chunk of max_objects objects.
@@ -120,6 +124,9 @@ class MaskDataset(Dataset):
         ignore = record.ignore_mask()  # never with augmentation (the configuration refuses --augment with --tile)
         if ignore is not None:
             pixels["ignore"] = torch.from_numpy(ignore)
+        if self.off_target:
+            off_boxes, off_points = off_target_prompts(size, self.off_target, item_rng(self.seed, epoch, index, *OFF_TARGET_STREAM))
+            pixels.update(off_boxes=torch.from_numpy(off_boxes), off_points=torch.from_numpy(off_points))
         return {
             **pixels,
             "original_size": size,
@@ -168,12 +175,13 @@ class DatasetSpec:
     max_objects: int = 16
     augment: Tuple[str, ...] = ()
     seed: int = 0
+    off_target: int = 0  # off-target prompts per image in both sets (--distill; see MaskDataset)
 
 
 def make_datasets(spec: DatasetSpec, train: Sequence[Record], val: Sequence[Record],
                   cache=None) -> Tuple[MaskDataset, MaskDataset]:
     """(training, validation) datasets."""
     return (MaskDataset(train, spec.image_size, spec.prompts, spec.max_objects, spec.augment, spec.seed, train=True,
-                        cache=cache),
+                        cache=cache, off_target=spec.off_target),
             MaskDataset(val, spec.image_size, spec.val_prompts, spec.max_objects, seed=spec.seed, train=False,
-                        cache=cache))
+                        cache=cache, off_target=spec.off_target))

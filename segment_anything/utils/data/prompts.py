@@ -129,3 +129,17 @@ def object_prompts(mask: np.ndarray, cfg: PromptConfig, rng: np.random.Generator
     if jitter and cfg.box_jitter:
         box = jitter_box(box, cfg.box_jitter, mask.shape[:2], rng)
     return box, points, labels
+
+
+def off_target_prompts(size: Tuple[int, int], n: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """n prompts that ignore the image's objects, for the distillation term (--distill): the first
+    ceil(n / 2) are boxes, the rest single points. A box's sides are 10-50 % of the image's,
+    placed uniformly inside it; a point is a uniformly drawn pixel. size: (H, W).
+    Returns boxes float32 (ceil(n / 2), 4) xyxy and points float32 (n // 2, 2) xy."""
+    h, w = size
+    nb, npt = (n + 1) // 2, n // 2
+    wh = rng.uniform(0.1, 0.5, (nb, 2)) * np.array([w, h])
+    x0y0 = rng.uniform(0.0, 1.0, (nb, 2)) * (np.array([w, h]) - wh)
+    boxes = np.concatenate([x0y0, x0y0 + wh], axis=1).astype(np.float32)
+    points = np.stack([rng.integers(0, w, npt), rng.integers(0, h, npt)], axis=1).astype(np.float32).reshape(npt, 2)
+    return boxes, points

@@ -155,15 +155,21 @@ class Anchor:
         self.start = {n: v.to(device) for n, v in self.start.items()}
         return self
 
-    @torch.no_grad()
     def base_embeddings(self, sam: nn.Module, images: Optional[torch.Tensor], tuned: torch.Tensor) -> torch.Tensor:
-        """The starting encoder's embeddings of the batch (one row per item, as tuned)."""
+        """The starting encoder's embeddings of the batch (one row per item, as tuned), detached.
+
+        With LoRA the pass runs with autograd on, as the tuned pass does (its graph is dropped at
+        once): the kernels then match and the two sides are bit for bit equal at the start. A
+        no-grad pass differs by rounding, and Adam scales that noise up to full-size steps on
+        weights whose real gradient is zero (dead ReLU units), so runs would depend on the batch
+        split."""
         if not any(p.requires_grad for p in sam.image_encoder.parameters()):
             return tuned.detach()
         if self.image_encoder is not None:
-            return self.image_encoder(images)
-        with adapters_off(sam.image_encoder):
-            return sam.image_encoder(images)
+            with torch.no_grad():
+                return self.image_encoder(images)
+        with torch.enable_grad(), adapters_off(sam.image_encoder):
+            return sam.image_encoder(images).detach()
 
     def add_terms(self, terms: Dict[str, torch.Tensor], sam: nn.Module, batch, embeddings: torch.Tensor
                   ) -> Dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from ..utils.data.cache import EmbeddingCache, open_cache
 from ..utils.data.samplers import EpochSampler, ObjectBatchSampler, ResumableSampler
 from ..utils.distributed import DistInfo, all_gather_objects, barrier
 from ..utils.log import FILE_ONLY, add_log_file, get_logger
-from ..utils.save_weight import append_text, atomic_save, atomic_write_bytes, image_flags, save_partial_weight
+from ..utils.save_weight import append_text, atomic_save, atomic_write_bytes, image_flags, save_partial_weight, unwrap_model
 from ..utils.trainable import configure, export_weights, lora_metadata, parameter_report
 from ..utils.trainer import evaluate, train_one_epoch
 from .compile import compile_decode
@@ -83,7 +83,8 @@ def make_loaders(cfg: TrainConfig, info: DistInfo, data: RunData, task: Task, ca
 
 @dataclass
 class Training:
-    """Everything a run updates, built in the fixed order and saved to / restored from last.pth."""
+    """Everything a run updates, built in the fixed order and saved to / restored from last.pth.
+    Its methods are the only code that changes it (StepGuard and resume.restore() call them)."""
 
     cfg: TrainConfig
     sam: torch.nn.Module
@@ -127,6 +128,40 @@ class Training:
             get_logger().warning(warning)
         sums = restore(self, state, path, sampler, info.rank)
         return None if sums is None else sums.to(info.device)
+
+    def resume_from(self, state: Dict, weights: Dict[str, torch.Tensor], step: int) -> None:
+        """Take a resume state that restore() checked: the trained tensors (weights, prefixes
+        stripped), optimizer, schedule, scaler and counters; step: the position in the epoch."""
+        with torch.no_grad():
+            entries = unwrap_model(self.sam).state_dict()  # parameters and trained BatchNorm statistics
+            for key, value in weights.items():
+                entries[key].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.best, self.stale = state["epoch"], state["best"], state["stale"]
+        self.bad_steps, self.skipped = state["bad_steps"], state["skipped"]
+        self.step = step
+
+    def seek_schedule(self, global_step: int) -> None:
+        """Put the schedule at global_step, with the learning rates LambdaLR.step() would set there."""
+        self.scheduler.last_epoch = global_step
+        lrs = [base * f(global_step) for base, f in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
+
+    def checked_step(self, finite: bool) -> None:
+        """Count the all-ranks verdict on a step (StepGuard): a non-finite one is skipped."""
+        if finite:
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            self.skipped += 1
+
+    def end_step(self) -> None:
+        """Count an optimizer step of the current epoch, skipped or not."""
+        self.step += 1
 
     def end_epoch(self, val_iou: float, val_metrics: Dict) -> bool:
         """Count the epoch; True when validation IoU improved."""

@@ -64,7 +64,7 @@ def _finite(loss: torch.Tensor, optimizer: torch.optim.Optimizer, check_grads: b
 class StepGuard:
     """One per run. check() before the optimizer step, end_step() after it.
 
-    run: engine.Training (its step, bad_steps and skipped counters are updated here).
+    run: engine.Training (its step counters change through its checked_step() and end_step()).
     save: writes last.pth; called on every rank at the same step (it gathers RNG states).
     """
 
@@ -106,14 +106,11 @@ class StepGuard:
                            torch.tensor([float(due), float(self.signal_name is not None)], device=device)])
         self._mark_progress()
         bad, self._save_now, self._stop_now = (all_reduce_sum(flags) > 0).tolist()
+        self.run.checked_step(finite=not bad)
         if bad:
             optimizer.zero_grad(set_to_none=True)
-            self.run.bad_steps += 1
-            self.run.skipped += 1
             get_logger().warning(f"non-finite loss or gradient at step {self.global_step}: optimizer step skipped on "
                                  f"every rank ({self.run.bad_steps} in a row, {self.run.skipped} this epoch)")
-        else:
-            self.run.bad_steps = 0
         return not bad
 
     def end_step(self, meter_sums: Optional[torch.Tensor], terms: Optional[Dict[str, torch.Tensor]] = None) -> None:
@@ -121,7 +118,7 @@ class StepGuard:
         terms: the step's per-prompt loss terms and metrics, for on_step (TensorBoard)."""
         if self.on_step is not None and terms is not None and self.run.bad_steps == 0:
             self.on_step(self.global_step, terms, self.run.scheduler.get_last_lr()[0])
-        self.run.step += 1
+        self.run.end_step()
         self.steps_since_save += 1
         too_many = self.run.bad_steps > self.cfg.max_bad_steps
         if self._save_now or self._stop_now or too_many:

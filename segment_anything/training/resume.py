@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..utils.distributed import launched_by_torchrun
-from ..utils.save_weight import UnsafeFileError, load_data_only, strip_prefixes, unwrap_model
+from ..utils.save_weight import UnsafeFileError, load_data_only, strip_prefixes
 from ..utils.trainable import trained_state_dict
 from ..utils.data.samplers import ResumableSampler
 
@@ -242,7 +242,7 @@ def check_optimizer(saved: Dict, optimizer: torch.optim.Optimizer, path: Path) -
 
 
 def restore(run, state: Dict, path: Path, sampler: ResumableSampler, rank: int) -> Optional[torch.Tensor]:
-    """Load a checked resume state into run (engine.Training); returns the epoch's meter sums.
+    """Check a resume state and hand it to run (engine.Training.resume_from); returns the epoch's meter sums.
 
     With another world size (--resume_relaxed, checked before) the position in the epoch is
     mapped through the number of samples seen and the schedule recomputed from it."""
@@ -254,28 +254,16 @@ def restore(run, state: Dict, path: Path, sampler: ResumableSampler, rank: int) 
     if same_world and sampler.global_order(state["epoch"]) != state["data_order"]:
         raise ResumeError(f"--resume: the training set is not the one {path} was trained on "
                           f"({len(state['data_order'])} samples then, {len(sampler.global_order(0))} now, or another order)")
-    with torch.no_grad():
-        entries = unwrap_model(run.sam).state_dict()  # parameters and trained BatchNorm statistics
-        for key, value in saved.items():
-            entries[key].copy_(value)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    run.epoch, run.best, run.stale = state["epoch"], state["best"], state["stale"]
-    run.bad_steps, run.skipped = state["bad_steps"], state["skipped"]
     if same_world:
-        run.step = state["step"]
+        step = state["step"]
+    else:
+        seen = state["step"] * state["world_size"] * state["batch_size"] * state["accumulate"]
+        step = min(seen // (sampler.num_replicas * sampler.samples_per_step), sampler.steps_per_epoch)
+    run.resume_from(state, saved, step)
+    if same_world:
         set_rng_state(state["rng"][rank])
         return state["meter"][rank]
-    steps = sampler.steps_per_epoch
-    seen = state["step"] * state["world_size"] * state["batch_size"] * state["accumulate"]
-    run.step = min(seen // (sampler.num_replicas * sampler.samples_per_step), steps)
-    run.scheduler.last_epoch = run.epoch * steps + run.step
-    # What LambdaLR.step() would set at that step.
-    lrs = [base * f(run.scheduler.last_epoch) for base, f in zip(run.scheduler.base_lrs, run.scheduler.lr_lambdas)]
-    for group, lr in zip(run.optimizer.param_groups, lrs):
-        group["lr"] = lr
-    run.scheduler._last_lr = lrs
+    run.seek_schedule(state["epoch"] * sampler.steps_per_epoch + step)
     return None  # the partial epoch's sums belong to another sharding
 
 

@@ -6,7 +6,6 @@ import json
 import os
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from segment_anything.training.resume import (
 )
 from segment_anything.utils.data.samplers import ResumableSampler
 from segment_anything.training.config import TrainConfig
+from segment_anything.training.engine import Training
 from segment_anything.training.faults import _test_fault
 
 
@@ -45,15 +45,15 @@ class Tiny(nn.Module):
 
 
 def tiny_run(steps_per_epoch: int = 4, epochs: int = 2):
-    """What checkpoint needs of engine.Training: a model, optimizer, cosine schedule, counters."""
+    """An engine.Training with what resume needs: a model, optimizer, cosine schedule, counters."""
     torch.manual_seed(0)
     sam = Tiny()
     opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=0.1)
     total = steps_per_epoch * epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / total)).item()))
     cfg = TrainConfig(checkpoint="none", train_dir="x")
-    return SimpleNamespace(cfg=cfg, sam=sam, optimizer=opt, scheduler=sched, scaler=torch.amp.GradScaler("cpu", enabled=False),
-                           epoch=0, step=0, best={"iou": -1.0}, stale=0, bad_steps=0, skipped=0)
+    return Training(cfg=cfg, sam=sam, model=sam, optimizer=opt, scheduler=sched,
+                    scaler=torch.amp.GradScaler("cpu", enabled=False), amp_dtype=None, task=None, cache=None)
 
 
 def train_steps(run, n):
@@ -177,10 +177,10 @@ def test_test_fault_spec():
 GUARD_SCRIPT = textwrap.dedent(
     """
     import datetime, json, sys
-    from types import SimpleNamespace
     import torch, torch.distributed as dist
     from torch import nn
     from segment_anything.training.config import TrainConfig
+    from segment_anything.training.engine import Training
     from segment_anything.utils.distributed import DistInfo
     from segment_anything.training.faults import StepGuard
 
@@ -192,9 +192,9 @@ GUARD_SCRIPT = textwrap.dedent(
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     cfg = TrainConfig(checkpoint="none", train_dir="x", max_bad_steps=5, save_every=0, save_every_minutes=0)
-    run = SimpleNamespace(cfg=cfg, scheduler=sched, step=0, bad_steps=0, skipped=0, epoch=0)
-    guard = StepGuard(run, DistInfo(rank=rank, world_size=2), save=lambda s: None, resume_hint="")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
+    run = Training(cfg, model.module, model, opt, sched, scaler, amp_dtype=None, task=None, cache=None)
+    guard = StepGuard(run, DistInfo(rank=rank, world_size=2), save=lambda s: None, resume_hint="")
     decisions = []
     for step in range(3):
         opt.zero_grad()

@@ -7,6 +7,9 @@
 # holds no last.pth and continues it from its last.pth when it does.
 # Pre-emption and the time limit: SLURM sends SIGTERM (the workers save last.pth and stop), and
 # the job is requeued (--requeue; USR1 shortly before the time limit requeues it too).
+# A worker that fails (a crash, the OOM killer): with MAX_RESTARTS=K in sbatch's environment
+# (MAX_RESTARTS=3 sbatch ...), torchrun restarts the workers up to K times and they continue the
+# run folder's last.pth; without it the job ends.
 # Every argument goes to run.py.
 #SBATCH --job-name=sam-finetune
 #SBATCH --ntasks-per-node=1

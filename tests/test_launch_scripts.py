@@ -121,3 +121,68 @@ def test_slurm_script_starts_a_job_then_a_requeued_job_continues_it(tmp_path):
     assert f"resumed from {out} at epoch {saved['epoch'] + 1}, step {saved['step']}" in text, text[-3000:]
     assert "epoch 2/2" in text and len(list(out.glob("args.resume-*.json"))) == 1
     assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 2
+
+
+def global_step(state) -> int:
+    return state["epoch"] * state["steps_per_epoch"] + state["step"]
+
+
+def children(pid: int) -> list:
+    """Direct children of pid (Linux /proc): multinode.sh execs torchrun's agent, whose children are the workers."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").glob("*/children") for c in task.read_text().split()]
+
+
+def two_nodes(tmp_path, args, out, max_restarts=0, kill_at_step=None):
+    """launch/multinode.sh as two "nodes" of one gloo worker each; kill_at_step: SIGKILL node 1's
+    worker once last.pth holds that global step. Returns both nodes' output."""
+    import time
+
+    import torch
+
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "SAM_TEST_FAULT")}
+    env.update(PATH="/usr/bin:/bin", NNODES="2", NPROC="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
+               RDZV_ID=f"elastic-{out.name}", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MAX_RESTARTS=str(max_restarts))
+    nodes = [subprocess.Popen(["bash", str(REPO / "launch" / "multinode.sh"), *args, "--output_dir", str(out)],
+                              cwd=tmp_path, env=dict(env, NODE_RANK=str(rank)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for rank in (0, 1)]
+    try:
+        if kill_at_step is not None:
+            deadline = time.monotonic() + TIMEOUT
+            while not (out / "last.pth").exists() or global_step(torch.load(out / "last.pth", weights_only=True)) < kill_at_step:
+                assert time.monotonic() < deadline and nodes[1].poll() is None, "no mid-epoch last.pth in time"
+                time.sleep(0.02)
+            workers = [p for p in children(nodes[1].pid) if b"run.py" in Path(f"/proc/{p}/cmdline").read_bytes()]
+            assert len(workers) == 1, f"node 1 should have one worker, has {workers}"
+            os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + TIMEOUT
+        while any(node.poll() is None for node in nodes) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, 9)
+    logs = [node.communicate()[0] for node in nodes]
+    for rank, (node, log) in enumerate(zip(nodes, logs)):
+        assert node.returncode == 0, f"node {rank} (exit {node.returncode}):\n{log[-5000:]}\n---- node {1 - rank}:\n{logs[1 - rank][-3000:]}"
+    return logs
+
+
+def test_a_worker_killed_mid_epoch_makes_torchrun_restart_the_group_which_continues_the_run(tmp_path):
+    import torch
+
+    train = make_synthetic_dataset(tmp_path / "train", n=8, size_range=(48, 64), seed=7)
+    val = make_synthetic_dataset(tmp_path / "val", n=1, size_range=(48, 64), seed=8)
+    # 2 nodes x batch 1: 4 steps per epoch; a last.pth after every step.
+    args = ["--model_type", "vit_t", "--checkpoint", "none", "--image_size", "64", "--epoch", "2", "--batch_size", "1",
+            "--train_dir", str(train), "--val_dir", str(val), "--num_workers", "0", "--threads", "1",
+            "--save_every", "1", "--seed", "5", "--resume", "auto"]
+    two_nodes(tmp_path, args, tmp_path / "straight")
+    logs = two_nodes(tmp_path, args, tmp_path / "elastic", max_restarts=1, kill_at_step=2)
+    text = (tmp_path / "elastic" / "train.log").read_text()
+    assert "torchrun restarted the workers (restart 1 of at most 1); the run continues from last.pth at epoch" in text, logs[0][-3000:]
+    assert "torchrun restarted the workers" in logs[0] and "resumed from" in text
+    straight = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    elastic = torch.load(tmp_path / "elastic" / "last.pth", weights_only=True)
+    assert global_step(elastic) == global_step(straight) == 8
+    diff = max((straight["model"][k] - elastic["model"][k]).abs().max().item() for k in straight["model"])
+    assert diff <= 1e-6, f"the restarted run differs from the uninterrupted one by {diff:.3g}"

@@ -29,7 +29,7 @@ from ..utils.semantic_train import parse_loss as parse_semantic_loss
 from ..utils.tiles import check_tiling
 from ..utils.trainable import TrainPlan, parse_parts, plan_errors
 from .compile import compile_errors
-from .resume import resolve_resume, saved_args
+from .resume import restart_problem, resolve_resume, saved_args
 
 TRUE_WORDS = ("yes", "true", "t", "y", "1")
 FALSE_WORDS = ("no", "false", "f", "n", "0")
@@ -254,7 +254,8 @@ class TrainConfig:
         None, "continue from a last.pth, a run folder holding one, or 'auto' (--output_dir's); alone, it takes the run's saved flags")
     save_every: int = FAULTS(0, "also write last.pth every N optimizer steps (0 = only by time and at epoch ends)")
     save_every_minutes: float = FAULTS(10.0, "also write last.pth every M minutes of training (0 = off)")
-    resume_relaxed: bool = FAULTS(False, "allow --resume with another world size: schedule recomputed, data order and RNG not reproduced")
+    resume_relaxed: bool = FAULTS(False, "allow --resume on a world size that cannot keep the run's global batch: schedule recomputed, "
+                                  "data order and RNG not reproduced (one that can keep it continues exactly, --accumulate chosen to fit)")
     max_bad_steps: int = FAULTS(10, "stop when more than this many optimizer steps in a row have a non-finite loss or gradient")
     dist_timeout: float = FAULTS(1800.0, "seconds a collective waits for a dead or hung rank before every rank stops")
 
@@ -531,6 +532,9 @@ class TrainConfig:
     def from_args(cls, argv: Optional[List[str]] = None) -> "TrainConfig":
         parser = cls.parser()
         args = parser.parse_args(argv)
+        problem = restart_problem(args.resume)
+        if problem:
+            parser.fail([problem])
         if args.resume:
             # --resume RUN alone continues with the run's saved flags; flags given beside it win
             # and then go through the resume checks (resume.check_resume).

@@ -7,6 +7,7 @@ resume state. Rank 0 writes every file; all ranks train and validate their own s
 differs between training modes is the task's (training/tasks/); the engine never branches on it.
 """
 
+import dataclasses
 import json
 import math
 import random
@@ -26,7 +27,7 @@ from ..modeling.fft_attention import attention_metadata, fft_block_indices
 from ..utils.data import RunData, collate
 from ..utils.data.cache import EmbeddingCache, open_cache
 from ..utils.data.samplers import EpochSampler, ObjectBatchSampler, ResumableSampler
-from ..utils.distributed import DistInfo, all_gather_objects, barrier
+from ..utils.distributed import DistInfo, all_gather_objects, barrier, torchrun_restarts
 from ..utils.log import FILE_ONLY, add_log_file, get_logger
 from ..utils.save_weight import append_text, atomic_save, atomic_write_bytes, image_flags, save_partial_weight, unwrap_model
 from ..utils.trainable import configure, export_weights, lora_metadata, parameter_report
@@ -36,7 +37,7 @@ from .config import TrainConfig
 from .faults import StepGuard, faults_to_exit, stop_signals
 from .preflight import Prepared, PreflightError, share_preflight
 from .progress import Progress, shard_images
-from .resume import ResumeError, check_world_size, find_resume_file, load_state, make_state, restore, resume_command, rng_state
+from .resume import ResumeError, find_resume_file, load_state, make_state, restore, resume_command, rng_state
 from .tasks import Task
 from .writer import N_SAMPLES, RunWriter, device_label
 
@@ -120,13 +121,9 @@ class Training:
         return cls(cfg, sam, model, optimizer, scheduler, scaler, amp_dtype, task, cache)
 
     def restore(self, cfg: TrainConfig, info: DistInfo, sampler: ResumableSampler) -> Optional[torch.Tensor]:
-        """Continue from --resume: checks, then the state; returns the partial epoch's meter sums."""
+        """Continue from --resume (its world size checked by preflight); returns the partial epoch's meter sums."""
         path = find_resume_file(cfg.resume, cfg.output_dir)
-        state = load_state(path)
-        warning = check_world_size(state, info.world_size, cfg.resume_relaxed, path)
-        if warning:
-            get_logger().warning(warning)
-        sums = restore(self, state, path, sampler, info.rank)
+        sums = restore(self, load_state(path), path, sampler, info.rank)
         return None if sums is None else sums.to(info.device)
 
     def resume_from(self, state: Dict, weights: Dict[str, torch.Tensor], step: int) -> None:
@@ -183,7 +180,7 @@ def run_epoch(run: Training, info: DistInfo, train_loader, val_loader, sampler, 
     bar = Progress(total=sampler.images_left(), desc=f"epoch {run.epoch + 1}/{cfg.epoch}", enabled=info.is_main)
     train_m = train_one_epoch(run.model, run.sam, train_loader, run.optimizer, run.scheduler, run.scaler, info.device,
                               run.amp_dtype, progress=bar, accumulate=cfg.accumulate, guard=guard, cache=run.cache,
-                              epoch=run.epoch, task=task.loop)
+                              epoch=run.epoch, task=task.loop, first_step=run.step)
     bar.close()
     train_s = time.perf_counter() - t0
     task.after_train(run.sam, info.world_size)
@@ -300,11 +297,15 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Prepared] = None) -
     random.seed(cfg.seed)
     prepared = share_preflight(cfg, info, prepared)
     data, out_dir, task = prepared.data, prepared.out_dir, prepared.task
+    if prepared.world is not None:  # resumed on another world size: the accumulation that keeps the global batch
+        cfg = dataclasses.replace(cfg, accumulate=prepared.world.accumulate)
     devices = all_gather_objects(device_label(info.device))
     if info.is_main:
         start_run_folder(cfg, out_dir, data)
         log.info(f"world size {info.world_size}: " + ", ".join(f"rank {r} {d}" for r, d in enumerate(devices))
                  + f" | run folder {out_dir}")
+        if prepared.world is not None:
+            (log.info if prepared.world.exact else log.warning)(prepared.world.message)
     # Seeded again right before the model is built, so a --checkpoint none model depends on the
     # seed alone and the tools (evaluate, predict) can rebuild the exact starting model.
     torch.manual_seed(cfg.seed)
@@ -333,6 +334,12 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Prepared] = None) -
         dropped = drop_records_after(out_dir / "metrics.jsonl", run.epoch) if info.is_main else 0
         if dropped:
             log.info(f"metrics.jsonl: {dropped} line(s) of epochs after last.pth's removed; those epochs train again")
+    # Each node counts its own restarts (one restarted for another node's failure may count 0).
+    restarts = max(all_gather_objects(torchrun_restarts()))
+    if restarts[0] and info.is_main:
+        where = (f"from last.pth at epoch {run.epoch + 1}, step {run.step}" if cfg.resume
+                 else "from the start (no last.pth had been saved)")
+        log.warning(f"torchrun restarted the workers (restart {restarts[0]} of at most {restarts[1]}); the run continues {where}")
     if info.is_main:
         log_summary(run.sam, cfg, info, data, task)
     if cfg.eval_base and run.epoch == 0 and run.step == 0:

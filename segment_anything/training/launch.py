@@ -174,7 +174,7 @@ def launch(cfg: TrainConfig) -> None:
     # The workers get the result, so they all use the same (timestamped) run folder.
     try:
         port = pick_port(cfg.port) if world_size > 1 else None
-        prepared = preflight(cfg)
+        prepared = preflight(cfg, world_size)
     except PREFLIGHT_ERRORS as err:
         sys.exit(f"error: {err}")
     if world_size == 1:

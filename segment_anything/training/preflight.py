@@ -16,7 +16,7 @@ from ..utils.data.tiling import tile_data
 from ..utils.distributed import DistInfo, broadcast_object
 from ..utils.weights import check_checkpoint
 from .config import RunSpec, TrainConfig
-from .resume import check_resume
+from .resume import WorldChange, check_resume, find_resume_file, keep_global_batch, saved_geometry
 from .tasks import Task, build_task
 
 PREFLIGHT_ERRORS = (DataError, FileExistsError, FileNotFoundError, ValueError)
@@ -29,12 +29,14 @@ class PreflightError(RuntimeError):
 @dataclass
 class Prepared:
     """What the checks found, handed to every worker: the data, the run folder, the resolved
-    flags and the task (with --task semantic, its classes)."""
+    flags and the task (with --task semantic, its classes); world: a resume on another number of
+    processes (the --accumulate that keeps its global batch), else None."""
 
     data: RunData
     out_dir: Path
     spec: RunSpec
     task: Task
+    world: Optional[WorldChange] = None
 
 
 def resolve_output_dir(cfg: TrainConfig) -> Path:
@@ -51,21 +53,28 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def preflight(cfg: TrainConfig) -> Prepared:
+def preflight(cfg: TrainConfig, world_size: int = 1) -> Prepared:
     """Weights file, data files (cut into tiles with --tile), the task (a label value >=
-    --num_classes stops the run here, naming the file), output folder, resume file."""
+    --num_classes stops the run here, naming the file), output folder, resume file and the world
+    size it is resumed on."""
     if not (cfg.train_dir or cfg.train_json):  # the first thing a user without flags must hear
         raise DataError("--train_dir is required (a folder of images and masks or labelme JSON files), "
                         "or --train_json + --train_images for COCO")
     if cfg.checkpoint_path() is not None:
         check_checkpoint(cfg.checkpoint_path(), cfg.model_type, cfg.image_size)
     out_dir = resolve_output_dir(cfg)  # before the data checks: a folder that cannot be written fails at once
+    world = None
+    if cfg.resume:
+        path = find_resume_file(cfg.resume, cfg.output_dir)
+        # The micro-batch unit: images, or objects with --objects_per_step (as the sampler saves it).
+        world = keep_global_batch(saved_geometry(path), world_size, cfg.objects_per_step or cfg.batch_size,
+                                  cfg.accumulate, cfg.resume_relaxed, path)
     spec = cfg.resolve()
     data = prepare_data(spec.data)
     if cfg.tile:  # once, here: every rank trains the same tiles
         data = tile_data(data, cfg.tile, cfg.tile_overlap, cfg.tile_min_visible)
     task = build_task(cfg, spec, data)
-    return Prepared(data, out_dir, spec, task)
+    return Prepared(data, out_dir, spec, task, world)
 
 
 def share_preflight(cfg: TrainConfig, info: DistInfo, prepared: Optional[Prepared]) -> Prepared:
@@ -76,7 +85,7 @@ def share_preflight(cfg: TrainConfig, info: DistInfo, prepared: Optional[Prepare
     result = None
     if info.is_main:
         try:
-            result = preflight(cfg)
+            result = preflight(cfg, info.world_size)
         except PREFLIGHT_ERRORS as err:
             result = str(err)
     result = broadcast_object(result, patient=True)  # the checks may take longer than --dist_timeout

@@ -20,7 +20,11 @@ Every value is a tensor or a plain number, string, list or dict, so the file loa
 torch.load(..., weights_only=True): reading a last.pth from elsewhere cannot run code.
 
 A resumed run skips the batches already seen without loading them (ResumableSampler starts at
-an offset), so with the same world size it trains exactly as an uninterrupted run would.
+an offset), so with the same world size it trains exactly as an uninterrupted run would. So does
+a run resumed on another number of processes when the global batch (processes x batch x
+accumulate) can be kept: the sampler's one global order puts the same samples into every
+optimizer step for any split, every random draw is seeded per image and object, and --accumulate
+is chosen to fill the difference (keep_global_batch).
 """
 
 import dataclasses
@@ -30,13 +34,15 @@ import os
 import random
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Set
 
 import numpy as np
 import torch
 
-from ..utils.distributed import launched_by_torchrun
+from ..utils.distributed import launched_by_torchrun, torchrun_restarts
+from ..utils.log import get_logger
 from ..utils.save_weight import UnsafeFileError, load_data_only, strip_prefixes
 from ..utils.trainable import trained_state_dict
 from ..utils.data.samplers import ResumableSampler
@@ -45,9 +51,9 @@ RESUME_FORMAT = "sam-resume-v3"
 # v2 held numpy's and Python's generator states as pickled objects; its files still load, data-only.
 READABLE_FORMATS = ("sam-resume-v2", RESUME_FORMAT)
 # What defines the schedule and the model: a resumed run may not change these (what trains
-# is checked through the keys of the resume file).
-RESUME_MUST_MATCH = ("model_type", "image_size", "epoch", "batch_size", "objects_per_step", "lr", "accumulate",
-                     "attention", "fft_blocks")
+# is checked through the keys of the resume file; --accumulate through the global batch,
+# keep_global_batch).
+RESUME_MUST_MATCH = ("model_type", "image_size", "epoch", "batch_size", "objects_per_step", "lr", "attention", "fft_blocks")
 # Flags that --resume RUN never takes from the saved run: they say where to continue.
 NOT_INHERITED = ("resume", "output_dir")
 
@@ -90,6 +96,26 @@ def resolve_resume(resume: Optional[str], output_dir: Optional[str] = None) -> O
     if folder.is_dir() and any(folder.iterdir()):
         raise ResumeError(f"--resume auto: {folder} holds files but no last.pth (a run stopped before its first "
                           "save, or not a run folder); remove it or choose another --output_dir")
+    return None
+
+
+def restart_problem(resume: Optional[str]) -> Optional[str]:
+    """Why workers under `torchrun --max_restarts K` could not be restarted usefully, or None.
+
+    A restarted group runs the same command line, so it needs --resume (auto: start or continue
+    --output_dir). And torchrun hosts one key-value store for every attempt of a group unless
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: the new workers would read the dead attempt's addresses
+    from it and try to connect to them, and the group would never form."""
+    restarts = torchrun_restarts()[1]
+    if not restarts:
+        return None
+    if not resume:
+        return (f"torchrun --max_restarts {restarts} restarts the workers after a failure; give --output_dir DIR "
+                "--resume auto so that they continue DIR/last.pth")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return (f"torchrun --max_restarts {restarts}: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (the "
+                "launch scripts do), else a restarted group reads the failed workers' addresses from torchrun's "
+                "store and never forms")
     return None
 
 
@@ -141,18 +167,70 @@ def check_resume(cfg) -> Path:
     return path.parent
 
 
-def check_world_size(state: Dict, world_size: int, relaxed: bool, path: Path) -> Optional[str]:
-    """None when the run continues exactly; a warning text with --resume_relaxed; else ResumeError."""
-    old = state["world_size"]
-    if old == world_size:
+@dataclass(frozen=True)
+class Geometry:
+    """How a run splits its global batch: processes x batch per process x accumulated batches.
+    Step counts in last.pth refer to it."""
+
+    world_size: int
+    batch_size: int
+    accumulate: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size * self.accumulate
+
+    def __str__(self) -> str:
+        return f"{self.world_size} process(es) x batch {self.batch_size} x accumulate {self.accumulate}"
+
+
+def saved_geometry(path: Path) -> Geometry:
+    """The geometry last.pth was written with (memory-mapped: only its few numbers are read)."""
+    try:
+        state = load_data_only(path, mmap=True)
+    except Exception:  # unreadable: check_resume has already said why, or restore will
+        state = load_state(path)
+    return Geometry(int(state["world_size"]), int(state["batch_size"]), int(state["accumulate"]))
+
+
+@dataclass(frozen=True)
+class WorldChange:
+    """A resume on another number of processes: the --accumulate this run uses and what to log."""
+
+    accumulate: int
+    exact: bool  # the global batch is kept: the run continues as it would have
+    message: str
+
+
+def keep_global_batch(saved: Geometry, world_size: int, batch_size: int, accumulate: int, relaxed: bool,
+                      path) -> Optional[WorldChange]:
+    """None when the run resumes on its own world size (then --accumulate must be the saved one).
+
+    On another world size, the --accumulate that keeps the global batch, whatever was asked for:
+    the sampler's global order then puts the same samples into every optimizer step, so the run
+    continues exactly (to the rounding of a different reduction order). When no whole number
+    keeps it: --resume_relaxed continues with the schedule mapped through the samples seen (data
+    order and random numbers not reproduced); without it, ResumeError with the reason."""
+    if world_size == saved.world_size:
+        if accumulate != saved.accumulate:
+            raise ResumeError(f"--resume: {path} was made with --accumulate {saved.accumulate} (now {accumulate}) "
+                              "on the same world size; resume with the same flags")
         return None
-    if not relaxed:
-        raise ResumeError(
-            f"--resume: {path} was written by a run with world size {old}, this run has world size {world_size}; "
-            f"the global batch and the steps per epoch would change. Resume with {old} processes, or add "
-            "--resume_relaxed True to continue with the schedule recomputed from the global step")
-    return (f"resuming a world-size-{old} run with world size {world_size} (--resume_relaxed): the learning-rate "
-            "schedule is recomputed from the samples seen; data order and random numbers are NOT reproduced")
+    per_step = world_size * batch_size
+    if saved.global_batch % per_step == 0:
+        fitted = saved.global_batch // per_step
+        return WorldChange(fitted, True, (
+            f"resuming a run of {saved} on {world_size} process(es): --accumulate {fitted} keeps its global batch "
+            f"of {saved.global_batch} ({world_size} x batch {batch_size} x {fitted}), so it continues exactly"))
+    reason = (f"{path} was written by a run of {saved} (global batch {saved.global_batch}); with {world_size} "
+              f"process(es) x batch {batch_size} no whole --accumulate keeps that global batch")
+    if relaxed:
+        return WorldChange(accumulate, False, (
+            f"--resume_relaxed: {reason}; the learning-rate schedule is recomputed from the samples seen; data order "
+            "and random numbers are NOT reproduced"))
+    divisors = [n for n in range(1, saved.global_batch + 1) if saved.global_batch % (n * batch_size) == 0]
+    raise ResumeError(f"--resume: {reason}. Resume with a world size of {', '.join(map(str, divisors))}, or add "
+                      "--resume_relaxed True to continue with the schedule recomputed from the samples seen")
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -242,27 +320,45 @@ def check_optimizer(saved: Dict, optimizer: torch.optim.Optimizer, path: Path) -
 
 
 def restore(run, state: Dict, path: Path, sampler: ResumableSampler, rank: int) -> Optional[torch.Tensor]:
-    """Check a resume state and hand it to run (engine.Training.resume_from); returns the epoch's meter sums.
+    """Check a resume state and hand it to run (engine.Training.resume_from); returns this rank's
+    share of the epoch's meter sums.
 
-    With another world size (--resume_relaxed, checked before) the position in the epoch is
-    mapped through the number of samples seen and the schedule recomputed from it."""
+    With another world size and the same global batch (keep_global_batch, checked before) the
+    step and schedule carry over as they are. With --resume_relaxed and another global batch the
+    position in the epoch is mapped through the number of samples seen and the schedule recomputed
+    from it."""
     own = trained_state_dict(run.sam)
     saved = strip_prefixes(state["model"])
     check_model_keys(saved, own, path)
     check_optimizer(state["optimizer"], run.optimizer, path)
-    same_world = state["world_size"] == sampler.num_replicas
-    if same_world and sampler.global_order(state["epoch"]) != state["data_order"]:
+    old = Geometry(state["world_size"], state["batch_size"], state["accumulate"])
+    same_world = old.world_size == sampler.num_replicas
+    same_steps = old.global_batch == sampler.num_replicas * sampler.samples_per_step
+    if same_steps and sampler.global_order(state["epoch"]) != state["data_order"]:
         raise ResumeError(f"--resume: the training set is not the one {path} was trained on "
                           f"({len(state['data_order'])} samples then, {len(sampler.global_order(0))} now, or another order)")
-    if same_world:
+    if same_steps and not same_world and state["steps_per_epoch"] != sampler.steps_per_epoch:
+        # Only an epoch's last round, cut by the world size (ObjectBatchSampler), can change the count.
+        get_logger().warning(f"resume: an epoch has {sampler.steps_per_epoch} steps on this world size, "
+                             f"{state['steps_per_epoch']} before; the schedule is mapped through the samples seen")
+        same_steps = False
+    if same_steps:  # the same world size, or another that keeps the global batch: the same steps
         step = state["step"]
     else:
-        seen = state["step"] * state["world_size"] * state["batch_size"] * state["accumulate"]
+        seen = state["step"] * old.global_batch
         step = min(seen // (sampler.num_replicas * sampler.samples_per_step), sampler.steps_per_epoch)
     run.resume_from(state, saved, step)
     if same_world:
         set_rng_state(state["rng"][rank])
         return state["meter"][rank]
+    if same_steps:
+        set_rng_state(shared_rng_state(state["rng"]))
+        if rank == 0 and trains_batch_norm(run.sam):
+            get_logger().warning("resume on another world size: BatchNorm layers train in this run, and each normalises "
+                                 "the micro-batch of one process (all processes' with SyncBatchNorm); another split of "
+                                 "the global batch gives them other batch statistics, so the run continues close to, "
+                                 "not exactly as, the uninterrupted one")
+        return merged_meter(state["meter"]) if rank == 0 else None
     run.seek_schedule(state["epoch"] * sampler.steps_per_epoch + step)
     return None  # the partial epoch's sums belong to another sharding
 
@@ -297,3 +393,41 @@ def resume_command(out_dir, cmdline: Optional[Sequence[str]] = None, argv0: Opti
     nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1)
     text = shlex.join(prefix + ["--resume", str(out_dir)])
     return text + (f" (on each of the {nodes} nodes, with its own torchrun flags)" if nodes > 1 else "")
+
+
+def trains_batch_norm(model: torch.nn.Module) -> bool:
+    """A BatchNorm layer with trained parameters (the semantic head, a training TinyViT): its
+    statistics come from each micro-batch, which depends on how the global batch is split."""
+    kinds = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+    return any(isinstance(m, kinds) and any(p.requires_grad for p in m.parameters()) for m in model.modules())
+
+
+def shared_rng_state(states: List[Dict]) -> Dict:
+    """The generator state every rank had (nothing in training draws per-rank numbers: prompts and
+    augmentations have their own per-image Generators, and every rank seeds and consumes the global
+    ones alike), to hand to the ranks of another world size. Ranks that disagree are logged: the
+    continuation is then not exact, and rank 0's state is used."""
+    first = states[0]
+    for rank, other in enumerate(states[1:], start=1):
+        if not _same_state(first, other):
+            get_logger().warning(f"resume: rank {rank}'s random generator state differs from rank 0's; every rank of "
+                                 "this run continues from rank 0's, so random draws may not be reproduced")
+            break
+    return first
+
+
+def _same_state(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same_state, a, b))
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.shape == b.shape and bool((a == b).all())
+    return a == b
+
+
+def merged_meter(meters: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """Every old rank's running sums of the epoch added up: the meter reduces sums over ranks at the
+    epoch's end, so rank 0 carrying the total (and the others nothing) gives the same epoch metrics."""
+    present = [m for m in meters if m is not None]
+    return torch.stack(present).sum(0) if present else None

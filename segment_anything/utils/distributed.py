@@ -7,7 +7,7 @@ one path for 1 and N processes.
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,14 @@ class DistInfo:
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def torchrun_restarts() -> Tuple[int, int]:
+    """(how many times torchrun has restarted this node's workers, its --max_restarts); (0, 0)
+    outside torchrun. The count is per node: a node whose agent restarted its workers because
+    another node failed may count 0 (a membership change costs no restart)."""
+    return (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+            int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0))
 
 
 def pick_device(name: str = "auto") -> str:

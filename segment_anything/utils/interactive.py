@@ -5,8 +5,9 @@ previous low-resolution logits fed back as the mask prompt.
 Everything random is drawn from numpy Generators seeded by numbers every process agrees on:
 the prompt kind and point count of an object by (seed, epoch, image index, object), a random
 click additionally by the round, and the number of click rounds of a step by (seed, epoch,
-step), so all ranks run the same rounds (no rank waits on a collective another skips) and
-2 processes x batch B train exactly like 1 process x batch 2B.
+optimizer step within the epoch), so all ranks run the same rounds (no rank waits on a
+collective another skips), every micro-batch of an accumulated step the step's, and
+2 processes x batch B, 1 x 2B and 1 x B accumulating 2 train alike.
 """
 
 from dataclasses import dataclass

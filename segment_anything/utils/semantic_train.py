@@ -197,7 +197,7 @@ class SemanticLoop:
 
     eval_meter = train_meter
 
-    def train_step(self, model, sam, batch: SemanticBatch, items, cache, amp_dtype, epoch: int, micro: int):
+    def train_step(self, model, sam, batch: SemanticBatch, items, cache, amp_dtype, epoch: int, step: int):
         """(per-image loss terms, the step's confusion matrix)."""
         logits = logits_for(model, sam, batch, cache, amp_dtype)
         return self.loss(logits, batch.targets), confusion(logits.detach().argmax(1), batch.targets, len(self.classes))

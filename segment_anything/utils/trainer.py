@@ -202,7 +202,7 @@ class PromptLoop:
         return Meter(self.loss.keys() + METRIC_KEYS)
 
     def train_step(self, model: nn.Module, sam: Sam, batch: Batch, items: List[dict], cache: Optional[EmbeddingCache],
-                   amp_dtype: Optional[torch.dtype], epoch: int, micro: int) -> Tuple[Dict[str, torch.Tensor], Any]:
+                   amp_dtype: Optional[torch.dtype], epoch: int, step: int) -> Tuple[Dict[str, torch.Tensor], Any]:
         """(per-prompt loss terms and metrics, what the meter counts them by: the batch's images)."""
         low_res, iou_pred = forward_step(model, sam, batch, cache, amp_dtype)
         terms = score(sam, batch, low_res, iou_pred, self.loss)
@@ -238,19 +238,21 @@ class PromptLoop:
 
 class InteractiveLoop(PromptLoop):
     """The loop task of interactive training: the model is the InteractiveStep (or its DDP
-    wrapper), called with the batch, its object keys and this micro-batch's click rounds (drawn
-    from (seed, epoch, micro-batch number): the same on every rank). Validation as PromptLoop."""
+    wrapper), called with the batch, its object keys and this optimizer step's click rounds (drawn
+    from (seed, epoch, step within the epoch): the same on every rank and for every micro-batch of
+    the step, so any split of the global batch into processes and accumulated micro-batches, and a
+    run resumed mid-epoch, draw the same rounds). Validation as PromptLoop."""
 
     def __init__(self, spec: InteractiveSpec, loss: LossSpec = DEFAULT_LOSS_SPEC, min_region_area: int = 0,
                  clicks: Sequence[int] = ()) -> None:
         super().__init__(loss, min_region_area, clicks)
         self.spec = spec
 
-    def train_step(self, model, sam, batch, items, cache, amp_dtype, epoch, micro):
+    def train_step(self, model, sam, batch, items, cache, amp_dtype, epoch, step):
         # Every round decodes from the one set of embeddings.
         embeddings = batch_embeddings(sam, batch, cache, amp_dtype) if cache is not None else None
         with autocast_context(batch.image_index.device, amp_dtype):
-            terms = model(batch.images, batch, object_keys(items), epoch, self.spec.rounds(epoch, micro),
+            terms = model(batch.images, batch, object_keys(items), epoch, self.spec.rounds(epoch, step),
                           embeddings=embeddings)
         return terms, batch.num_images
 
@@ -272,8 +274,10 @@ def train_one_epoch(
     interactive: Optional[InteractiveSpec] = None,
     epoch: int = 0,
     task=None,
+    first_step: int = 0,
 ) -> Dict[str, float]:
     """One pass over this rank's shard. model is the DDP wrapper (or the bare step module).
+    first_step: optimizer steps of this epoch trained before (a resumed run; the loader skips them).
     task: the loop task (PromptLoop, InteractiveLoop, utils.semantic_train.SemanticLoop); by
     default PromptLoop(loss_spec), or InteractiveLoop(interactive, loss_spec) with an InteractiveSpec.
     accumulate: micro-batches per optimizer step (see utils.accumulate).
@@ -287,16 +291,14 @@ def train_one_epoch(
     if guard is not None:  # resumed mid-epoch: the sums of the batches before
         meter.sums = guard.take_resumed_sums()
     hits = 0
-    micro = 0
-    for group in accumulation.groups(loader, accumulate):
+    for step, group in enumerate(accumulation.groups(loader, accumulate), start=first_step):
         batches = [task.prepare(items, sam, device) for items in group]
         count = global_count(sum(b.image_index.numel() for b in batches), device) if accumulate > 1 else None
         optimizer.zero_grad(set_to_none=True)
         sums_before = meter.sums
         for i, (items, batch) in enumerate(zip(group, batches)):
             with accumulation.sync_unless(model, last=i == len(batches) - 1):
-                terms, counted_by = task.train_step(model, sam, batch, items, cache, amp_dtype, epoch, micro)
-                micro += 1
+                terms, counted_by = task.train_step(model, sam, batch, items, cache, amp_dtype, epoch, step)
                 loss = step_loss(terms, device, count)
                 scaler.scale(loss).backward()
             meter.add(terms, counted_by)

@@ -334,3 +334,22 @@ def test_validation_has_a_progress_of_images(data):
     bar = Progress(total=4, desc="validation 1/1", terminal=False, interval=0.0)
     bar.step(2, None)
     assert bar.line().startswith("validation 1/1 | 2/4 img | loss -")
+
+
+def test_under_torchrun_restarts_a_run_must_be_one_that_restarted_workers_can_continue(monkeypatch):
+    """torchrun --max_restarts K sets TORCHELASTIC_MAX_RESTARTS in every worker; the refusal comes
+    from the flag parser, one line, before any data is read."""
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    with pytest.raises(SystemExit):
+        TrainConfig.from_args(["--train_dir", "data"])
+    assert "torchrun --max_restarts 3 restarts the workers after a failure; give --output_dir DIR --resume auto" in stderr.getvalue()
+    assert TrainConfig.from_args(["--train_dir", "data", "--resume", "auto", "--output_dir", "new-run"]).resume is None
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # torchrun's one store for every attempt
+    with pytest.raises(SystemExit):
+        TrainConfig.from_args(["--train_dir", "data", "--resume", "auto", "--output_dir", "new-run"])
+    assert "set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in stderr.getvalue()
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # no restarts: nothing to check
+    assert TrainConfig.from_args(["--train_dir", "data"]).resume is None

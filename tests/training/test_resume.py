@@ -13,7 +13,8 @@ from torch import nn
 
 from conftest import REPO, run_ranks
 from segment_anything.training.resume import (
-    RESUME_FORMAT, ResumeError, check_model_keys, check_resume, check_world_size, load_state, make_state, restore,
+    RESUME_FORMAT, Geometry, ResumeError, check_model_keys, check_resume, keep_global_batch, load_state, make_state,
+    restore, trains_batch_norm,
 )
 from segment_anything.utils.data.samplers import ResumableSampler
 from segment_anything.training.config import TrainConfig
@@ -100,12 +101,54 @@ def test_relaxed_resume_maps_the_position_through_the_samples_seen():
     assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
 
 
-def test_world_size_change_is_refused_naming_both_sizes_unless_relaxed():
-    _, state = saved_state(world=2)
-    with pytest.raises(ResumeError, match="world size 2, this run has world size 1.*--resume_relaxed"):
-        check_world_size(state, 1, relaxed=False, path="run/last.pth")
-    assert "NOT reproduced" in check_world_size(state, 1, relaxed=True, path="run/last.pth")
-    assert check_world_size(state, 2, relaxed=False, path="run/last.pth") is None
+def test_another_world_size_keeps_the_global_batch_with_accumulate_or_is_refused_naming_why():
+    four = Geometry(world_size=4, batch_size=2, accumulate=1)  # global batch 8
+    assert keep_global_batch(four, 4, 2, 1, relaxed=False, path="run/last.pth") is None
+    with pytest.raises(ResumeError, match=r"--accumulate 1 \(now 2\) on the same world size"):
+        keep_global_batch(four, 4, 2, 2, relaxed=False, path="run/last.pth")
+    for saved, world, fitted in ((four, 2, 2), (four, 1, 4), (Geometry(2, 2, 2), 4, 1)):
+        change = keep_global_batch(saved, world, 2, saved.accumulate, relaxed=False, path="p")
+        assert change.exact and change.accumulate == fitted, (saved, world, change)
+    change = keep_global_batch(four, 2, 2, 7, relaxed=True, path="p")  # exact wins over relaxed and any asked value
+    assert change.exact and change.accumulate == 2
+    assert "--accumulate 2 keeps its global batch of 8 (2 x batch 2 x 2)" in change.message
+    # 3 processes x batch 2: no whole number of batches of 6 makes 8.
+    with pytest.raises(ResumeError, match=r"global batch 8\); with 3 process\(es\) x batch 2 no whole --accumulate .*"
+                                          r"world size of 1, 2, 4, or add --resume_relaxed True"):
+        keep_global_batch(four, 3, 2, 1, relaxed=False, path="run/last.pth")
+    relaxed = keep_global_batch(four, 3, 2, 1, relaxed=True, path="run/last.pth")
+    assert not relaxed.exact and relaxed.accumulate == 1 and "NOT reproduced" in relaxed.message
+
+
+def test_restore_on_another_world_size_with_the_global_batch_kept_continues_the_step():
+    run, state = saved_state(world=2, step=3)
+    state["rng"] = [{"r": 0}, {"r": 0}]
+    fresh = tiny_run()
+    sampler = ResumableSampler(list(range(8)), 1, accumulate=2, num_replicas=1, rank=0, seed=1)
+    with pytest.MonkeyPatch.context() as mp:
+        restored_rng = []
+        mp.setattr("segment_anything.training.resume.set_rng_state", restored_rng.append)
+        sums = restore(fresh, state, "last.pth", sampler, rank=0)
+    assert restored_rng == [{"r": 0}] and sums.item() == 0.0 + 1.0  # both old ranks' sums on rank 0
+    assert fresh.step == 3 and fresh.scheduler.last_epoch == 3  # the same steps: nothing remapped
+    torch.testing.assert_close(run.sam.a.weight, fresh.sam.a.weight, rtol=0, atol=0)
+    with pytest.MonkeyPatch.context() as mp:  # two ranks of batch 1 x 2 would start with nothing summed on rank 1
+        mp.setattr("segment_anything.training.resume.set_rng_state", lambda s: None)
+        other = ResumableSampler(list(range(8)), 1, accumulate=2, num_replicas=2, rank=1, seed=1)
+        state_four = dict(state, world_size=4, accumulate=1, steps_per_epoch=2, rng=[{"r": 0}] * 4, meter=[torch.ones(1)] * 4)
+        four_to_two = tiny_run()
+        assert restore(four_to_two, state_four, "last.pth", other, rank=1) is None and four_to_two.step == 3
+    # Ranks whose generators disagree (something drew per rank) are said, not hidden.
+    state["rng"] = [{"r": 0}, {"r": 1}]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("segment_anything.training.resume.set_rng_state", lambda s: None)
+        logged = []
+        mp.setattr("segment_anything.training.resume.get_logger", lambda: SimpleNamespace(warning=logged.append))
+        restore(tiny_run(), state, "last.pth", sampler, rank=0)
+    assert logged and "rank 1's random generator state differs from rank 0's" in logged[0]
+    # BatchNorm statistics depend on the split of the global batch: said when such a layer trains.
+    norm = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    assert trains_batch_norm(norm) and not trains_batch_norm(norm.requires_grad_(False)) and not trains_batch_norm(Tiny())
 
 
 def test_every_key_and_shape_is_checked():

@@ -21,7 +21,7 @@ from segment_anything.utils.data import MaskDataset, load_image, load_records
 from segment_anything.utils.metrics import mask_iou
 from segment_anything.utils.random_weights import randomize_
 from segment_anything.utils.trainer import (
-    SamTrainStep, prepare_batch, score, step_loss, train_one_epoch,
+    PromptLoop, SamTrainStep, prepare_batch, score, step_loss, train_one_epoch,
 )
 from segment_anything.utils.trainable import TrainPlan, configure, set_train_mode
 from segment_anything.utils.transforms import ResizeLongestSide
@@ -155,6 +155,25 @@ def test_accumulating_two_micro_batches_equals_one_big_batch(dataset):
         moved += not torch.equal(value, start[key])
     assert moved > 10
     assert m_acc == pytest.approx(m_big, rel=1e-5)
+
+
+def test_the_micro_batches_of_a_step_share_its_number_counted_from_the_first_step(dataset):
+    """The step number seeds per-step draws (interactive click rounds): every micro-batch of an
+    optimizer step gets the same, so any split of a global batch into processes and accumulated
+    micro-batches draws alike, and a resumed epoch goes on counting where it stopped."""
+    seen = []
+
+    class Recording(PromptLoop):
+        def train_step(self, model, sam, batch, items, cache, amp_dtype, epoch, step):
+            seen.append(step)
+            return super().train_step(model, sam, batch, items, cache, amp_dtype, epoch, step)
+
+    sam = new_sam()
+    opt = torch.optim.SGD([p for p in sam.parameters() if p.requires_grad], lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    train_one_epoch(SamTrainStep(sam), sam, [[dataset[i]] for i in range(3)], opt, sched,
+                    torch.amp.GradScaler("cpu", enabled=False), CPU, None, accumulate=2, task=Recording(), first_step=5)
+    assert seen == [5, 5, 6]
 
 
 # ----------------------------------------------------------------------------- batching

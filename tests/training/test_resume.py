@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch

@@ -104,7 +104,7 @@ def main() -> None:
     if args.l2sp > 0:
         runs.append((f"--l2sp {args.l2sp:g}", ["--l2sp", str(args.l2sp)]))
     val = prepare_data(TrainConfig(train_dir=str(args.data), checkpoint="none", image_size=args.image_size,
-                                   seed=args.seed)).val
+                                   seed=args.seed).resolve().data).val
     base = starting_model(args)
     rows, commands = [], []
     for name, extra in runs:

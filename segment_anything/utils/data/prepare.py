@@ -18,7 +18,7 @@ from ..random_weights import DEFAULT_SEED
 from .checks import DataError, Problem, raise_problems, run_checks, summary
 from .formats import DataOptions, Scan, detect, folder, instance_map, labelme, layout_hint, objects
 from .formats import coco as coco_format
-from .manifest import Manifest, gc_paused
+from .manifest import Manifest
 from .records import Record
 
 FOLDER_FORMATS = {"folder": folder, "objects": objects, "instance_map": instance_map, "labelme": labelme}
@@ -80,16 +80,14 @@ def load_split(fmt: str, source: str, opts: DataOptions, images: Optional[str] =
     nothing usable in a folder of another known layout is one DataError naming that layout."""
     hint = (lambda: "") if fmt in ("auto", "coco") else (lambda: layout_hint(fmt, Path(source)))
     try:
-        with gc_paused():
-            found = scan(fmt, source, opts, images)
+        found = scan(fmt, source, opts, images)
     except DataError as err:
         said = hint()
         if said:
             raise DataError(f"{str(err).splitlines()[0]}{said}") from None
         raise
     manifest = Manifest.open(found.fmt, found.source, opts, images)
-    with gc_paused():  # many small records and no cycles: see manifest.gc_paused
-        built, problems = run_checks(found.candidates, found.build, manifest=manifest)
+    built, problems = run_checks(found.candidates, found.build, manifest=manifest)
     said = "" if built else hint()
     if said:
         raise DataError(f"{source}: --data_format {fmt} finds no usable sample here{said}")

@@ -5,6 +5,8 @@ checked by .ci/check_install (pip install -e . into a fresh virtual environment)
 import importlib
 import tomllib
 
+import pytest
+
 from conftest import REPO
 
 
@@ -40,6 +42,28 @@ def test_console_commands_point_at_existing_functions():
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), target
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, ValueError])
+def test_console_commands_end_ctrl_c_and_bad_input_in_one_line(monkeypatch, capsys, error):
+    """Every tool's console command runs its main() through cli(): no traceback (sam-train has its own launcher)."""
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    for name, target in scripts.items():
+        if name == "sam-train":
+            continue
+        module_name, func = target.split(":")
+        module = importlib.import_module(module_name)
+
+        def fail(*args, **kwargs):
+            raise error("--flag: what is wrong")
+
+        monkeypatch.setattr(module, "main", fail)
+        with pytest.raises(SystemExit) as exit_info:
+            getattr(module, func)()
+        if error is KeyboardInterrupt:
+            assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted (SIGINT)\n", name
+        else:
+            assert exit_info.value.code == "error: --flag: what is wrong", name
 
 
 def test_ci_installs_the_ncut_pins_without_dependencies():

@@ -2,9 +2,8 @@
 official weights (or seeded random weights) and put a fine-tuned best.pth on top of it."""
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -102,12 +101,3 @@ def load_model(args: argparse.Namespace, weights: Optional[str] = None) -> Sam:
     if weights is not None:
         load_partial_weight(sam, weights, expected_model_type=args.model_type)
     return sam.to(args.device).eval()
-
-
-def cli(main: Callable[[], None]) -> None:
-    """Run a tool's main(); input errors (bad flags, files, prompts, weights for another model)
-    end the program with their message instead of a traceback."""
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")

@@ -43,7 +43,8 @@ from ..utils.postprocess import clean_masks
 from ..training.config import str2bool
 from . import _protocols
 from ._flags import add_data_options, add_data_set, alias
-from ._model import add_model_args, check_base, cli, image_spec_as_trained, load_model, weights_metadata
+from ._cli import cli
+from ._model import add_model_args, check_base, image_spec_as_trained, load_model, weights_metadata
 from ._stats import bootstrap_mean, format_ci
 
 MODELS = ("base", "tuned")

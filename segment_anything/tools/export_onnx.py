@@ -14,7 +14,8 @@ from typing import List, Optional
 import torch
 
 from ..utils.onnx import INPUT_NAMES, OUTPUT_NAMES, SamOnnxModel, dummy_inputs
-from ._model import add_model_args, cli, load_model
+from ._cli import cli
+from ._model import add_model_args, load_model
 
 DYNAMIC_AXES = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
 
@@ -65,5 +66,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"wrote {path} (inputs {', '.join(INPUT_NAMES)}; outputs {', '.join(OUTPUT_NAMES)})")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry (sam-export-onnx): main() through cli(), so bad input and Ctrl-C end in one line."""
     cli(main)
+
+
+if __name__ == "__main__":
+    run()

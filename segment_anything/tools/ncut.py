@@ -31,7 +31,8 @@ from ..utils.data.prepare import DEFAULT_SEED
 from ..utils.image_spec import add_arguments as add_image_arguments
 from ..utils.save_weight import load_partial_weight
 from ..utils.transforms import ResizeLongestSide
-from ._model import build_base, check_base, cli, image_spec_as_trained
+from ._cli import cli
+from ._model import build_base, check_base, image_spec_as_trained
 
 PINS = "ncut-pytorch==3.2.0 fpsample==0.3.3"
 INSTALL = f"pip install --no-deps {PINS}  (or: pip install --no-deps -r requirements-ncut.txt)"

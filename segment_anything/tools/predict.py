@@ -45,7 +45,8 @@ from ..utils.image_spec import ImageSpec, add_arguments as add_image_arguments
 from ..utils.postprocess import clean_masks
 from ..utils.tiles import add_arguments as add_tile_arguments, check_arguments as check_tile_arguments
 from ._flags import alias
-from ._model import add_model_args, cli, image_spec_as_trained, load_model
+from ._cli import cli
+from ._model import add_model_args, image_spec_as_trained, load_model
 from ._semantic import load_semantic_model, predict_classes, write_semantic
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -308,5 +309,10 @@ def main_semantic(args: argparse.Namespace) -> None:
     print(f"wrote {out_dir}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry (sam-predict): main() through cli(), so bad input and Ctrl-C end in one line."""
     cli(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -26,6 +26,7 @@ from ..utils.data.prepare import describe, load_split
 from ..utils.data.prompts import POINT_MODES, PROMPTS, PromptConfig, object_prompts
 from ..utils.data.records import Record
 from ..utils.image_spec import add_arguments as add_image_arguments
+from ._cli import cli
 from ._flags import add_data_options, add_data_set, alias
 
 
@@ -148,5 +149,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def run() -> None:
+    """Console entry (sam-prepare): main() through cli(), so bad input and Ctrl-C end in one line."""
+    cli(main)
+
+
 if __name__ == "__main__":
-    main()
+    run()

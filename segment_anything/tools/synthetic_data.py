@@ -7,6 +7,7 @@
 import argparse
 
 from ..utils.data.synthetic import KINDS, make_synthetic_dataset
+from ._cli import cli
 
 
 def main(argv=None) -> None:
@@ -21,5 +22,10 @@ def main(argv=None) -> None:
     print(f"synthetic dataset: {path} ({args.n} images, {args.kind}, {args.objects} object(s) each)")
 
 
+def run() -> None:
+    """Console entry (sam-synthetic-data): main() through cli(), so bad input and Ctrl-C end in one line."""
+    cli(main)
+
+
 if __name__ == "__main__":
-    main()
+    run()

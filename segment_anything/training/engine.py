@@ -34,7 +34,7 @@ from ..utils.trainable import configure, export_weights, lora_metadata, paramete
 from ..utils.trainer import evaluate, train_one_epoch
 from .compile import compile_decode
 from .config import TrainConfig
-from .faults import StepGuard, faults_to_exit, stop_signals
+from .faults import StepGuard, faults_to_exit, startup_test_fault, stop_signals
 from .preflight import Prepared, PreflightError, share_preflight
 from .progress import Progress, shard_images
 from .resume import ResumeError, find_resume_file, load_state, make_state, restore, resume_command, rng_state
@@ -340,11 +340,12 @@ def fit(cfg: TrainConfig, info: DistInfo, prepared: Optional[Prepared] = None) -
         where = (f"from last.pth at epoch {run.epoch + 1}, step {run.step}" if cfg.resume
                  else "from the start (no last.pth had been saved)")
         log.warning(f"torchrun restarted the workers (restart {restarts[0]} of at most {restarts[1]}); the run continues {where}")
+    startup_test_fault(info.rank)
     if info.is_main:
         log_summary(run.sam, cfg, info, data, task)
     if cfg.eval_base and run.epoch == 0 and run.step == 0:
         evaluate_base(run, info, val_loader, out_dir)
-    with stop_signals(guard), faults_to_exit(info):
+    with stop_signals(guard), faults_to_exit(info, guard):
         while run.epoch < cfg.epoch:
             record, val_m = run_epoch(run, info, train_loader, val_loader, sampler, guard)
             improved = run.end_epoch(val_m["iou"], val_m)

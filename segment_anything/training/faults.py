@@ -28,7 +28,8 @@ from .resume import resume_command
 
 # TEST-ONLY fault injection, read here and nowhere else: comma-separated "KIND:RANK:STEP", KIND
 # nan (this rank's gradients become NaN at that global step; "STEP+" = from that step on), exit
-# (the rank dies) or hang (the rank stops responding). Never set it for real training.
+# (the rank dies), hang (the rank stops responding) or sigint (STEP -1 only: the rank sends SIGINT
+# to its process group while starting up, as Ctrl-C would). Never set it for real training.
 TEST_FAULT_ENV = "SAM_TEST_FAULT"
 PROGRESS_KEY = "sam_finetune/progress/{}"
 
@@ -48,6 +49,13 @@ def _test_fault(rank: int, step: int) -> Optional[str]:
         if hit and int(fault_rank) == rank:
             return kind
     return None
+
+
+def startup_test_fault(rank: int) -> None:
+    """The sigint fault of TEST_FAULT_ENV: a Ctrl-C while this rank is still starting up."""
+    if _test_fault(rank, -1) == "sigint":
+        os.killpg(os.getpgid(0), signal.SIGINT)
+        time.sleep(5)  # the KeyboardInterrupt comes meanwhile
 
 
 def _finite(loss: torch.Tensor, optimizer: torch.optim.Optimizer, check_grads: bool) -> torch.Tensor:
@@ -170,7 +178,7 @@ def stop_signals(guard: StepGuard):
 
 
 @contextmanager
-def faults_to_exit(info: DistInfo):
+def faults_to_exit(info: DistInfo, guard: Optional[StepGuard] = None):
     """A planned stop or a lost rank ends this process with one clear log line and a non-zero code
     (the launcher's clean-up, leaving the process group, still runs)."""
     try:
@@ -185,6 +193,10 @@ def faults_to_exit(info: DistInfo):
     except RuntimeError as err:
         if not is_collective_failure(err):
             raise
+        if guard is not None and guard.signal_name:  # the same Ctrl-C stopped a rank still starting up
+            get_logger().warning(f"rank {info.rank}: stopped by {guard.signal_name}; another rank stopped before "
+                                 "training started, so nothing new was saved")
+            raise SystemExit(128 + int(getattr(signal, guard.signal_name))) from None
         get_logger().error(lost_rank_message(err, info))
         raise SystemExit(1) from None
 

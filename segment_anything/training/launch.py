@@ -23,6 +23,7 @@ from ..utils.log import get_logger, setup_logging
 from .config import TrainConfig
 from .engine import fit
 from .preflight import PREFLIGHT_ERRORS, PreflightError, Prepared, preflight, share_preflight
+from .resume import resume_command
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _WATCH_SECONDS = 1.0
@@ -138,8 +139,9 @@ def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_
         torch.set_num_threads(threads)
         if rank == 0:
             get_logger().info(note)
-    info = init_distributed(device_type, rank, local_rank, world_size, init_method, cfg.dist_timeout)
+    out_dir: Optional[Path] = None
     try:
+        info = init_distributed(device_type, rank, local_rank, world_size, init_method, cfg.dist_timeout)
         prepared = share_preflight(cfg, info, prepared)
         out_dir = prepared.out_dir
         existed = out_dir.exists()
@@ -147,15 +149,27 @@ def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_
             fit(cfg, info, prepared)
         except BaseException:
             if info.is_main and discard_unstarted_run(out_dir, existed):
-                get_logger().error(f"the run failed before its first save; removed what it wrote in {out_dir}")
+                get_logger().error(f"the run stopped before its first save; removed what it wrote in {out_dir}")
             raise
     except PreflightError as err:  # under torchrun the checks run here, on rank 0, for all ranks
         sys.exit(f"error (rank {rank}): {err}")
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (those stop after a step and save)
+        if rank == 0:
+            get_logger().warning(interrupted_message(out_dir))
+        raise SystemExit(128 + signal.SIGINT) from None
     finally:
         # Free the DDP wrapper and its gradient buckets before the group goes: torch can
         # abort at exit when they outlive it.
         gc.collect()
         destroy_distributed()
+
+
+def interrupted_message(out_dir: Optional[Path]) -> str:
+    """One line for a Ctrl-C before training started (or after it ended): what is kept, how to go on."""
+    if out_dir is not None and (out_dir / "last.pth").is_file():
+        return (f"interrupted (SIGINT) outside the training steps; {out_dir / 'last.pth'} is unchanged. "
+                f"To continue: {resume_command(out_dir)}")
+    return "interrupted (SIGINT) before the first save; nothing to resume"
 
 
 def launch(cfg: TrainConfig) -> None:
@@ -177,6 +191,9 @@ def launch(cfg: TrainConfig) -> None:
         prepared = preflight(cfg, world_size)
     except PREFLIGHT_ERRORS as err:
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT) during the checks before training; nothing was started", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     if world_size == 1:
         worker(0, cfg, device_type, 1, None, prepared)
         return

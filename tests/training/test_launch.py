@@ -304,6 +304,37 @@ def test_ctrl_c_under_torchrun_no_traceback_and_the_hint_resumes(data, tmp_path)
     assert again.returncode == 128 + signal.SIGINT and "Traceback" not in text, text
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups")
+@pytest.mark.parametrize("how", ["torchrun", "spawn"])
+def test_ctrl_c_while_starting_up_is_one_line_and_leaves_no_run_folder(data, tmp_path, how):
+    """Ctrl-C before the first step (here while rank 0 is still setting up): no traceback from any
+    process, the exit code of SIGINT, one line on what is kept, and no half-made run folder."""
+    out = tmp_path / "run"
+    if how == "torchrun":
+        command = [sys.executable, "-m", "segment_anything.tools.torchrun", "--nproc_per_node", "2",
+                   "--master_port", str(free_port()), "run.py", *flags(*data, out, threads=1)]
+    else:
+        command = [sys.executable, "run.py", *flags(*data, out, threads=1, world_size=2)]
+    env = dict(ENV, SAM_TEST_FAULT="sigint:0:-1")  # rank 0 signals its process group, as a terminal would
+    result = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=TIMEOUT, start_new_session=True)
+    assert result.returncode == 128 + signal.SIGINT, result.stdout
+    assert "Traceback" not in result.stdout and "KeyboardInterrupt" not in result.stdout, result.stdout
+    assert result.stdout.count("interrupted (SIGINT) before the first save; nothing to resume") == 1, result.stdout
+    assert not out.exists()
+
+
+def test_interrupted_message_names_what_is_kept(tmp_path):
+    from segment_anything.training.launch import interrupted_message
+
+    assert interrupted_message(None) == interrupted_message(tmp_path) == \
+        "interrupted (SIGINT) before the first save; nothing to resume"
+    (tmp_path / "last.pth").write_bytes(b"")
+    line = interrupted_message(tmp_path)
+    assert line.startswith(f"interrupted (SIGINT) outside the training steps; {tmp_path / 'last.pth'} is unchanged. "
+                           "To continue: ") and line.endswith(f"--resume {tmp_path}"), line
+
+
 def test_validation_clicks_are_off_by_default():
     """Corrective clicks multiply the decoder passes of validation (1+3+5 per start, from a point and
     from a box); a run asks for them with --val_clicks."""

@@ -1,0 +1,17 @@
+"""How every tool ends: one line on bad input or Ctrl-C, never a traceback."""
+
+import signal
+import sys
+from typing import Callable
+
+
+def cli(main: Callable[[], None]) -> None:
+    """Run a tool's main(); input errors (bad flags, files, prompts, weights for another model)
+    and Ctrl-C end the program with one line instead of a traceback."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:  # Ctrl-C: the exit code of SIGINT, no traceback
+        print("interrupted (SIGINT)", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None

@@ -10,6 +10,7 @@ RGB image's colour balance).
 
 from typing import Sequence, Tuple
 
+import cv2
 import numpy as np
 
 from ..image_spec import ImageSpec, Range
@@ -44,6 +45,16 @@ def default_channels(count: int, alpha: bool, name: str) -> Tuple[int, int, int]
                                 f"(or one, repeated, with --channels 0)")
 
 
+def _pick_uint8(array: np.ndarray, picked: Tuple[int, ...]) -> np.ndarray:
+    """The picked channels of uint8 (H, W, C) as a contiguous (H, W, 3), without numpy's indexed
+    copy where a slice or OpenCV does it (an indexed copy of a 12-megapixel image takes ~17 ms)."""
+    if picked == (0, 1, 2):
+        return array if array.shape[2] == 3 and array.flags.c_contiguous else np.ascontiguousarray(array[..., :3])
+    if picked == (0, 0, 0):
+        return cv2.cvtColor(np.ascontiguousarray(array[..., 0]), cv2.COLOR_GRAY2RGB)
+    return np.ascontiguousarray(array[..., list(picked)])
+
+
 def to_rgb(array: np.ndarray, spec: ImageSpec, name: str, alpha: bool = False) -> np.ndarray:
     """(H, W) or (H, W, C) of any depth -> uint8 (H, W, 3) as spec says. alpha: the last channel
     is transparency (left out unless --channels picks it)."""
@@ -58,7 +69,7 @@ def to_rgb(array: np.ndarray, spec: ImageSpec, name: str, alpha: bool = False) -
         raise BadSample("channels", f"{name}: --channels {','.join(map(str, spec.channels))} asks for channel "
                                     f"{missing[0]}, the image has {count} (0..{count - 1})")
     if array.dtype == np.uint8:
-        return np.ascontiguousarray(array[..., list(picked)])
+        return _pick_uint8(array, tuple(picked))
     if not spec.channels and len(spec.ranges) <= 1:  # one range (given or auto) over the picked channels
         return to_uint8(array[..., list(picked)], spec.ranges[0] if spec.ranges else None)
     ranges = spec.ranges * 3 if len(spec.ranges) == 1 else spec.ranges or (None,) * 3

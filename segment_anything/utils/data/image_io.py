@@ -57,8 +57,15 @@ def _check_complete_jpeg(data: bytes, name: str) -> None:
         raise BadSample("unreadable", f"{name}: truncated or corrupt JPEG ({err})") from None
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def exif_orientation(data: bytes) -> int:
     """The EXIF orientation tag (1..8; 1 = as stored), 1 when absent or unreadable."""
+    if data.startswith(PNG_SIGNATURE) and b"eXIf" not in data:
+        # No eXIf chunk: Pillow would decode the whole image looking for one (PNG allows it after
+        # the pixels), a second decode of every PNG.
+        return 1
     try:
         with Image.open(io.BytesIO(data)) as im:
             value = int(im.getexif().get(EXIF_ORIENTATION, 1))
@@ -100,8 +107,11 @@ def decode_planes(data: bytes, name: str) -> Planes:
     array = _decode(data, name, cv2.IMREAD_UNCHANGED)
     if array.ndim == 2:
         array = array[..., None]
-    if array.shape[2] in (3, 4):
-        array = array[..., [2, 1, 0, 3][:array.shape[2]]]  # BGR(A) -> RGB(A)
+    if array.shape[2] in (3, 4) and array.dtype in (np.uint8, np.uint16, np.float32):
+        # BGR(A) -> RGB(A): OpenCV's swap is ~8x faster than numpy's indexed copy
+        array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB if array.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
+    elif array.shape[2] in (3, 4):
+        array = array[..., [2, 1, 0, 3][:array.shape[2]]]
     return Planes(array[None], alpha=array.shape[2] in (2, 4))
 
 
@@ -156,6 +166,8 @@ def load_image_planes(path, spec: SpecLike = None, every: bool = False) -> Itera
 
 def _palette_indices(data: bytes, path: Path) -> Optional[np.ndarray]:
     """The index plane of a palette ("P") image, None for any other image (or non-image)."""
+    if data.startswith(PNG_SIGNATURE) and len(data) > 25 and data[12:16] == b"IHDR" and data[25] != 3:
+        return None  # a PNG's colour type (IHDR byte 9) says "not palette" without opening it
     try:
         im = Image.open(io.BytesIO(data))
     except (OSError, SyntaxError, ValueError):
@@ -196,6 +208,13 @@ def _shown(values: np.ndarray, limit: int = 5) -> str:
     return ", ".join(str(v) for v in values[:limit].tolist()) + (", ..." if values.size > limit else "")
 
 
+def distinct_values(labels: np.ndarray) -> np.ndarray:
+    """np.unique(labels), by counting for 8-bit labels and large 16-bit ones (about 2x faster)."""
+    if labels.dtype == np.uint8 or (labels.dtype == np.uint16 and labels.size > 1 << 16):
+        return np.flatnonzero(np.bincount(labels.ravel(), minlength=1)).astype(labels.dtype)
+    return np.unique(labels)
+
+
 def load_mask(path, threshold: int = 127, foreground_values: Optional[Iterable[int]] = None,
               plane: Optional[int] = None) -> np.ndarray:
     """Read a binary mask as uint8 (H, W) in {0, 1}.
@@ -211,7 +230,7 @@ def load_mask(path, threshold: int = 127, foreground_values: Optional[Iterable[i
         return np.isin(labels, list(foreground_values)).astype(np.uint8)
     if path.suffix.lower() in LOSSY:
         return (labels > threshold).astype(np.uint8)
-    values = np.unique(labels)
+    values = distinct_values(labels)
     if any(set(values.tolist()) <= allowed for allowed in BINARY_SETS):
         return (labels != 0).astype(np.uint8)
     bad = values[values != 0]

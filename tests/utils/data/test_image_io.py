@@ -6,7 +6,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from segment_anything.utils.data import BadSample, load_image, load_mask, load_records
-from segment_anything.utils.data.image_io import apply_orientation, read_label
+from segment_anything.utils.data.image_io import apply_orientation, exif_orientation, read_label
 
 
 def photo(h=48, w=64) -> np.ndarray:
@@ -36,18 +36,27 @@ def test_zero_byte_file(tmp_path):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_exif_orientation_as_pillow(tmp_path, orientation):
+def test_exif_orientation_as_pillow(tmp_path, orientation, suffix):
     image = Image.fromarray(photo())
     exif = Image.Exif()
     exif[0x0112] = orientation
-    path = tmp_path / "o.jpg"
+    path = tmp_path / f"o{suffix}"
     image.save(path, exif=exif.tobytes(), quality=95)
+    assert exif_orientation(path.read_bytes()) == orientation
     expected = np.array(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
     ours = load_image(path)
     assert ours.shape == expected.shape
     assert np.abs(ours.astype(int) - expected).mean() < 1.5  # decoders may differ by rounding
     np.testing.assert_array_equal(apply_orientation(np.array(Image.open(path)), orientation).shape, ours.shape)
+
+
+def test_a_png_without_exif_is_read_as_stored(tmp_path):
+    pixels = photo()
+    Image.fromarray(pixels).save(tmp_path / "plain.png")
+    assert exif_orientation((tmp_path / "plain.png").read_bytes()) == 1
+    np.testing.assert_array_equal(load_image(tmp_path / "plain.png"), pixels)
 
 
 def test_rgba_grey_upper_case_and_non_ascii(tmp_path):

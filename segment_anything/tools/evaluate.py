@@ -183,7 +183,8 @@ def score_prompt(predictor: SamPredictor, p: dict, target: np.ndarray, clicks: L
 
     mask, low_res = predict(p["points"], p["labels"], None)
     pred_t, target_t = torch.from_numpy(mask[None]), torch.from_numpy(target[None])
-    row = {"image": record.image, "object": p["object"], "category": record.categories[p["object"]],
+    # A stack's plane is named with its file; the intervals resample files (a stack's planes are alike).
+    row = {"image": record.name, "file": record.image, "object": p["object"], "category": record.categories[p["object"]],
            "iou": mask_iou(pred_t, target_t).item(), "dice": mask_dice(pred_t, target_t).item(),
            "boundary_iou": boundary_iou(pred_t, target_t).item(), "mask": np.packbits(mask)}
     if clicks:
@@ -199,7 +200,7 @@ def summarize(results: Dict[str, List[dict]], metrics: List[str], n_resamples: i
               by_size: bool = True) -> dict:
     """Means with intervals for both models and their paired difference; with by_size, the same
     for each COCO size class (small < 32², medium < 96², large) that holds objects."""
-    groups = [r["image"] for r in results["base"]]
+    groups = [r.get("file", r["image"]) for r in results["base"]]
     out = {"objects": len(groups), "images": len(set(groups))}
     if by_size and results["base"] and "size" in results["base"][0]:
         out["by_size"] = {}

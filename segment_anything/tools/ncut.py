@@ -176,7 +176,7 @@ def make_picture(args: argparse.Namespace, image: np.ndarray, layers: List[int],
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--image", required=True, help="the image file")
-    add_image_arguments(p, from_weights=True)
+    add_image_arguments(p, plane_all=False, from_weights=True)
     p.add_argument("--model_type", "--model-type", default="vit_t", choices=MODEL_TYPES)
     p.add_argument("--checkpoint", default="none",
                    help="official SAM weights; 'none' (default) = the seeded random model a '--checkpoint none' run starts from")

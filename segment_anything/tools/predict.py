@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser)
     parser.add_argument("--image", required=True, help="an image file or a folder of images")
-    add_image_arguments(parser, plane_all=True, from_weights=True)
+    add_image_arguments(parser, from_weights=True)
     add_tile_arguments(parser)
     parser.add_argument("--box", help="x1,y1,x2,y2 in pixels")
     parser.add_argument("--point", action="append", help="x,y[,label] in pixels (label 1 object, 0 background); repeatable")

@@ -57,8 +57,9 @@ def overlay(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray, points=None
     return out
 
 
-def _stem(record: Record, used: Dict[str, int]) -> str:
-    stem = Path(record.image).stem
+def _stem(record: Record, used: Dict[str, int], planes: bool) -> str:
+    """The file's stem; with --plane all (planes), '<stem>_plane<k>' for plane k of a stack."""
+    stem = Path(record.image).stem + (f"_plane{record.plane}" if planes and record.plane is not None else "")
     used[stem] = used.get(stem, 0) + 1
     return stem if used[stem] == 1 else f"{stem}_{used[stem] - 1}"
 
@@ -70,14 +71,14 @@ def _write(path: Path, rgb_or_mask: np.ndarray) -> None:
 
 
 def export(records: List[Record], out: Path, visualize: bool = False, prompts: PromptConfig = PromptConfig(),
-           seed: int = 0) -> List[dict]:
-    """Write images, masks, overlays for records into out; returns the objects.json entries.
-    Points are drawn as training draws them, from a generator seeded by (seed, image index)."""
+           seed: int = 0, planes: bool = False) -> List[dict]:
+    """Write images, masks, overlays for records into out; returns the objects.json entries (with
+    the plane of a stack's planes). Points are drawn as training draws them, from a generator seeded by (seed, image index)."""
     for sub in ("images", "masks") + (("overlays",) if visualize else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
     entries, used = [], {}
     for index, record in enumerate(records):
-        stem = _stem(record, used)
+        stem = _stem(record, used, planes)
         image, masks = record.load_image(), record.load_masks()
         rng = np.random.default_rng([seed, index])
         boxes, points, labels = (np.stack(v) for v in zip(*(object_prompts(m, prompts, rng) for m in masks)))
@@ -90,8 +91,9 @@ def export(records: List[Record], out: Path, visualize: bool = False, prompts: P
                             "points": [[float(x), float(y), int(lab)] for (x, y), lab in zip(points[k], labels[k]) if lab >= 0]})
         if visualize:
             _write(out / "overlays" / f"{stem}.png", overlay(image, masks, boxes, points, labels))
-        entries.append({"image": f"images/{stem}.png", "original": record.image, "source": record.source,
-                        "size": list(record.size), "objects": objects})
+        entry = {"image": f"images/{stem}.png", "original": record.image, "source": record.source,
+                 "size": list(record.size), "objects": objects}
+        entries.append(entry if record.plane is None else dict(entry, plane=record.plane))
     return entries
 
 
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
     except DataError as err:
         sys.exit(f"error: {err}")
     prompts = PromptConfig(args.prompt, args.num_points, args.point_mode, args.negative_points)
-    entries = export(loaded.records, out, args.visualize, prompts, args.seed)
+    entries = export(loaded.records, out, args.visualize, prompts, args.seed, opts.image_spec.every)
     info = {"source": loaded.source, "format": loaded.fmt, "instance_mode": args.instance_mode,
             "dropped": dict(loaded.drops), "images": entries}
     (out / "objects.json").write_text(json.dumps(info, indent=1))

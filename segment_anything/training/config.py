@@ -21,7 +21,7 @@ from ..utils.data.dataset import DatasetSpec
 from ..utils.data.formats import DATA_FLAGS, DATA_FORMATS, INSTANCE_MODES, DataOptions
 from ..utils.data.prepare import DEFAULT_SEED, DataSources
 from ..utils.data.prompts import PromptConfig
-from ..utils.image_spec import CHANNELS_HELP, PLANE_HELP, RANGE_HELP, ImageSpec
+from ..utils.image_spec import CHANNELS_HELP, PLANE_HELP, RANGE_HELP, ImageSpec, plane_flag
 from ..utils.interactive import InteractiveSpec, parse_prompt_probs, parse_val_clicks
 from ..utils.losses import LossSpec, parse_loss
 from ..utils.semantic_train import SemanticLoss
@@ -181,7 +181,7 @@ class TrainConfig:
                                              "label values); class names for labelme/coco")
     intensity_range: str = FORMATS("auto", RANGE_HELP)
     channels: str = FORMATS("", CHANNELS_HELP)
-    plane: Optional[int] = FORMATS(None, PLANE_HELP)
+    plane: Union[int, str, None] = FORMATS(None, PLANE_HELP, type=plane_flag)
     skip_bad: bool = FORMATS(False, "leave bad samples out with a warning (list in <run>/skipped.txt) instead of stopping")
     max_objects: int = PROMPTS(16, "objects per image per training step (a fresh seeded choice each epoch); "
                              "validation decodes every object in chunks of this size")
@@ -519,7 +519,9 @@ class TrainConfig:
             kw: Dict[str, Any] = {"default": f.default, "help": f.metadata["help"]}
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
-            if f.type in (bool, "bool"):
+            if "type" in f.metadata:
+                kw["type"] = f.metadata["type"]
+            elif f.type in (bool, "bool"):
                 kw.update(type=str2bool, metavar="BOOL", nargs="?", const=True)
             elif f.type in (int, "int", Optional[int], "Optional[int]"):
                 kw["type"] = int

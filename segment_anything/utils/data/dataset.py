@@ -135,7 +135,7 @@ class MaskDataset(Dataset):
             "boxes": torch.from_numpy(boxes),
             "points": torch.from_numpy(points),
             "point_labels": torch.from_numpy(labels),
-            "path": str(record.image),
+            "path": record.name,
             "index": int(index),
             "prompt": self.prompts.prompt,
             "objects": torch.from_numpy(objects.astype(np.int64)),

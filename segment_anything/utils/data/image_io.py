@@ -8,7 +8,9 @@ the image). TIFF files are read through tifffile (stacks, many channels, any dep
 an `ImageSpec` (channels.py) picks the plane and the channels and scales deeper data to 8 bits.
 """
 
+import contextlib
 import io
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Tuple, Union
 
@@ -100,6 +102,39 @@ def _decode(data: bytes, name: str, flags: int) -> np.ndarray:
     return array
 
 
+_KEPT = threading.local()  # .files: {path: [bytes, Planes or None]} while kept_decoded() is active here
+
+
+@contextlib.contextmanager
+def kept_decoded():
+    """Within it, each file read in this thread is read and decoded once: checking every plane of
+    a stack (data.planes) reads the image and label stacks once, not once per plane. Off
+    elsewhere, so training's loaders keep no decoded stacks."""
+    _KEPT.files = {}
+    try:
+        yield
+    finally:
+        _KEPT.files = None
+
+
+def _file(path: Path) -> list:
+    """[bytes, Planes or None (not decoded yet)] of a file, kept while kept_decoded() is active."""
+    files = getattr(_KEPT, "files", None)
+    entry = files.get(str(path)) if files is not None else None
+    if entry is None:
+        entry = [read_bytes(path), None]
+        if files is not None:
+            files[str(path)] = entry
+    return entry
+
+
+def _read_decoded(path: Path) -> Tuple[bytes, Planes]:
+    entry = _file(path)
+    if entry[1] is None:
+        entry[1] = decode_planes(entry[0], str(path))
+    return entry[0], entry[1]
+
+
 def decode_planes(data: bytes, name: str) -> Planes:
     """Encoded bytes -> every plane and channel, any depth (TIFF: tifffile; others: OpenCV)."""
     if is_tiff(data):
@@ -115,10 +150,16 @@ def decode_planes(data: bytes, name: str) -> Planes:
     return Planes(array[None], alpha=array.shape[2] in (2, 4))
 
 
+def _as_read(planes: Planes, spec: ImageSpec) -> Planes:
+    """Bare one-channel pages are the channels of one image when --channels picks among them."""
+    if planes.bare and spec.channels and spec.plane is None and planes.array.shape[3] == 1:
+        return planes.as_channels()
+    return planes
+
+
 def select_plane(planes: Planes, spec: ImageSpec, name: str) -> Tuple[np.ndarray, str]:
     """(H, W, C) of the plane spec asks for, and the name to use in messages (file and plane)."""
-    if planes.bare and spec.channels and spec.plane is None and planes.array.shape[3] == 1:
-        planes = planes.as_channels()
+    planes = _as_read(planes, spec)
     if spec.plane is None:
         if planes.count > 1:
             hint = "; or --channels to read the pages as channels" if planes.bare else ""
@@ -140,8 +181,23 @@ def decode_image(data: bytes, name: str, spec: SpecLike = None) -> np.ndarray:
 
 def load_image(path, spec: SpecLike = None) -> np.ndarray:
     """Read an image file as uint8 (H, W, 3) RGB (see the module docstring)."""
-    path = Path(path)
-    return decode_image(read_bytes(path), str(path), spec)
+    path, spec = Path(path), as_spec(spec)
+    data, planes = _read_decoded(path)
+    array, where = select_plane(planes, spec, str(path))
+    return apply_orientation(to_rgb(array, spec, where, planes.alpha), exif_orientation(data))
+
+
+def plane_layout(path, spec: SpecLike = None) -> Planes:
+    """The planes of an image file as spec reads them (`count` of them; bare pages that
+    --channels reads as channels are one plane)."""
+    return _as_read(_read_decoded(Path(path))[1], as_spec(spec))
+
+
+def label_planes(path) -> Planes:
+    """The planes of a label file (a palette image is one)."""
+    if _palette_indices(_file(Path(path))[0], Path(path)) is not None:
+        return Planes(np.zeros((1, 1, 1, 1), np.uint8))
+    return _read_decoded(Path(path))[1]
 
 
 def load_image_planes(path, spec: SpecLike = None, every: bool = False) -> Iterator[Tuple[Optional[int], str, np.ndarray]]:
@@ -149,10 +205,8 @@ def load_image_planes(path, spec: SpecLike = None, every: bool = False) -> Itera
     plane of a stack (z-stacks and time series read as separate images); plane is None for a
     plain image, and name holds the file and the plane."""
     path, spec = Path(path), as_spec(spec)
-    data = read_bytes(path)
-    planes = decode_planes(data, str(path))
-    if planes.bare and spec.channels and spec.plane is None and planes.array.shape[3] == 1:
-        planes = planes.as_channels()
+    data, planes = _read_decoded(path)
+    planes = _as_read(planes, spec)
     orientation = exif_orientation(data)
     if spec.plane is None and (planes.count == 1 or not every):
         array, where = select_plane(planes, spec, str(path))
@@ -187,11 +241,10 @@ def read_label(path, plane: Optional[int] = None) -> np.ndarray:
     are converted to grey, 16-bit values are kept. No EXIF rotation (masks are written as stored).
     A label stack (TIFF) gives its `plane`; a single mask serves every plane of its image's stack."""
     path = Path(path)
-    data = read_bytes(path)
-    palette = _palette_indices(data, path)
+    palette = _palette_indices(_file(path)[0], path)
     if palette is not None:
         return palette
-    planes = decode_planes(data, str(path))
+    planes = _read_decoded(path)[1]
     if planes.count > 1:
         if plane is None:
             raise BadSample("stack", f"{path}: label stack of {planes.describe()}, --plane not given: pick one with "

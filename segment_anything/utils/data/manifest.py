@@ -145,7 +145,7 @@ class Manifest:
         """Store a good result, unless a file is too new to trust its time: a file changed again
         within the file system's time resolution would keep its size and time (as git treats
         "racily clean" files)."""
-        files = stamps(candidate, getattr(result, "record", None))
+        files = stamps(candidate, getattr(result, "record", result))  # a stack (planes.StackBuilt) names its image
         if files is None:  # nothing on disk to watch: always checked
             return
         recent = time.time_ns() - RACY_NS

@@ -19,6 +19,7 @@ from .checks import DataError, Problem, raise_problems, run_checks, summary
 from .formats import DataOptions, Scan, detect, folder, instance_map, labelme, layout_hint, objects
 from .formats import coco as coco_format
 from .manifest import Manifest
+from .planes import StackCounts, flatten, stack_builder
 from .records import Record
 
 FOLDER_FORMATS = {"folder": folder, "objects": objects, "instance_map": instance_map, "labelme": labelme}
@@ -33,8 +34,9 @@ class Loaded:
     records: List[Record]
     problems: List[Problem]
     drops: Counter
-    digests: Dict[str, str]  # image path -> hash of its decoded pixels
+    digests: Dict[tuple, str]  # record_key -> hash of its decoded pixels
     total: int  # samples listed, bad ones included
+    stacks: Optional[StackCounts] = None  # --plane all: stacks and planes
 
 
 @dataclass(frozen=True)
@@ -87,16 +89,26 @@ def load_split(fmt: str, source: str, opts: DataOptions, images: Optional[str] =
             raise DataError(f"{str(err).splitlines()[0]}{said}") from None
         raise
     manifest = Manifest.open(found.fmt, found.source, opts, images)
-    built, problems = run_checks(found.candidates, found.build, manifest=manifest)
+    every = opts.image_spec.every
+    build = stack_builder(found.files, found.build_with, opts) if every else found.build
+    built, problems = run_checks(found.candidates, build, manifest=manifest)
+    stacks = StackCounts() if every else None
+    if every:
+        built = flatten(built, stacks)
     said = "" if built else hint()
     if said:
         raise DataError(f"{source}: --data_format {fmt} finds no usable sample here{said}")
     drops = Counter()
     for b in built:
         drops.update(b.drops)
-    digests = {b.record.image: b.digest for b in built}
+    digests = {record_key(b.record): b.digest for b in built}
     return Loaded(found.fmt, found.source, [b.record for b in built], found.problems + problems, drops,
-                  digests, len(found.candidates) + len(found.problems))
+                  digests, len(found.candidates) + len(found.problems), stacks)
+
+
+def record_key(record: Record) -> tuple:
+    """(file, plane): one image of a split (plane -1 for a 2-D image), in file order."""
+    return record.image, -1 if record.plane is None else record.plane
 
 
 def load_records(source: str, fmt: str = "auto", opts: Optional[DataOptions] = None,
@@ -111,23 +123,31 @@ def load_records(source: str, fmt: str = "auto", opts: Optional[DataOptions] = N
 
 
 def split_records(records: Sequence[Record], val_fraction: float = 0.2, seed: int = DEFAULT_SEED):
-    """Seeded split into (train, val), each sorted by image; both non-empty; independent of order."""
-    if len(records) < 2:
+    """Seeded split into (train, val), each sorted by image; both non-empty; independent of order.
+    Files are drawn, not records: every plane of a stack (--plane all) is on the same side."""
+    files = sorted({r.image for r in records})
+    if len(files) < 2:
+        if len(records) > 1:
+            raise DataError(f"need at least 2 files to split into train and val, got {len(records)} planes of one "
+                            f"stack ({files[0]}): its planes stay on one side; give --val_dir")
         raise DataError(f"need at least 2 images to split into train and val, got {len(records)}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    shuffled = sorted(records, key=lambda r: r.image)
-    random.Random(seed).shuffle(shuffled)
-    n_val = min(max(round(len(shuffled) * val_fraction), 1), len(shuffled) - 1)
-    key = lambda r: r.image  # noqa: E731
-    return sorted(shuffled[n_val:], key=key), sorted(shuffled[:n_val], key=key)
+    random.Random(seed).shuffle(files)
+    n_val = min(max(round(len(files) * val_fraction), 1), len(files) - 1)
+    val = set(files[:n_val])
+    ordered = sorted(records, key=record_key)
+    return [r for r in ordered if r.image not in val], [r for r in ordered if r.image in val]
 
 
-def describe(records: Sequence[Record], drops: Counter) -> str:
-    """'52 images, 270 objects (per image min 3, median 5, max 10); dropped: 1 smaller than --min_area'."""
+def describe(records: Sequence[Record], drops: Counter, stacks: Optional[StackCounts] = None) -> str:
+    """'52 images, 270 objects (per image min 3, median 5, max 10); dropped: 1 smaller than --min_area'
+    (with --plane all, the stacks and planes they come from first)."""
     counts = [r.num_objects for r in records] or [0]
     text = (f"{len(records)} images, {sum(counts)} objects (per image min {min(counts)}, "
             f"median {statistics.median(counts):g}, max {max(counts)})")
+    if stacks is not None:
+        text = f"{stacks.line()}: " + text
     if drops:
         text += "; dropped objects: " + ", ".join(f"{n} {why}" for why, n in drops.most_common())
     return text
@@ -161,16 +181,17 @@ def _identity(path: str):
 WARNINGS_SHOWN = 5  # identical-content warnings named one by one; the rest are counted
 
 
-def _overlap(train: Sequence[Record], val: Sequence[Record], digests: Dict[str, str]) -> List[str]:
+def _overlap(train: Sequence[Record], val: Sequence[Record], digests: Dict[tuple, str]) -> List[str]:
     """Refuse shared image files; return warnings for identical pixels in both splits."""
     train_files = {_identity(r.image) for r in train}
     shared = sorted(r.image for r in val if _identity(r.image) in train_files)
     if shared:
         raise DataError(f"{len(shared)} image file(s) are in both the training and the validation data, e.g. "
                         + ", ".join(shared[:5]))
-    by_digest = {digests[r.image]: r.image for r in train}
-    same = [(by_digest[digests[r.image]], r.image) for r in val if digests[r.image] in by_digest]
-    warnings = [f"warning: identical image content in train and val: {a} and {b}" for a, b in same[:WARNINGS_SHOWN]]
+    by_digest = {digests[record_key(r)]: r for r in train}
+    same = [(by_digest[digests[record_key(r)]], r) for r in val if digests[record_key(r)] in by_digest]
+    warnings = [f"warning: identical image content in train and val: {a.describe()} and {b.describe()}"
+                for a, b in same[:WARNINGS_SHOWN]]
     if len(same) > WARNINGS_SHOWN:
         warnings.append(f"warning: {len(same) - WARNINGS_SHOWN} more validation images have the content of a "
                         f"training image ({len(same)} in all)")
@@ -199,15 +220,17 @@ def prepare_data(src: DataSources) -> RunData:
     for split in (train, val):
         if split is not None and not split.records:
             raise DataError(f"{split.source}: no usable images ({split.total} listed, {len(split.problems)} bad)")
-    notes = [f"{train.source}: {train.fmt} format, " + describe(train.records, train.drops)]
+    notes = [f"{train.source}: {train.fmt} format, " + describe(train.records, train.drops, train.stacks)]
     digests = dict(train.digests)
     if val is not None:
-        notes.append(f"{val.source}: {val.fmt} format, " + describe(val.records, val.drops))
+        notes.append(f"{val.source}: {val.fmt} format, " + describe(val.records, val.drops, val.stacks))
         train_records, val_records = train.records, val.records
         digests.update(val.digests)
     else:
         train_records, val_records = split_records(train.records, src.val_fraction, src.seed)
-        notes.append(f"no validation data given: seeded split, {len(train_records)} train / {len(val_records)} val images")
+        kept = " (whole stacks: every plane of a file on one side)" if train.stacks is not None else ""
+        notes.append(f"no validation data given: seeded split, {len(train_records)} train / {len(val_records)} val "
+                     f"images{kept}")
     notes.append(mode_note(opts))
     notes += _overlap(train_records, val_records, digests)
     total = train.total + (val.total if val else 0)

@@ -18,7 +18,9 @@ from typing import Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from ..image_spec import ImageSpec
 from .checks import DataError
+from .stacks import plane_name
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,14 @@ class Record:
     size: Tuple[int, int]  # (H, W) of the decoded image, EXIF orientation applied
     source: str  # the annotation file or folder the objects come from (named in messages)
     categories: Tuple[str, ...]  # one entry per object; "object" where the format has no classes
+    # How pixels are read: every format's record declares it as a field; a plain class attribute
+    # here (no annotation), so it is not a field of this class and does not move theirs.
+    image_spec = ImageSpec()
+
+    @property
+    def plane(self) -> Optional[int]:
+        """The plane of a stack this record is (--plane), None for a 2-D image."""
+        return self.image_spec.plane
 
     @property
     def num_objects(self) -> int:
@@ -51,12 +61,19 @@ class Record:
         return None
 
     def cache_parts(self) -> dict:
-        """What the embedding cache's key needs besides the file and the run's settings (a tile's rectangle)."""
-        return {}
+        """What the embedding cache's key needs besides the file and the run's settings (the plane
+        of a stack: with --plane all the run's settings do not say it; a tile's rectangle)."""
+        return {} if self.plane is None else {"plane": self.plane}
+
+    @property
+    def name(self) -> str:
+        """The file, with ' plane k' for a stack's plane: what items and captions carry (no file read)."""
+        return str(self.image) if self.plane is None else f"{self.image} plane {self.plane}"
 
     def describe(self) -> str:
-        """The image as messages name it."""
-        return str(self.image)
+        """The image as messages name it: the file, and the plane of a stack with its index on each
+        plane axis ('stack.tif plane 5 (T=1, Z=1)', read from the file's header)."""
+        return str(self.image) if self.plane is None else plane_name(str(self.image), self.plane)
 
     def subset(self, keep: Sequence[int]) -> "Record":
         """The same image with only the objects at `keep` (for records with an `objects` field)."""
@@ -92,8 +109,18 @@ class MergedRecord(Record):
     def of(cls, record: Record) -> "MergedRecord":
         return cls(record.image, record.size, record.source, ("object",), record)
 
+    @property
+    def plane(self) -> Optional[int]:
+        return self.inner.plane
+
     def load_image(self) -> np.ndarray:
         return self.inner.load_image()
+
+    def cache_parts(self) -> dict:
+        return self.inner.cache_parts()
+
+    def describe(self) -> str:
+        return self.inner.describe()
 
     def load_masks(self, indices: Optional[Sequence[int]] = None) -> np.ndarray:
         chosen = pick(indices, 1)

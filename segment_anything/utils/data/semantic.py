@@ -97,5 +97,5 @@ class SemanticDataset(Dataset):
         h, w = record.size
         item.update(target=torch.from_numpy(semantic_target(record, self.class_ids)), original_size=(h, w),
                     input_size=ResizeLongestSide.get_preprocess_shape(h, w, self.transform.target_length),
-                    path=str(record.image), index=int(index), first_chunk=True)
+                    path=record.name, index=int(index), first_chunk=True)
         return item

@@ -42,14 +42,32 @@ class Planes:
 
     def where(self, plane: int) -> str:
         """'plane 4 (T=1, Z=1)': the plane and, for several plane axes, its index on each."""
-        if len(self.axes) < 2:
-            return f"plane {plane}"
-        index = np.unravel_index(plane, self.shape)
-        return f"plane {plane} ({', '.join(f'{a}={int(i)}' for a, i in zip(self.axes, index))})"
+        return plane_where(plane, self.axes, self.shape)
 
     def as_channels(self) -> "Planes":
         """Bare pages of one channel each read as the channels of one image."""
         return Planes(np.moveaxis(self.array[..., 0], 0, -1)[None])
+
+
+def plane_where(plane: int, axes: str, shape: Tuple[int, ...]) -> str:
+    if len(axes) < 2:
+        return f"plane {plane}"
+    index = np.unravel_index(plane, shape)
+    return f"plane {plane} ({', '.join(f'{a}={int(i)}' for a, i in zip(axes, index))})"
+
+
+def plane_name(path: str, plane: int) -> str:
+    """'stack.tif plane 5 (T=1, Z=1)' from the file's TIFF header alone (no pixels decoded), for
+    messages about a record; 'stack.tif plane 5' when the header does not say more."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes, shape = series.axes, series.shape
+        kept = [(a, n) for a, n in zip(axes, shape) if a not in CHANNEL_AXES + "YX"]
+        where = plane_where(plane, "".join(a for a, _ in kept), tuple(n for _, n in kept))
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile reads, or a plane out of its range: the index alone
+        where = f"plane {plane}"
+    return f"{path} {where}"
 
 
 def is_tiff(data: bytes) -> bool:

@@ -58,12 +58,16 @@ class TileRecord(Record):
             union |= mask
         return union
 
+    @property
+    def plane(self) -> Optional[int]:
+        return self.inner.plane
+
     def cache_parts(self) -> Dict:
         return dict(self.inner.cache_parts(), tile=list(self.rect))
 
     def describe(self) -> str:
         x0, y0, x1, y1 = self.rect
-        return f"{self.image} tile x {x0}:{x1}, y {y0}:{y1}"
+        return f"{self.inner.describe()} tile x {x0}:{x1}, y {y0}:{y1}"
 
     def _cropped(self, indices: Sequence[int]):
         """inner's masks at indices cropped to the tile: from its label map read once, or decoded

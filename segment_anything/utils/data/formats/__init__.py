@@ -82,6 +82,10 @@ class Scan:
     candidates: list
     build: Callable[[object], Built]
     problems: List[Problem] = field(default_factory=list)
+    # --plane all (data.planes): (image file or None, label files) of a candidate, and the
+    # format's build with other options (the plane).
+    files: Optional[Callable[[object], Tuple[Optional[str], Tuple[str, ...]]]] = None
+    build_with: Optional[Callable[[object, DataOptions], Built]] = None
 
 
 def finish(record: Record, image: np.ndarray, masks: Optional[np.ndarray], opts: DataOptions,

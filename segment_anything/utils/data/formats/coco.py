@@ -133,4 +133,5 @@ def scan(json_path, images, opts: DataOptions) -> Scan:
             by_image[ann["image_id"]].append(ann)
     entries = [Entry(images / im["file_name"], int(im["id"]), (int(im["height"]), int(im["width"])),
                      tuple(by_image[int(im["id"])]), str(json_path)) for im in data["images"]]
-    return Scan("coco", str(json_path), entries, lambda e: build(e, opts, names), problems)
+    return Scan("coco", str(json_path), entries, lambda e: build(e, opts, names), problems,
+                lambda e: (str(e.path), ()), lambda e, o: build(e, o, names))

@@ -125,7 +125,11 @@ def build(pair: Pair, opts: DataOptions):
 
 def scan(root, opts: DataOptions) -> Scan:
     pairs, problems = find_pairs(root)
-    return Scan("folder", str(root), pairs, lambda p: build(p, opts), problems)
+    return Scan("folder", str(root), pairs, lambda p: build(p, opts), problems, pair_files, build)
+
+
+def pair_files(pair: Pair) -> Tuple[str, Tuple[str, ...]]:
+    return pair.image_file, (pair.mask_file,)
 
 
 def check_lossless(path: Path) -> None:

@@ -15,7 +15,7 @@ from ..checks import BadSample
 from ..image_io import ImageSpec, load_image, read_label
 from ..records import Record, pick, stack_masks
 from . import DataOptions, Scan, finish, size_mismatch
-from .folder import Pair, check_lossless, find_pairs
+from .folder import Pair, check_lossless, find_pairs, pair_files
 
 
 def read_instances(path, plane: Optional[int] = None) -> np.ndarray:
@@ -63,4 +63,4 @@ def build(pair: Pair, opts: DataOptions):
 
 def scan(root, opts: DataOptions) -> Scan:
     pairs, problems = find_pairs(Path(root))
-    return Scan("instance_map", str(root), pairs, lambda p: build(p, opts), problems)
+    return Scan("instance_map", str(root), pairs, lambda p: build(p, opts), problems, pair_files, build)

@@ -164,4 +164,10 @@ def build(path: Path, opts: DataOptions):
 def scan(root, opts: DataOptions) -> Scan:
     root = Path(root)
     files = sorted(p for p in root.rglob("*.json") if not any(s.startswith(".") for s in p.relative_to(root).parts))
-    return Scan("labelme", str(root), files, lambda p: build(p, opts))
+    return Scan("labelme", str(root), files, lambda p: build(p, opts), files=json_files, build_with=build)
+
+
+def json_files(path: Path) -> Tuple[Optional[str], Tuple[str, ...]]:
+    """The image beside the JSON (None when embedded); the shapes are the labels, drawn on every plane."""
+    image, _ = image_source(path, read_json(path))
+    return (str(image) if image is not None else None), ()

@@ -73,4 +73,5 @@ def build(sample: Sample, opts: DataOptions):
 
 def scan(root, opts: DataOptions) -> Scan:
     samples, problems = find_samples(Path(root))
-    return Scan("objects", str(root), samples, lambda s: build(s, opts), problems)
+    return Scan("objects", str(root), samples, lambda s: build(s, opts), problems,
+                lambda s: (str(s.image), tuple(str(m) for m in s.masks)), build)

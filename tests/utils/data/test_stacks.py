@@ -4,11 +4,13 @@ masks and the split are checked against what was written."""
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import tifffile
 
 import run
+from segment_anything.tools import prepare
 from segment_anything.training.config import TrainConfig
 from segment_anything.utils.data import DataError, DataOptions, load_image, load_records, split_records
 from segment_anything.utils.data.formats.folder import FolderRecord
@@ -40,8 +42,6 @@ def make_stacks(root, label_planes_of_a: int = 3):
       b.tif  T=2, Z=2 (4 planes); one 2-D label b.png with 2 squares, for every plane
       c.png  a 2-D image with 3 squares
     """
-    import cv2
-
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
     rng = np.random.default_rng(0)
@@ -127,3 +127,13 @@ def test_run_trains_on_every_plane(tmp_path):
     assert "--plane all: 2 stack(s) -> 6 planes" in log
     # one embedding per plane (the plane is in the key), for every image of both splits
     assert len(list(cache.rglob("*.emb"))) == 7
+
+
+def test_prepare_writes_every_plane(tmp_path):
+    make_stacks(tmp_path / "data")
+    prepare.main(["--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), "--plane", "all"])
+    entries = json.loads((tmp_path / "out" / "objects.json").read_text())
+    entries = entries["images"] if isinstance(entries, dict) else entries
+    assert [(e["image"], e.get("plane")) for e in entries] == [
+        ("images/a_plane1.png", 1), ("images/a_plane2.png", 2)] + [
+        (f"images/b_plane{k}.png", k) for k in range(4)] + [("images/c.png", None)]

@@ -22,6 +22,7 @@ from typing import Callable, List, Optional, Sequence
 
 from .checks import BadSample
 from .image_io import kept_decoded, label_planes, plane_layout
+from .stacks import plane_name
 
 
 @dataclass
@@ -70,13 +71,20 @@ def stack_builder(files: Callable, build_with: Callable, opts) -> Callable:
                     built.append(build_with(candidate, replace(opts, image_spec=spec)))
                 except BadSample as err:
                     if err.kind != "no objects":
-                        raise
+                        raise named(err, str(image), k) from None
                     empty += 1
         if not built:
             raise BadSample("no objects", f"{image}: no objects in any of its {count} planes")
         return StackBuilt(str(image), built, count, empty)
 
     return build
+
+
+def named(err: BadSample, image: str, plane: int) -> BadSample:
+    """err with the plane named first, unless it names it already (the image's own messages do)."""
+    if f"plane {plane}" in str(err):
+        return err
+    return BadSample(err.kind, f"{plane_name(image, plane)}: {err}")
 
 
 def check_labels(image: Optional[str], count: int, labels: Sequence[str]) -> None:

@@ -107,6 +107,17 @@ def test_a_label_stack_of_another_plane_count_is_one_line_naming_both_files(tmp_
                      "has 2: give one label plane per image plane, or one 2-D label for every plane"]
 
 
+def test_a_bad_label_plane_is_named_with_the_file_and_the_plane(tmp_path):
+    make_stacks(tmp_path)
+    labels = tifffile.imread(tmp_path / "labels" / "a.tif")
+    labels[2, 0, 0] = 7  # not a binary mask value, in plane 2 only
+    tifffile.imwrite(tmp_path / "labels" / "a.tif", labels, photometric="minisblack")
+    with pytest.raises(DataError) as err:
+        load_records(tmp_path, "folder", DataOptions.from_flags("folder", plane="all"))
+    images, labels = tmp_path / "images" / "a.tif", tmp_path / "labels" / "a.tif"
+    assert f"  {images} plane 2: {labels}: mask is not binary" in str(err.value)
+
+
 def test_flag_values():
     assert TrainConfig.parser().parse_args(["--plane", "all"]).plane == "all"
     assert TrainConfig.parser().parse_args(["--plane", "3"]).plane == 3

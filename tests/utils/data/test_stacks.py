@@ -2,6 +2,7 @@
 folder of 16-bit TIFF stacks is generated here with known squares per plane, so the records, their
 masks and the split are checked against what was written."""
 
+import csv
 import json
 
 import cv2
@@ -10,12 +11,14 @@ import pytest
 import tifffile
 
 import run
-from segment_anything.tools import prepare
+from segment_anything.tools import evaluate, prepare
+from segment_anything.tools._model import build_base
 from segment_anything.training.config import TrainConfig
 from segment_anything.utils.data import DataError, DataOptions, load_image, load_records, split_records
 from segment_anything.utils.data.formats.folder import FolderRecord
 from segment_anything.utils.data.prepare import prepare_data
 from segment_anything.utils.image_spec import ImageSpec
+from segment_anything.utils.save_weight import save_partial_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,3 +151,18 @@ def test_prepare_writes_every_plane(tmp_path):
     assert [(e["image"], e.get("plane")) for e in entries] == [
         ("images/a_plane1.png", 1), ("images/a_plane2.png", 2)] + [
         (f"images/b_plane{k}.png", k) for k in range(4)] + [("images/c.png", None)]
+
+
+def test_evaluate_scores_every_plane_and_resamples_files(tmp_path):
+    make_stacks(tmp_path / "data")
+    weights = save_partial_weight(build_base("vit_t", "none", 64), tmp_path / "best.pth",
+                                  {"model_type": "vit_t", "image_size": 64}, keys=["mask_decoder"])
+    summary = evaluate.main(["--checkpoint", "none", "--weights", str(weights), "--data_dir", str(tmp_path / "data"),
+                             "--plane", "all", "--output_dir", str(tmp_path / "eval"), "--bootstrap", "20",
+                             "--noc", "0", "--box_noise", "none", "--prompt_following", "False"])
+    with open(tmp_path / "eval" / "per_object.csv") as f:
+        names = sorted({row["image"] for row in csv.DictReader(f)})
+    a, b = tmp_path / "data" / "images" / "a.tif", tmp_path / "data" / "images" / "b.tif"
+    assert names == [f"{a} plane 1", f"{a} plane 2"] + [f"{b} plane {k}" for k in range(4)] + [
+        str(tmp_path / "data" / "images" / "c.png")]
+    assert summary["data"]["objects"] == 14 and summary["data"]["images"] == 3  # the intervals resample files

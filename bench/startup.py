@@ -2,9 +2,10 @@
 
     python bench/startup.py --root /path/to/startup-data            # sizes 1000,10000,100000
     python bench/startup.py --root DIR --sizes 1000,10000
+    python bench/startup.py --root DIR --sizes 1000 --side 1024   # larger images (768-1024 px)
 
 Each set is generated once into ROOT (small synthetic images, 3 objects each: 1,000 distinct
-pairs, copied under new names for the larger sets) and reused by later runs. Per set, run.py
+pairs, copied under new names for the larger sets; --side S makes them 3S/4 to S pixels a side) and reused by later runs. Per set, run.py
 (vit_t, random weights, 64 px, seeded validation split, no embedding cache) starts twice with a
 fresh manifest folder: the first start checks every file, the second finds them in the manifest.
 Each start ends right after its first training step (the test hook SAM_TEST_FAULT=exit:0:0), so
@@ -35,14 +36,17 @@ from bench._machine import machine_line  # noqa: E402
 
 BASE = 1000
 OBJECTS = 3
+SIDE = 128  # the longest image side of the default sets
 
 
-def make_set(root: Path, n: int) -> Path:
+def make_set(root: Path, n: int, side: int = SIDE) -> Path:
     """ROOT/n<N>/train: n image/label pairs (made once; a finished set has its .done marker)."""
-    folder = root / f"n{n}" / "train"
+    suffix = "" if side == SIDE else f"-s{side}"
+    folder = root / f"n{n}{suffix}" / "train"
     if (folder.parent / ".done").is_file():
         return folder
-    base = make_synthetic_dataset(root / "base" / "train", n=BASE, size_range=(96, 128), seed=1, objects=OBJECTS)
+    base = make_synthetic_dataset(root / f"base{suffix}" / "train", n=min(BASE, n), size_range=(side * 3 // 4, side),
+                                  seed=1, objects=OBJECTS)
     shutil.rmtree(folder, ignore_errors=True)
     for sub in ("images", "labels"):
         (folder / sub).mkdir(parents=True)
@@ -101,11 +105,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="folder for the synthetic sets (made once, reused)")
     parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--side", type=int, default=SIDE, help="largest image side in pixels (sides from 3/4 of it)")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     rows = []
     for n in map(int, args.sizes.split(",")):
-        folder = make_set(Path(args.root), n)
+        folder = make_set(Path(args.root), n, args.side)
         with tempfile.TemporaryDirectory(prefix="bench_startup.") as tmp:
             xdg = Path(tmp) / "xdg"
             first = start(folder, xdg, Path(tmp) / "first")
@@ -117,7 +122,7 @@ def main() -> None:
     load = os.getloadavg()
     print(f"command: python bench/{Path(__file__).name} " + " ".join(sys.argv[1:]))
     print(machine_line(cores) + f" | load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (shared machine)")
-    print(f"synthetic {96}-{128} px images, {OBJECTS} objects each, seeded 80/20 split; run.py vit_t at 64 px, random "
+    print(f"synthetic {args.side * 3 // 4}-{args.side} px images, {OBJECTS} objects each, seeded 80/20 split; run.py vit_t at 64 px, random "
           "weights, no embedding cache; time: process start to the end of the first training step\n")
     print("| images | first start s (CPU s) | peak RSS MB | second start s (CPU s) | peak RSS MB "
           "| decode every file once / cores s | first / that | index bytes per image | per object |")

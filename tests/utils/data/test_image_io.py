@@ -52,6 +52,23 @@ def test_exif_orientation_as_pillow(tmp_path, orientation, suffix):
     np.testing.assert_array_equal(apply_orientation(np.array(Image.open(path)), orientation).shape, ours.shape)
 
 
+def test_a_png_exif_chunk_after_the_pixels_is_found(tmp_path):
+    """PNG allows eXIf after IDAT; a damaged chunk list leaves the decision to Pillow."""
+    import struct
+    import zlib
+
+    Image.fromarray(photo()).save(tmp_path / "plain.png")
+    data = (tmp_path / "plain.png").read_bytes()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    payload = exif.tobytes()[6:]  # without the "Exif\0\0" header, as PNG stores it
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload + struct.pack(">I", zlib.crc32(b"eXIf" + payload))
+    iend = data.rindex(b"IEND") - 4
+    late = data[:iend] + chunk + data[iend:]
+    assert exif_orientation(late) == 6
+    assert exif_orientation(data[:40]) == 1  # truncated: Pillow cannot read it, so no orientation
+
+
 def test_a_png_without_exif_is_read_as_stored(tmp_path):
     pixels = photo()
     Image.fromarray(pixels).save(tmp_path / "plain.png")

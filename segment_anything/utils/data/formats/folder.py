@@ -119,8 +119,8 @@ def build(pair: Pair, opts: DataOptions):
     n = int(labels.max())
     record = FolderRecord(str(pair.image_file), image.shape[:2], str(pair.mask_file), ("object",) * n, str(pair.mask_file),
                           tuple(range(1, n + 1)), opts.mask_threshold, opts.foreground_values, opts.image_spec)
-    masks = np.stack([labels == k for k in range(1, n + 1)]).astype(np.uint8) if n else np.zeros((0, *mask.shape), np.uint8)
-    return finish(record, image, masks, opts)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]  # one pass, not n full-size masks
+    return finish(record, image, None, opts, areas=areas)
 
 
 def scan(root, opts: DataOptions) -> Scan:

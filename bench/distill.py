@@ -2,6 +2,7 @@
 
     python bench/distill.py                                   # nails, vit_t at 256, 4 epochs
     python bench/distill.py --data ../shared/data/nuclei-objects --epochs 3 --distill 1 --l2sp 0.1
+    python -m segment_anything.tools.synthetic_data demo_data && python bench/distill.py --data demo_data --lr 1e-3 --epochs 8
 
 Trains the same run (vit_t, --checkpoint none: seeded RANDOM weights, so the numbers show the
 mechanism, not the quality of a real fine-tune) without a keep-base term, with --distill W and
@@ -44,7 +45,7 @@ MEASURE_SEED = 12345  # the off-target prompts of the measurement: another strea
 def train(args, out: Path, extra: list) -> list:
     cmd = [sys.executable, "run.py", "--model_type", "vit_t", "--checkpoint", "none", "--image_size", str(args.image_size),
            "--train_dir", str(args.data), "--epoch", str(args.epochs), "--batch_size", str(args.batch_size),
-           "--seed", str(args.seed), "--dist", "no", "--num_workers", "0", "--cache_dir", str(args.work / "cache"),
+           "--seed", str(args.seed), "--lr", str(args.lr), "--dist", "no", "--num_workers", "0", "--cache_dir", str(args.work / "cache"),
            "--output_dir", str(out), *extra]
     if not (out / "best.pth").is_file():
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=21)
+    parser.add_argument("--lr", type=float, default=2e-4, help="run.py's --lr (2e-4 is its default)")
     parser.add_argument("--distill", type=float, default=1.0, help="--distill weight of the second run")
     parser.add_argument("--l2sp", type=float, default=0.1, help="--l2sp weight of the third run (0: no such run)")
     parser.add_argument("--prompts", type=int, default=8, help="off-target prompts per validation image")
@@ -113,7 +115,7 @@ def main() -> None:
         rows.append((name, measure(args, base, args.work / tag, val)))
     ref = rows[0][1]
     print(f"keep-base terms: vit_t RANDOM weights (--checkpoint none, seed {args.seed}) at {args.image_size} px, "
-          f"{args.epochs} epochs, {args.data.name}: {rows[0][1]['images']} validation images x {args.prompts} "
+          f"{args.epochs} epochs, --lr {args.lr:g}, {args.data.name}: {rows[0][1]['images']} validation images x {args.prompts} "
           f"off-target prompts (seed {MEASURE_SEED})")
     print(machine_line(threads))
     print("| term | off-target distance to base (MSE of logits) | vs none | val IoU (best.pth) | IoU vs none |")

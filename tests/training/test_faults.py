@@ -152,3 +152,27 @@ def test_a_hung_rank_makes_the_others_stop_naming_it(data, tmp_path):
     assert proc.returncode != 0, output(proc)
     log = (out / "train.log").read_text()
     assert "rank 1 (last at step 2) died or stopped responding while the others reached step 3" in log, log[-2000:]
+
+
+def test_a_lost_peer_after_this_rank_got_a_signal_is_a_stop_not_an_error(caplog):
+    """Ctrl-C reaches every rank; one still starting up stops at once, so the others' next
+    collective fails: that rank ends with the signal's code and a warning, not 'a rank died'."""
+    import signal
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from segment_anything.training.faults import faults_to_exit
+    from segment_anything.utils.distributed import DistInfo
+
+    guard = SimpleNamespace(signal_name="SIGINT")
+    with pytest.raises(SystemExit) as stopped, caplog.at_level("WARNING"):
+        with faults_to_exit(DistInfo(rank=1, world_size=2), guard):
+            raise dist.DistError("Connection closed by peer")
+    assert stopped.value.code == 128 + signal.SIGINT
+    assert "rank 1: stopped by SIGINT; another rank stopped before training started" in caplog.text
+    guard.signal_name = None  # no signal here: a lost peer is an error naming the failure
+    with pytest.raises(SystemExit) as failed, caplog.at_level("ERROR"):
+        with faults_to_exit(DistInfo(rank=1, world_size=2), guard):
+            raise dist.DistError("Connection closed by peer")
+    assert failed.value.code == 1 and "a collective operation failed" in caplog.text

@@ -44,8 +44,8 @@ def test_console_commands_point_at_existing_functions():
         assert callable(getattr(importlib.import_module(module), func)), target
 
 
-@pytest.mark.parametrize("error", [KeyboardInterrupt, ValueError])
-def test_console_commands_end_ctrl_c_and_bad_input_in_one_line(monkeypatch, capsys, error):
+@pytest.mark.parametrize("error", [KeyboardInterrupt, ValueError, FileExistsError])
+def test_console_commands_end_ctrl_c_bad_input_and_unusable_paths_in_one_line(monkeypatch, capsys, error):
     """Every tool's console command runs its main() through cli(): no traceback (sam-train has its own launcher)."""
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     for name, target in scripts.items():
@@ -55,6 +55,8 @@ def test_console_commands_end_ctrl_c_and_bad_input_in_one_line(monkeypatch, caps
         module = importlib.import_module(module_name)
 
         def fail(*args, **kwargs):
+            if error is FileExistsError:
+                raise FileExistsError(17, "File exists", "out/a.png")
             raise error("--flag: what is wrong")
 
         monkeypatch.setattr(module, "main", fail)
@@ -62,6 +64,8 @@ def test_console_commands_end_ctrl_c_and_bad_input_in_one_line(monkeypatch, caps
             getattr(module, func)()
         if error is KeyboardInterrupt:
             assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted (SIGINT)\n", name
+        elif error is FileExistsError:  # a path in the way: named, no traceback
+            assert exit_info.value.code == "error: out/a.png: File exists", name
         else:
             assert exit_info.value.code == "error: --flag: what is wrong", name
 

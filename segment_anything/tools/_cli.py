@@ -6,12 +6,16 @@ from typing import Callable
 
 
 def cli(main: Callable[[], None]) -> None:
-    """Run a tool's main(); input errors (bad flags, files, prompts, weights for another model)
-    and Ctrl-C end the program with one line instead of a traceback."""
+    """Run a tool's main(); input errors (bad flags, files, prompts, weights for another model),
+    paths that cannot be read or written, and Ctrl-C end the program with one line instead of a
+    traceback."""
     try:
         main()
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
+    except OSError as err:  # a path that cannot be written or read (a file where a folder should be, permissions)
+        where = f"{err.filename}: " if err.filename else ""
+        sys.exit(f"error: {where}{err.strerror or err}")
     except KeyboardInterrupt:  # Ctrl-C: the exit code of SIGINT, no traceback
         print("interrupted (SIGINT)", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None

@@ -65,7 +65,8 @@ def test_console_commands_end_ctrl_c_bad_input_and_unusable_paths_in_one_line(mo
         if error is KeyboardInterrupt:
             assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted (SIGINT)\n", name
         elif error is FileExistsError:  # a path in the way: named, no traceback
-            assert exit_info.value.code == "error: out/a.png: File exists", name
+            assert exit_info.value.code == "error: out/a.png: a file is in the way: a folder is needed there " \
+                                           "(give another output path)", name
         else:
             assert exit_info.value.code == "error: --flag: what is wrong", name
 

@@ -1,5 +1,6 @@
 """How every tool ends: one line on bad input or Ctrl-C, never a traceback."""
 
+import errno
 import signal
 import sys
 from typing import Callable
@@ -14,8 +15,10 @@ def cli(main: Callable[[], None]) -> None:
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     except OSError as err:  # a path that cannot be written or read (a file where a folder should be, permissions)
-        where = f"{err.filename}: " if err.filename else ""
-        sys.exit(f"error: {where}{err.strerror or err}")
+        what = err.strerror or str(err)
+        if err.errno in (errno.EEXIST, errno.ENOTDIR):
+            what = "a file is in the way: a folder is needed there (give another output path)"
+        sys.exit(f"error: {err.filename}: {what}" if err.filename else f"error: {what}")
     except KeyboardInterrupt:  # Ctrl-C: the exit code of SIGINT, no traceback
         print("interrupted (SIGINT)", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None

@@ -2,6 +2,7 @@
 batches of images and with --objects_per_step.
 
     python bench/balance.py                                   # nuclei, vit_t at 256, 3 rounds, both loss sizes
+    python bench/balance.py --modes counts objects --loss_sizes original --rounds 5
     python bench/balance.py --loss_sizes low_res --rounds 5
     python bench/balance.py --objects_per_step 64 --image_size 512
 
@@ -14,7 +15,10 @@ the work. Each mode is one configuration of the loader:
     images   --batch_size 1 --max_objects 1000: one image per process per step, all its objects
     capped   --batch_size 1 (--max_objects 16, the default): at most 16 objects per image per step
     objects  --objects_per_step N (default: the mean objects per image, rounded up, so a step
-             trains as many objects as in the images mode on average)
+             trains as many objects as in the images mode on average): steps cut by each
+             object's estimated cost (the run's sampler)
+    counts   the same, with the steps cut every N objects whatever they cost (the sampler
+             without costs: how --objects_per_step cut steps before it weighed objects)
 
 Each step is timed in parts on each rank: compute (batch preparation, forward, loss, backward,
 optimizer), the two waits for the other rank (the prompt-count all-reduce before the loss, and a
@@ -60,6 +64,8 @@ from segment_anything.training.engine import make_loaders  # noqa: E402
 from segment_anything.training.tasks import build_task  # noqa: E402
 from segment_anything.utils.accumulate import global_count  # noqa: E402
 from segment_anything.utils.data import RunData, load_records  # noqa: E402
+from segment_anything.utils.data.dataset import collate  # noqa: E402
+from segment_anything.utils.data.samplers import ObjectBatchSampler  # noqa: E402
 from segment_anything.utils.data.cache import open_cache  # noqa: E402
 from segment_anything.utils.distributed import DistInfo, all_gather_objects  # noqa: E402
 from segment_anything.utils.trainable import configure, set_train_mode  # noqa: E402
@@ -72,8 +78,17 @@ WORLD = 2
 def mode_flags(case: str, per_step: int) -> dict:
     """case: "<mode>/<loss size>"."""
     mode, loss_size = case.split("/")
+    by_objects = {"objects_per_step": per_step, "max_objects": 1000}
     return {**{"images": {"batch_size": 1, "max_objects": 1000}, "capped": {"batch_size": 1},
-               "objects": {"objects_per_step": per_step, "max_objects": 1000}}[mode], "loss_size": loss_size}
+               "objects": by_objects, "counts": by_objects}[mode], "loss_size": loss_size}
+
+
+def counts_loader(cfg, info, task, cache, data):
+    """The run's training set in steps cut every N objects (ObjectBatchSampler without costs)."""
+    train_ds = task.datasets(data, cache)[0]
+    sampler = ObjectBatchSampler(train_ds.object_counts(), cfg.objects_per_step, cfg.accumulate,
+                                 num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
+    return torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate, num_workers=0), sampler
 
 
 def config(args, cache_dir: str, **flags) -> TrainConfig:
@@ -145,6 +160,8 @@ def worker(rank: int, args, port: int, out: str) -> None:
         cfg = config(args, cache_dir, **mode_flags(mode, per_step))
         task = build_task(cfg, cfg.resolve(), data)
         loader, _, sampler = make_loaders(cfg, info, data, task, cache)
+        if mode.startswith("counts/"):
+            loader, sampler = counts_loader(cfg, info, task, cache, data)
         own = copy.deepcopy(sam)
         optimizer = torch.optim.AdamW([p for p in own.parameters() if p.requires_grad], lr=cfg.lr)
         runs[mode] = (loader, sampler, task.step_module(own, info.device, WORLD), own, optimizer, task.loop)
@@ -190,7 +207,8 @@ def main() -> None:
     parser.add_argument("--loss_sizes", nargs="+", default=["original", "low_res"], choices=["original", "low_res"],
                         help="--loss_size of the runs: every mode runs with each")
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per mode (after one warm-up epoch)")
-    parser.add_argument("--modes", nargs="+", default=["images", "capped", "objects"], choices=["images", "capped", "objects"])
+    parser.add_argument("--modes", nargs="+", default=["images", "capped", "counts", "objects"],
+                        choices=["images", "capped", "counts", "objects"])
     parser.add_argument("--seed", type=int, default=21)
     parser.add_argument("--json", help="also write every step's timings per rank to this file")
     args = parser.parse_args()
@@ -221,8 +239,9 @@ def main() -> None:
     for mode in [f"{mode}/{loss}" for loss in args.loss_sizes for mode in args.modes]:
         t = summarise(ranks, mode)
         flags = " ".join(f"--{k} {v}" for k, v in mode_flags(mode, per_step).items())
+        flags += "` (cut by count)" if mode.startswith("counts/") else "`"
         n, spread = t["steps"], t["spread"]
-        print(f"| {mode} | `{flags}` | {n // args.rounds} | {sum(spread) / len(spread):.1f} ({min(spread)}-{max(spread)}) "
+        print(f"| {mode} | `{flags} | {n // args.rounds} | {sum(spread) / len(spread):.1f} ({min(spread)}-{max(spread)}) "
               f"| {1e3 * t['step'] / n:.1f} | {1e3 * t['compute'] / n:.1f} | {1e3 * t['wait'] / n:.1f} "
               f"| {100 * t['wait'] / t['step']:.1f} | {1e3 * t['transfer'] / n:.2f} | {t['images'] / t['step']:.2f} "
               f"| {t['objects'] / t['step']:.1f} | {100 * t['cpu_gap'] / t['cpu_slow']:.1f} "

@@ -141,10 +141,12 @@ class RunSpec:
 @dataclass(eq=False)
 class TrainConfig:
     batch_size: int = DISTRIBUTION(1, "images per process per step")
-    objects_per_step: int = DISTRIBUTION(0, "fill each process's step with this many objects instead of --batch_size images "
-                                         "(0 = off): images packed in a seeded order, one with more objects split across "
-                                         "steps, every object once per epoch, so ranks decode equal work; --max_objects "
-                                         "then sets only the validation chunks; with --accumulate K a step trains K x this")
+    objects_per_step: int = DISTRIBUTION(0, "fill each process's step with this many objects on average instead of --batch_size "
+                                         "images (0 = off): images packed in a seeded order, one with more objects split "
+                                         "across steps, every object once per epoch, steps cut at equal estimated cost (an "
+                                         "object weighs more with the loss on a larger image), so ranks do equal work; "
+                                         "--max_objects then sets only the validation chunks; with --accumulate K a step "
+                                         "trains K x this")
     dist: bool = DISTRIBUTION(True, "use torch.distributed (one process per GPU, or --world_size CPU processes)")
     port: Optional[int] = DISTRIBUTION(None, "TCP port on 127.0.0.1 for the process group when run.py spawns its own workers (default: a free port)")
     world_size: Optional[int] = DISTRIBUTION(None, "processes to spawn without torchrun (default: visible GPUs, else 1)")

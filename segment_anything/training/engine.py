@@ -26,7 +26,7 @@ from ..build_sam import sam_model_registry
 from ..modeling.fft_attention import attention_metadata, fft_block_indices
 from ..utils.data import RunData, collate
 from ..utils.data.cache import EmbeddingCache, open_cache
-from ..utils.data.samplers import EpochSampler, ObjectBatchSampler, ResumableSampler
+from ..utils.data.samplers import EpochSampler, ObjectBatchSampler, ResumableSampler, object_cost, piece_cost
 from ..utils.distributed import DistInfo, all_gather_objects, barrier, torchrun_restarts
 from ..utils.log import FILE_ONLY, add_log_file, get_logger
 from ..utils.save_weight import append_text, atomic_save, atomic_write_bytes, image_flags, save_partial_weight, unwrap_model
@@ -69,8 +69,11 @@ def make_loaders(cfg: TrainConfig, info: DistInfo, data: RunData, task: Task, ca
     # Explicit replicas/rank: the same sampler (same permutation) for 1 process and for N. The
     # epoch travels with each index, so persistent workers draw this epoch's objects and prompts.
     if cfg.objects_per_step:
+        # Steps cut by estimated cost: an object of a large image costs more with the loss at its size.
+        costs = [object_cost(size, cfg.image_size, cfg.loss_size) for size in train_ds.image_sizes()]
         sampler = ObjectBatchSampler(train_ds.object_counts(), cfg.objects_per_step, cfg.accumulate,
-                                     num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
+                                     num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
+                                     costs=costs, piece_cost=piece_cost())
         train = DataLoader(train_ds, batch_sampler=sampler, **common)
     else:
         sampler = EpochSampler(ResumableSampler(train_ds, cfg.batch_size, cfg.accumulate, num_replicas=info.world_size,

@@ -54,6 +54,8 @@ READABLE_FORMATS = ("sam-resume-v2", RESUME_FORMAT)
 # is checked through the keys of the resume file; --accumulate through the global batch,
 # keep_global_batch).
 RESUME_MUST_MATCH = ("model_type", "image_size", "epoch", "batch_size", "objects_per_step", "lr", "attention", "fft_blocks")
+# With --objects_per_step, steps are cut by each object's estimated cost, which these set too.
+OBJECT_STEPS_MUST_MATCH = ("loss_size",)
 # Flags that --resume RUN never takes from the saved run: they say where to continue.
 NOT_INHERITED = ("resume", "output_dir")
 
@@ -160,8 +162,9 @@ def check_resume(cfg) -> Path:
     state = load_state(path)
     # A flag newer than the run is compared with its default (the value the run had in effect).
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    saved = {k: state["args"].get(k, defaults[k]) for k in RESUME_MUST_MATCH}
-    changed = [f"--{k} {saved[k]} (now {getattr(cfg, k)})" for k in RESUME_MUST_MATCH if saved[k] != getattr(cfg, k)]
+    keys = RESUME_MUST_MATCH + (OBJECT_STEPS_MUST_MATCH if cfg.objects_per_step else ())
+    saved = {k: state["args"].get(k, defaults[k]) for k in keys}
+    changed = [f"--{k} {saved[k]} (now {getattr(cfg, k)})" for k in keys if saved[k] != getattr(cfg, k)]
     if changed:
         raise ResumeError(f"--resume: {path} was made with " + ", ".join(changed) + "; resume with the same flags")
     return path.parent

@@ -203,6 +203,20 @@ def test_resume_alone_takes_the_saved_flags_and_flags_beside_it_are_checked(tmp_
         check_resume(changed)
 
 
+def test_loss_size_is_kept_where_it_cuts_the_steps(tmp_path):
+    """--objects_per_step cuts steps by a cost that follows --loss_size: changing it is refused
+    there, and only there."""
+    for per, refused in ((0, False), (8, True)):
+        run = tmp_path / f"run{per}"
+        write_run(run, image_size=64, train_dir="data/train", output_dir=str(run), objects_per_step=per)
+        changed = TrainConfig.from_args(["--resume", str(run), "--loss_size", "low_res"])
+        if refused:
+            with pytest.raises(ResumeError, match=r"--loss_size original \(now low_res\)"):
+                check_resume(changed)
+        else:
+            assert check_resume(changed) == run
+
+
 def test_resume_auto_needs_an_output_dir(capsys):
     with pytest.raises(SystemExit):
         TrainConfig.from_args(["--resume", "auto"])

@@ -52,7 +52,8 @@ class PromptTask(Task):
         if cfg.prompt == "mixed":
             what = (f"mixed ({cfg.prompt_probs}): its box or 1..{cfg.num_points} {cfg.point_mode} positive point(s) "
                     f"per object; validation: box")
-        per_step = (f"{cfg.objects_per_step} objects per process per step (every object once per epoch)"
+        per_step = (f"{cfg.objects_per_step} objects per process per step on average, cut at equal estimated cost "
+                    "(every object once per epoch)"
                     if cfg.objects_per_step else f"at most {cfg.max_objects} objects per image per step")
         return (f"prompts: {what} per object; {per_step}, validation in chunks of "
                 f"{cfg.max_objects}; augment: {cfg.augment or 'none'}; box jitter {cfg.box_jitter:g}")

@@ -84,6 +84,10 @@ class MaskDataset(Dataset):
         """Objects per image, in record order (what ObjectBatchSampler packs)."""
         return [r.num_objects for r in self.records]
 
+    def image_sizes(self) -> List[Tuple[int, int]]:
+        """(H, W) per image, in record order (what the sampler's cost model weighs objects by)."""
+        return [tuple(r.size) for r in self.records]
+
     def shard(self, rank: int, world_size: int) -> List[int]:
         """Item positions of this rank for validation: whole images (all their chunks), images
         rank, rank + world_size, ..., so each image is encoded and counted on one rank only."""

@@ -3,6 +3,7 @@ batches of images and with --objects_per_step.
 
     python bench/balance.py                                   # nuclei, vit_t at 256, 3 rounds, both loss sizes
     python bench/balance.py --modes counts objects --loss_sizes original --rounds 5
+    python bench/balance.py --modes counts --decode_pixels 1 2 4 --loss_sizes original
     python bench/balance.py --loss_sizes low_res --rounds 5
     python bench/balance.py --objects_per_step 64 --image_size 512
 
@@ -19,6 +20,8 @@ the work. Each mode is one configuration of the loader:
              object's estimated cost (the run's sampler)
     counts   the same, with the steps cut every N objects whatever they cost (the sampler
              without costs: how --objects_per_step cut steps before it weighed objects)
+    objects@X  (with --decode_pixels X ...) the objects mode with another constant of the
+             sampler's cost model (what one decoding is worth in loss pixels, over image_size^2)
 
 Each step is timed in parts on each rank: compute (batch preparation, forward, loss, backward,
 optimizer), the two waits for the other rank (the prompt-count all-reduce before the loss, and a
@@ -65,7 +68,7 @@ from segment_anything.training.tasks import build_task  # noqa: E402
 from segment_anything.utils.accumulate import global_count  # noqa: E402
 from segment_anything.utils.data import RunData, load_records  # noqa: E402
 from segment_anything.utils.data.dataset import collate  # noqa: E402
-from segment_anything.utils.data.samplers import ObjectBatchSampler  # noqa: E402
+from segment_anything.utils.data.samplers import ObjectBatchSampler, object_cost, piece_cost  # noqa: E402
 from segment_anything.utils.data.cache import open_cache  # noqa: E402
 from segment_anything.utils.distributed import DistInfo, all_gather_objects  # noqa: E402
 from segment_anything.utils.trainable import configure, set_train_mode  # noqa: E402
@@ -78,16 +81,27 @@ WORLD = 2
 def mode_flags(case: str, per_step: int) -> dict:
     """case: "<mode>/<loss size>"."""
     mode, loss_size = case.split("/")
+    mode = "objects" if mode.startswith("objects@") else mode
     by_objects = {"objects_per_step": per_step, "max_objects": 1000}
     return {**{"images": {"batch_size": 1, "max_objects": 1000}, "capped": {"batch_size": 1},
                "objects": by_objects, "counts": by_objects}[mode], "loss_size": loss_size}
 
 
-def counts_loader(cfg, info, task, cache, data):
-    """The run's training set in steps cut every N objects (ObjectBatchSampler without costs)."""
+def all_cases(args) -> list:
+    """"<mode>/<loss size>" of every row, in table order."""
+    modes = list(args.modes) + [f"objects@{x:g}" for x in args.decode_pixels]
+    return [f"{mode}/{loss}" for loss in args.loss_sizes for mode in modes]
+
+
+def own_loader(cfg, info, task, cache, data, decode_pixels=None):
+    """The run's training set in steps cut every N objects (ObjectBatchSampler without costs), or
+    by cost with another decode_pixels than the sampler's."""
     train_ds = task.datasets(data, cache)[0]
+    costs = None if decode_pixels is None else [object_cost(size, cfg.image_size, cfg.loss_size, decode_pixels)
+                                                 for size in train_ds.image_sizes()]
     sampler = ObjectBatchSampler(train_ds.object_counts(), cfg.objects_per_step, cfg.accumulate,
-                                 num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
+                                 num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
+                                 costs=costs, piece_cost=0 if costs is None else piece_cost())
     return torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate, num_workers=0), sampler
 
 
@@ -155,13 +169,15 @@ def worker(rank: int, args, port: int, out: str) -> None:
         if item["first_chunk"] and item.get("embedding") is None:
             batch_embeddings(sam, prepare_batch([item], sam, info.device), cache, None)
     runs = {}
-    cases = [f"{mode}/{loss}" for loss in args.loss_sizes for mode in args.modes]
+    cases = all_cases(args)
     for mode in cases:
         cfg = config(args, cache_dir, **mode_flags(mode, per_step))
         task = build_task(cfg, cfg.resolve(), data)
         loader, _, sampler = make_loaders(cfg, info, data, task, cache)
         if mode.startswith("counts/"):
-            loader, sampler = counts_loader(cfg, info, task, cache, data)
+            loader, sampler = own_loader(cfg, info, task, cache, data)
+        elif mode.startswith("objects@"):
+            loader, sampler = own_loader(cfg, info, task, cache, data, float(mode.split("/")[0][8:]))
         own = copy.deepcopy(sam)
         optimizer = torch.optim.AdamW([p for p in own.parameters() if p.requires_grad], lr=cfg.lr)
         runs[mode] = (loader, sampler, task.step_module(own, info.device, WORLD), own, optimizer, task.loop)
@@ -209,6 +225,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per mode (after one warm-up epoch)")
     parser.add_argument("--modes", nargs="+", default=["images", "capped", "counts", "objects"],
                         choices=["images", "capped", "counts", "objects"])
+    parser.add_argument("--decode_pixels", nargs="*", type=float, default=[],
+                        help="also rows cut by cost with these values of the cost model's decode_pixels "
+                             "(samplers.DECODE_PIXELS: one decoding's worth in loss pixels over image_size^2)")
     parser.add_argument("--seed", type=int, default=21)
     parser.add_argument("--json", help="also write every step's timings per rank to this file")
     args = parser.parse_args()
@@ -236,10 +255,11 @@ def main() -> None:
     print("| mode | flags | steps/epoch | objects per rank per step | step ms | compute ms | faster rank waits ms "
           "| wait % of step | all-reduce ms | images/s | objects/s | CPU gap % | images/s from CPU time |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for mode in [f"{mode}/{loss}" for loss in args.loss_sizes for mode in args.modes]:
+    for mode in all_cases(args):
         t = summarise(ranks, mode)
         flags = " ".join(f"--{k} {v}" for k, v in mode_flags(mode, per_step).items())
-        flags += "` (cut by count)" if mode.startswith("counts/") else "`"
+        flags += ("` (cut by count)" if mode.startswith("counts/") else
+                  f"` (decode_pixels {mode.split('/')[0][8:]})" if mode.startswith("objects@") else "`")
         n, spread = t["steps"], t["spread"]
         print(f"| {mode} | `{flags} | {n // args.rounds} | {sum(spread) / len(spread):.1f} ({min(spread)}-{max(spread)}) "
               f"| {1e3 * t['step'] / n:.1f} | {1e3 * t['compute'] / n:.1f} | {1e3 * t['wait'] / n:.1f} "

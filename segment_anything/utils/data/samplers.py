@@ -95,7 +95,7 @@ Piece = Tuple[int, int, int]  # (image index, first object, end object): a slice
 # PIECE_COST objects' worth (its own prompt batch, loss loop and bookkeeping). Costs are integers
 # in 1/COST_UNIT of one decoding, so the cuts are computed exactly.
 COST_UNIT = 100
-DECODE_PIXELS = 0.8
+DECODE_PIXELS = 2.0
 PIECE_COST = 0.5
 
 
@@ -108,9 +108,11 @@ def loss_pixels(size: Tuple[int, int], image_size: int, loss_size: str = "origin
     return max(1, round(h / 4)) * max(1, round(w / 4))
 
 
-def object_cost(size: Tuple[int, int], image_size: int, loss_size: str = "original") -> int:
-    """One object's cost in a step (integer, COST_UNIT = one decoding) for an image of size (H, W)."""
-    return COST_UNIT + round(COST_UNIT * loss_pixels(size, image_size, loss_size) / (DECODE_PIXELS * image_size ** 2))
+def object_cost(size: Tuple[int, int], image_size: int, loss_size: str = "original",
+                decode_pixels: float = DECODE_PIXELS) -> int:
+    """One object's cost in a step (integer, COST_UNIT = one decoding) for an image of size (H, W);
+    decode_pixels: what one decoding is worth in loss pixels, over image_size^2."""
+    return COST_UNIT + round(COST_UNIT * loss_pixels(size, image_size, loss_size) / (decode_pixels * image_size ** 2))
 
 
 def piece_cost() -> int:

@@ -13,7 +13,7 @@ from test_dataset import DiscRecord
 NUCLEI = [16, 19, 28, 32, 10, 179, 12, 10, 60, 22, 11, 41]  # objects per image of ../shared/data nuclei
 # Object costs of the same images' sizes (256 x 256, 360 x 360, one 520 x 696) as the cost model
 # weighs them at 256 px, loss at the original size; the images cost 1 with costs=None.
-NUCLEI_COSTS = [225, 225, 225, 347, 225, 790, 225, 225, 225, 347, 225, 225]
+NUCLEI_COSTS = [150, 150, 150, 150, 150, 376, 150, 150, 150, 199, 150, 150]
 
 
 def ranks(counts, per, world, epoch=0, accumulate=1, start=0, seed=3, costs=None, piece=0):
@@ -85,13 +85,15 @@ def test_cost_model_by_hand():
     assert loss_pixels((520, 696), 256, "original") == 361920
     assert loss_pixels((520, 696), 256, "low_res") == 48 * 64
     assert loss_pixels((256, 256), 256, "low_res") == 64 * 64
-    assert [object_cost(size, 256, "original") for size in [(256, 256), (360, 360), (520, 696)]] == [225, 347, 790]
-    assert [object_cost(size, 256, "low_res") for size in [(256, 256), (520, 696)]] == [108, 106]
+    # One decoding (100) is worth the loss on 2 x 256^2 pixels: 100 + 100 x pixels / 131072.
+    assert [object_cost(size, 256, "original") for size in [(256, 256), (360, 360), (520, 696)]] == [150, 199, 376]
+    assert [object_cost(size, 256, "low_res") for size in [(256, 256), (520, 696)]] == [103, 102]
+    assert object_cost((520, 696), 256, "original", decode_pixels=4) == 100 + 138
     assert piece_cost() == 50
 
 
 def test_cut_by_cost_balances_the_nuclei_steps():
-    """With the model's costs (the 520 x 696 image's objects 3.5 times a 256 x 256 image's), every
+    """With the model's costs (the 520 x 696 image's objects 2.5 times a 256 x 256 image's), every
     full micro-batch's cost is within one object's cost of the budget; by counts alone, micro-batches
     holding the large image's objects cost far more."""
     piece = piece_cost()

@@ -131,6 +131,7 @@ def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_
         die_with_parent()  # a worker never outlives the launcher that started it
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     setup_logging(rank)
+    signal.signal(signal.SIGINT, interrupt_once)  # the training steps install their own (faults.stop_signals)
     # CPU processes share the cores with each other and with other programs.
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -162,6 +163,13 @@ def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_
         # abort at exit when they outlive it.
         gc.collect()
         destroy_distributed()
+
+
+def interrupt_once(signum, frame) -> None:
+    """Ctrl-C outside the training steps: stop now. A worker gets the same SIGINT from its process
+    group and from its launcher; the repeat must not interrupt the clean-up of the first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def interrupted_message(out_dir: Optional[Path]) -> str:

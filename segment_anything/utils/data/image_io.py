@@ -21,7 +21,7 @@ from PIL import Image
 from ..image_spec import ImageSpec, as_spec
 from .channels import to_rgb, to_uint8  # noqa: F401 (to_uint8: the one scaling, used by formats and tests)
 from .checks import BadSample
-from .stacks import Planes, is_tiff, read_tiff
+from .stacks import Planes, is_tiff, read_tiff, tiff_plane
 
 EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 LOSSY = frozenset({".jpg", ".jpeg"})
@@ -142,11 +142,29 @@ def _file(path: Path) -> list:
     return entry
 
 
-def _read_decoded(path: Path) -> Tuple[bytes, Planes]:
-    entry = _file(path)
+def _one_plane(path: Path, plane: Optional[int]):
+    """(bytes, tiff_plane's (H, W, C), name, alpha or None): one plane of a stack from its own pages
+    (a training item of a large stack), unless kept_decoded() keeps the whole file for its planes."""
+    data = _file(path)[0]
+    if plane is None or getattr(_KEPT, "files", None) is not None:
+        return data, None
+    return data, tiff_plane(data, plane)
+
+
+def _planes(path: Path, data: bytes) -> Planes:
+    """The file's bytes decoded; kept with them while kept_decoded() is active."""
+    files = getattr(_KEPT, "files", None)
+    entry = files.get(str(path)) if files is not None else None
+    if entry is None:
+        return decode_planes(data, str(path))
     if entry[1] is None:
         entry[1] = decode_planes(entry[0], str(path))
-    return entry[0], entry[1]
+    return entry[1]
+
+
+def _read_decoded(path: Path) -> Tuple[bytes, Planes]:
+    data = _file(path)[0]
+    return data, _planes(path, data)
 
 
 def decode_planes(data: bytes, name: str) -> Planes:
@@ -196,7 +214,11 @@ def decode_image(data: bytes, name: str, spec: SpecLike = None) -> np.ndarray:
 def load_image(path, spec: SpecLike = None) -> np.ndarray:
     """Read an image file as uint8 (H, W, 3) RGB (see the module docstring)."""
     path, spec = Path(path), as_spec(spec)
-    data, planes = _read_decoded(path)
+    data, one = _one_plane(path, spec.plane)
+    if one is not None:
+        array, where, alpha = one
+        return apply_orientation(to_rgb(array, spec, f"{path} {where}", alpha), exif_orientation(data))
+    planes = _planes(path, data)
     array, where = select_plane(planes, spec, str(path))
     return apply_orientation(to_rgb(array, spec, where, planes.alpha), exif_orientation(data))
 
@@ -255,17 +277,24 @@ def read_label(path, plane: Optional[int] = None) -> np.ndarray:
     are converted to grey, 16-bit values are kept. No EXIF rotation (masks are written as stored).
     A label stack (TIFF) gives its `plane`; a single mask serves every plane of its image's stack."""
     path = Path(path)
-    palette = _palette_indices(_file(path)[0], path)
+    data, one = _one_plane(path, plane)
+    palette = _palette_indices(data, path)
     if palette is not None:
         return palette
-    planes = _read_decoded(path)[1]
+    if one is not None:
+        return _grey(one[0])
+    planes = _planes(path, data)
     if planes.count > 1:
         if plane is None:
             raise BadSample("stack", f"{path}: label stack of {planes.describe()}, --plane not given: pick one with "
                                      f"--plane N (0..{planes.count - 1})")
         if plane >= planes.count:
             raise BadSample("plane", f"{path}: --plane {plane} asked, the label stack has {planes.count} plane(s)")
-    array = planes.array[plane if planes.count > 1 else 0]
+    return _grey(planes.array[plane if planes.count > 1 else 0])
+
+
+def _grey(array: np.ndarray) -> np.ndarray:
+    """(H, W, C) label pixels -> (H, W): colour masks converted to grey, else the first channel."""
     if array.shape[2] in (3, 4):
         return cv2.cvtColor(np.ascontiguousarray(array[..., :3]), cv2.COLOR_RGB2GRAY)
     return array[..., 0]

@@ -12,7 +12,7 @@ its pages are planes, without axis labels.
 import io
 import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
@@ -93,6 +93,47 @@ def read_tiff(data: bytes, name: str) -> Planes:
     array = array.reshape(math.prod(plane_shape), h, w, math.prod(array.shape[len(planes) + 2:]))
     plane_axes = "".join(axes[i] for i in planes)
     return Planes(array, plane_axes, plane_shape, alpha, bare=len(planes) == 1 and plane_axes in "IQ" and not chans)
+
+
+def tiff_plane(data: bytes, plane: int) -> Optional[Tuple[np.ndarray, str, bool]]:
+    """(H, W, C) of one plane read from its own pages alone, its name ('plane 4 (T=1, Z=1)') and
+    whether the last channel is alpha; None when the file does not allow it (not a TIFF tifffile
+    reads, pages that are not one image each, a plane it does not have): read_tiff then decodes
+    it all. A plane of a large stack read for training costs its pages, not the whole file."""
+    if not is_tiff(data):
+        return None
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            series = tif.series[0]
+            axes, shape, page_axes = series.axes, tuple(series.shape), series.keyframe.axes
+            outer, outer_shape = axes[:len(axes) - len(page_axes)], shape[:len(axes) - len(page_axes)]
+            if (not axes.endswith(page_axes) or "Y" not in page_axes or math.prod(outer_shape) != len(series.pages)
+                    or any(a in CHANNEL_AXES for a in page_axes[:page_axes.index("Y")])):
+                return None
+            planes = [i for i, a in enumerate(outer) if a not in CHANNEL_AXES]
+            chans = [i for i, a in enumerate(outer) if a in CHANNEL_AXES]
+            plane_shape = tuple(outer_shape[i] for i in planes)
+            if not plane_shape or plane >= math.prod(plane_shape):
+                return None
+            index = [0] * len(outer)
+            for i, v in zip(planes, np.unravel_index(plane, plane_shape)):
+                index[i] = int(v)
+            pages = []
+            for c in np.ndindex(*(outer_shape[i] for i in chans)):
+                for i, v in zip(chans, c):
+                    index[i] = v
+                pages.append(int(np.ravel_multi_index(index, outer_shape)))
+            array = tif.asarray(key=pages, series=0)
+            page = series.pages[pages[0]]
+            alpha = (page.photometric == tifffile.PHOTOMETRIC.RGB and page.samplesperpixel == 4
+                     and array.dtype == np.uint8 and any(int(e) in (1, 2) for e in page.extrasamples))
+    except Exception:  # noqa: BLE001 - anything unusual: the whole file is read as before
+        return None
+    h, w = shape[axes.index("Y")], shape[axes.index("X")]
+    array = array.reshape(len(pages), h, w, -1)  # pages (channels of the outer axes), Y, X, samples
+    array = np.moveaxis(array, 0, 2).reshape(h, w, -1)  # channels in file order, as read_tiff orders them
+    plane_axes = "".join(outer[i] for i in planes)
+    return array, plane_where(plane, plane_axes, plane_shape), alpha
 
 
 def opencv_pages(data: bytes, name: str, tifffile_error: str) -> Planes:

@@ -3,6 +3,7 @@ folder of 16-bit TIFF stacks is generated here with known squares per plane, so 
 masks and the split are checked against what was written."""
 
 import csv
+import io
 import json
 
 import cv2
@@ -17,6 +18,7 @@ from segment_anything.training.config import TrainConfig
 from segment_anything.utils.data import DataError, DataOptions, load_image, load_records, split_records
 from segment_anything.utils.data.formats.folder import FolderRecord
 from segment_anything.utils.data.prepare import prepare_data
+from segment_anything.utils.data.stacks import read_tiff, tiff_plane
 from segment_anything.utils.image_spec import ImageSpec
 from segment_anything.utils.save_weight import save_partial_weight
 
@@ -166,3 +168,26 @@ def test_evaluate_scores_every_plane_and_resamples_files(tmp_path):
     assert names == [f"{a} plane 1", f"{a} plane 2"] + [f"{b} plane {k}" for k in range(4)] + [
         str(tmp_path / "data" / "images" / "c.png")]
     assert summary["data"]["objects"] == 14 and summary["data"]["images"] == 3  # the intervals resample files
+
+
+@pytest.mark.parametrize("shape, dtype, options", [
+    ((3, 2, 8, 9), np.uint16, dict(imagej=True, metadata={"axes": "ZCYX"})),
+    ((2, 2, 3, 8, 9), np.uint16, dict(imagej=True, metadata={"axes": "TZCYX"})),
+    ((2, 3, 8, 9), np.float32, dict(photometric="minisblack", metadata={"axes": "TZYX"})),
+    ((3, 8, 9), np.uint8, dict(photometric="minisblack")),
+    ((2, 8, 9, 4), np.uint8, dict(photometric="rgb", extrasamples=["unassalpha"])),
+    ((4, 8, 9), np.uint16, dict(photometric="minisblack", metadata={"axes": "CYX"})),  # one plane: no shortcut
+])
+def test_one_plane_read_from_its_own_pages_is_the_plane_of_the_whole_file(shape, dtype, options):
+    data = io.BytesIO()
+    tifffile.imwrite(data, (np.random.default_rng(0).random(shape) * 200).astype(dtype), **options)
+    data = data.getvalue()
+    whole = read_tiff(data, "x.tif")
+    for k in range(whole.count + 1):
+        one = tiff_plane(data, k)
+        if k == whole.count or whole.count == 1:
+            assert one is None  # the whole file is read, and says what is wrong
+            continue
+        array, where, alpha = one
+        np.testing.assert_array_equal(array, whole.array[k])
+        assert (where, alpha) == (whole.where(k), whole.alpha)

@@ -131,7 +131,8 @@ def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_
         die_with_parent()  # a worker never outlives the launcher that started it
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     setup_logging(rank)
-    signal.signal(signal.SIGINT, interrupt_once)  # the training steps install their own (faults.stop_signals)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored in a script's background job: stays so
+        signal.signal(signal.SIGINT, interrupt_once)  # the training steps install their own (faults.stop_signals)
     # CPU processes share the cores with each other and with other programs.
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

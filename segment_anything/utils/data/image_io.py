@@ -143,12 +143,18 @@ def _file(path: Path) -> list:
 
 
 def _one_plane(path: Path, plane: Optional[int]):
-    """(bytes, tiff_plane's (H, W, C), name, alpha or None): one plane of a stack from its own pages
-    (a training item of a large stack), unless kept_decoded() keeps the whole file for its planes."""
-    data = _file(path)[0]
+    """tiff_plane's (H, W, C), name, alpha, orientation: one plane of a TIFF stack read from its
+    headers and its own pages (a training item of a large stack), or None: not a TIFF, no plane
+    asked, or kept_decoded() keeps the whole file for all its planes. Any problem with the file
+    is None too: the whole-file read then names it."""
     if plane is None or getattr(_KEPT, "files", None) is not None:
-        return data, None
-    return data, tiff_plane(data, plane)
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    return tiff_plane(str(path), plane) if is_tiff(head) else None
 
 
 def _planes(path: Path, data: bytes) -> Planes:
@@ -214,11 +220,11 @@ def decode_image(data: bytes, name: str, spec: SpecLike = None) -> np.ndarray:
 def load_image(path, spec: SpecLike = None) -> np.ndarray:
     """Read an image file as uint8 (H, W, 3) RGB (see the module docstring)."""
     path, spec = Path(path), as_spec(spec)
-    data, one = _one_plane(path, spec.plane)
+    one = _one_plane(path, spec.plane)
     if one is not None:
-        array, where, alpha = one
-        return apply_orientation(to_rgb(array, spec, f"{path} {where}", alpha), exif_orientation(data))
-    planes = _planes(path, data)
+        array, where, alpha, orientation = one
+        return apply_orientation(to_rgb(array, spec, f"{path} {where}", alpha), orientation)
+    data, planes = _read_decoded(path)
     array, where = select_plane(planes, spec, str(path))
     return apply_orientation(to_rgb(array, spec, where, planes.alpha), exif_orientation(data))
 
@@ -277,12 +283,13 @@ def read_label(path, plane: Optional[int] = None) -> np.ndarray:
     are converted to grey, 16-bit values are kept. No EXIF rotation (masks are written as stored).
     A label stack (TIFF) gives its `plane`; a single mask serves every plane of its image's stack."""
     path = Path(path)
-    data, one = _one_plane(path, plane)
+    one = _one_plane(path, plane)
+    if one is not None:
+        return _grey(one[0])  # a palette TIFF: tifffile gives its indices, as Pillow does below
+    data = _file(path)[0]
     palette = _palette_indices(data, path)
     if palette is not None:
         return palette
-    if one is not None:
-        return _grey(one[0])
     planes = _planes(path, data)
     if planes.count > 1:
         if plane is None:

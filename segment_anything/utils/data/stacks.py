@@ -22,6 +22,7 @@ from .checks import BadSample
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 CHANNEL_AXES = "CS"
+ORIENTATION_TAG = 274  # TIFF's (and EXIF's) orientation
 
 
 @dataclass
@@ -95,15 +96,16 @@ def read_tiff(data: bytes, name: str) -> Planes:
     return Planes(array, plane_axes, plane_shape, alpha, bare=len(planes) == 1 and plane_axes in "IQ" and not chans)
 
 
-def tiff_plane(data: bytes, plane: int) -> Optional[Tuple[np.ndarray, str, bool]]:
-    """(H, W, C) of one plane read from its own pages alone, its name ('plane 4 (T=1, Z=1)') and
-    whether the last channel is alpha; None when the file does not allow it (not a TIFF tifffile
-    reads, pages that are not one image each, a plane it does not have): read_tiff then decodes
-    it all. A plane of a large stack read for training costs its pages, not the whole file."""
-    if not is_tiff(data):
+def tiff_plane(source, plane: int) -> Optional[Tuple[np.ndarray, str, bool, int]]:
+    """One plane of a TIFF (source: its path, or its bytes) read from the file's headers and that
+    plane's pages alone: (H, W, C), its name ('plane 4 (T=1, Z=1)'), whether the last channel is
+    alpha, and the first page's orientation tag (1..8, 1 = as stored). None when the file does not
+    allow it (not a TIFF tifffile reads, pages that are not one image each, a plane it does not
+    have): read_tiff then reads it all. A plane of a large stack costs its pages, not the stack."""
+    if isinstance(source, bytes) and not is_tiff(source):
         return None
     try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        with tifffile.TiffFile(io.BytesIO(source) if isinstance(source, bytes) else source) as tif:
             series = tif.series[0]
             axes, shape, page_axes = series.axes, tuple(series.shape), series.keyframe.axes
             outer, outer_shape = axes[:len(axes) - len(page_axes)], shape[:len(axes) - len(page_axes)]
@@ -127,13 +129,15 @@ def tiff_plane(data: bytes, plane: int) -> Optional[Tuple[np.ndarray, str, bool]
             page = series.pages[pages[0]]
             alpha = (page.photometric == tifffile.PHOTOMETRIC.RGB and page.samplesperpixel == 4
                      and array.dtype == np.uint8 and any(int(e) in (1, 2) for e in page.extrasamples))
+            tag = tif.pages[0].tags.get(ORIENTATION_TAG)
+            orientation = int(tag.value) if tag is not None and 1 <= int(tag.value) <= 8 else 1
     except Exception:  # noqa: BLE001 - anything unusual: the whole file is read as before
         return None
     h, w = shape[axes.index("Y")], shape[axes.index("X")]
     array = array.reshape(len(pages), h, w, -1)  # pages (channels of the outer axes), Y, X, samples
     array = np.moveaxis(array, 0, 2).reshape(h, w, -1)  # channels in file order, as read_tiff orders them
     plane_axes = "".join(outer[i] for i in planes)
-    return array, plane_where(plane, plane_axes, plane_shape), alpha
+    return array, plane_where(plane, plane_axes, plane_shape), alpha, orientation
 
 
 def opencv_pages(data: bytes, name: str, tifffile_error: str) -> Planes:

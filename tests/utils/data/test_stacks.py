@@ -18,6 +18,7 @@ from segment_anything.training.config import TrainConfig
 from segment_anything.utils.data import DataError, DataOptions, load_image, load_records, split_records
 from segment_anything.utils.data.formats.folder import FolderRecord
 from segment_anything.utils.data.prepare import prepare_data
+from segment_anything.utils.data.image_io import kept_decoded, read_label
 from segment_anything.utils.data.stacks import read_tiff, tiff_plane
 from segment_anything.utils.image_spec import ImageSpec
 from segment_anything.utils.save_weight import save_partial_weight
@@ -188,6 +189,21 @@ def test_one_plane_read_from_its_own_pages_is_the_plane_of_the_whole_file(shape,
         if k == whole.count or whole.count == 1:
             assert one is None  # the whole file is read, and says what is wrong
             continue
-        array, where, alpha = one
+        array, where, alpha, orientation = one
         np.testing.assert_array_equal(array, whole.array[k])
-        assert (where, alpha) == (whole.where(k), whole.alpha)
+        assert (where, alpha, orientation) == (whole.where(k), whole.alpha, 1)
+
+
+def test_a_plane_read_alone_is_the_plane_the_whole_file_gives(tmp_path):
+    """load_image and read_label of one plane (its pages alone) against the same read with the
+    whole file decoded (kept_decoded, as the data check reads), an orientation tag included."""
+    rng = np.random.default_rng(1)
+    tifffile.imwrite(tmp_path / "s.tif", rng.integers(0, 4000, (3, 2, 12, 16), dtype=np.uint16), imagej=True,
+                     metadata={"axes": "ZCYX"}, extratags=[(274, "H", 1, 6, True)])  # rotated 90 degrees
+    tifffile.imwrite(tmp_path / "l.tif", rng.integers(0, 5, (3, 12, 16), dtype=np.uint8), photometric="minisblack")
+    spec = ImageSpec(channels=(0, 1, 1), plane=2)
+    alone, label = load_image(tmp_path / "s.tif", spec), read_label(tmp_path / "l.tif", 1)
+    with kept_decoded():
+        np.testing.assert_array_equal(alone, load_image(tmp_path / "s.tif", spec))
+        np.testing.assert_array_equal(label, read_label(tmp_path / "l.tif", 1))
+    assert alone.shape == (16, 12, 3)  # the orientation tag applied

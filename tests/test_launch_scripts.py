@@ -23,31 +23,6 @@ def test_scripts_parse_and_pass_their_arguments_on(script):
     assert '"$@"' in text
 
 
-def test_two_nodes_of_one_cpu_process_each(tmp_path):
-    train = make_synthetic_dataset(tmp_path / "train", n=4, size_range=(48, 64), seed=7)
-    out = tmp_path / "run"
-    args = ["--model_type", "vit_t", "--checkpoint", "none", "--image_size", "64", "--epoch", "1",
-            "--train_dir", str(train), "--output_dir", str(out), "--num_workers", "0", "--threads", "1"]
-    # No virtual environment on PATH: the script must find the project's .venv itself.
-    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-    env.update(PATH="/usr/bin:/bin", NNODES="2", NPROC="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
-               RDZV_ID="two-nodes-test", OMP_NUM_THREADS="1")
-    nodes = [subprocess.Popen(["bash", str(REPO / "launch" / "multinode.sh"), *args], cwd=tmp_path,
-                              env=dict(env, NODE_RANK=str(rank)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True) for rank in (0, 1)]
-    try:
-        logs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                os.killpg(node.pid, 9)
-    for rank, (node, log) in enumerate(zip(nodes, logs)):
-        assert node.returncode == 0, f"node {rank}:\n{log[-4000:]}"
-    text = (out / "train.log").read_text()
-    assert "2 process(es) on cpu" in text and "epoch 1/1" in text
-    assert (out / "best.pth").is_file() and (out / "last.pth").is_file()
-
-
 FAKE_SRUN = """#!/usr/bin/env bash
 # srun for one node: drop srun's own options, run the task as node 0.
 while [ "${1#-}" != "$1" ]; do shift; done
@@ -167,22 +142,45 @@ def two_nodes(tmp_path, args, out, max_restarts=0, kill_at_step=None):
     return logs
 
 
-def test_a_worker_killed_mid_epoch_makes_torchrun_restart_the_group_which_continues_the_run(tmp_path):
+ELASTIC_ARGS = ["--model_type", "vit_t", "--checkpoint", "none", "--image_size", "64", "--epoch", "2", "--batch_size", "1",
+                "--num_workers", "0", "--threads", "1", "--save_every", "1", "--seed", "5", "--resume", "auto"]
+
+
+@pytest.fixture(scope="module")
+def elastic_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("elastic")
+    train = make_synthetic_dataset(root / "train", n=8, size_range=(48, 64), seed=7)
+    val = make_synthetic_dataset(root / "val", n=1, size_range=(48, 64), seed=8)
+    # 2 nodes x batch 1: 4 steps per epoch; a last.pth after every step.
+    return root, [*ELASTIC_ARGS, "--train_dir", str(train), "--val_dir", str(val)]
+
+
+@pytest.fixture(scope="module")
+def straight_two_nodes(elastic_data):
+    """The uninterrupted two-node run: the elastic test's reference, and the plain two-node test's run."""
+    root, args = elastic_data
+    two_nodes(root, args, root / "straight")
+    return root / "straight"
+
+
+def test_two_nodes_of_one_cpu_process_each(straight_two_nodes):
+    """multinode.sh as two nodes of one process each (no virtual environment on PATH: the script
+    finds the project's .venv itself; two_nodes checks that both nodes exit 0)."""
+    text = (straight_two_nodes / "train.log").read_text()
+    assert "2 process(es) on cpu" in text and "epoch 2/2" in text
+    assert (straight_two_nodes / "best.pth").is_file() and (straight_two_nodes / "last.pth").is_file()
+
+
+def test_a_worker_killed_mid_epoch_makes_torchrun_restart_the_group_which_continues_the_run(elastic_data, straight_two_nodes):
     import torch
 
-    train = make_synthetic_dataset(tmp_path / "train", n=8, size_range=(48, 64), seed=7)
-    val = make_synthetic_dataset(tmp_path / "val", n=1, size_range=(48, 64), seed=8)
-    # 2 nodes x batch 1: 4 steps per epoch; a last.pth after every step.
-    args = ["--model_type", "vit_t", "--checkpoint", "none", "--image_size", "64", "--epoch", "2", "--batch_size", "1",
-            "--train_dir", str(train), "--val_dir", str(val), "--num_workers", "0", "--threads", "1",
-            "--save_every", "1", "--seed", "5", "--resume", "auto"]
-    two_nodes(tmp_path, args, tmp_path / "straight")
-    logs = two_nodes(tmp_path, args, tmp_path / "elastic", max_restarts=1, kill_at_step=2)
-    text = (tmp_path / "elastic" / "train.log").read_text()
+    root, args = elastic_data
+    logs = two_nodes(root, args, root / "elastic", max_restarts=1, kill_at_step=2)
+    text = (root / "elastic" / "train.log").read_text()
     assert "torchrun restarted the workers (restart 1 of at most 1); the run continues from last.pth at epoch" in text, logs[0][-3000:]
     assert "torchrun restarted the workers" in logs[0] and "resumed from" in text
-    straight = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
-    elastic = torch.load(tmp_path / "elastic" / "last.pth", weights_only=True)
+    straight = torch.load(straight_two_nodes / "last.pth", weights_only=True)
+    elastic = torch.load(root / "elastic" / "last.pth", weights_only=True)
     assert global_step(elastic) == global_step(straight) == 8
     diff = max((straight["model"][k] - elastic["model"][k]).abs().max().item() for k in straight["model"])
     assert diff <= 1e-6, f"the restarted run differs from the uninterrupted one by {diff:.3g}"

@@ -69,8 +69,21 @@ def vit_b_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def untuned_logits(vit_b_checkpoint):
+    """The model before fine-tuning, run once per photo: both cases below prompt the same photo with the same box."""
+    memo = {}
+
+    def get(image_name: str, logits):
+        if image_name not in memo:
+            memo[image_name] = logits(sam_model_registry["vit_b"](checkpoint=vit_b_checkpoint))
+        return memo[image_name]
+
+    return get
+
+
 @pytest.mark.parametrize("flags", [{"lora_rank": 4}, {"train": "mask_decoder,prompt_encoder"}], ids=["lora", "prompt"])
-def test_best_pth_loads_into_meta_sam_and_predicts_like_our_adapter_model(flags, vit_b_checkpoint, tmp_path):
+def test_best_pth_loads_into_meta_sam_and_predicts_like_our_adapter_model(flags, vit_b_checkpoint, untuned_logits, tmp_path):
     """Train vit_b for one epoch on 2 processes (at 256 px, to be fast: neither LoRA's merged
     qkv/proj weights nor the decoder depend on the input size), then segment a nails photo at
     1024 px with Meta's Sam + best.pth (through load_model_ex.py) and with our model holding the
@@ -110,7 +123,7 @@ def test_best_pth_loads_into_meta_sam_and_predicts_like_our_adapter_model(flags,
         return predictor.predict(box=box, multimask_output=False, return_logits=True)[0][0]
 
     ours = logits(sam)
-    base = logits(sam_model_registry["vit_b"](checkpoint=vit_b_checkpoint))  # before fine-tuning
+    base = untuned_logits(image.name, logits)  # before fine-tuning
 
     # load_model_ex.py runs best.pth at the size it records (256) and Meta's Sam has only 1024; neither
     # LoRA's merged weights nor the decoder depend on the size, so a copy relabelled 1024 is the same model.

@@ -70,20 +70,22 @@ def vit_b_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def untuned_logits(vit_b_checkpoint):
-    """The model before fine-tuning, run once per photo: both cases below prompt the same photo with the same box."""
+def untuned_predictor(vit_b_checkpoint):
+    """The model before fine-tuning with a photo's embedding, made once per photo: both cases below
+    prompt the same photo, and the prompt case's encoder (frozen) is this model's encoder."""
     memo = {}
 
-    def get(image_name: str, logits):
+    def get(image_name: str, rgb: np.ndarray) -> SamPredictor:
         if image_name not in memo:
-            memo[image_name] = logits(sam_model_registry["vit_b"](checkpoint=vit_b_checkpoint))
+            memo[image_name] = SamPredictor(sam_model_registry["vit_b"](checkpoint=vit_b_checkpoint).eval())
+            memo[image_name].set_image(rgb)
         return memo[image_name]
 
     return get
 
 
 @pytest.mark.parametrize("flags", [{"lora_rank": 4}, {"train": "mask_decoder,prompt_encoder"}], ids=["lora", "prompt"])
-def test_best_pth_loads_into_meta_sam_and_predicts_like_our_adapter_model(flags, vit_b_checkpoint, untuned_logits, tmp_path):
+def test_best_pth_loads_into_meta_sam_and_predicts_like_our_adapter_model(flags, vit_b_checkpoint, untuned_predictor, tmp_path):
     """Train vit_b for one epoch on 2 processes (at 256 px, to be fast: neither LoRA's merged
     qkv/proj weights nor the decoder depend on the input size), then segment a nails photo at
     1024 px with Meta's Sam + best.pth (through load_model_ex.py) and with our model holding the
@@ -117,13 +119,21 @@ def test_best_pth_loads_into_meta_sam_and_predicts_like_our_adapter_model(flags,
     h, w = rgb.shape[:2]
     box = np.array([0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h])  # load_model_ex.py's default box
 
-    def logits(model):
-        predictor = SamPredictor(model.eval())
-        predictor.set_image(rgb)
+    def logits(predictor):
         return predictor.predict(box=box, multimask_output=False, return_logits=True)[0][0]
 
-    ours = logits(sam)
-    base = untuned_logits(image.name, logits)  # before fine-tuning
+    untuned = untuned_predictor(image.name, rgb)
+    base = logits(untuned)  # before fine-tuning
+    predictor = SamPredictor(sam.eval())
+    if "lora_rank" in flags:  # the adapters change the encoder: an embedding of its own
+        predictor.set_image(rgb)
+    else:  # the embedding depends on the encoder and the pixel normalisation alone, which did not train
+        mine, theirs = ({k: v for k, v in m.state_dict().items() if k.startswith(("image_encoder.", "pixel_"))}
+                        for m in (sam, untuned.model))
+        assert mine.keys() == theirs.keys() and all(torch.equal(v, theirs[k]) for k, v in mine.items())
+        predictor.features, predictor.original_size, predictor.input_size = untuned.features, untuned.original_size, untuned.input_size
+        predictor.is_image_set = True
+    ours = logits(predictor)
 
     # load_model_ex.py runs best.pth at the size it records (256) and Meta's Sam has only 1024; neither
     # LoRA's merged weights nor the decoder depend on the size, so a copy relabelled 1024 is the same model.

@@ -12,6 +12,11 @@ CPU time (process_time) of this process, so other jobs on a shared machine add l
 take turns within every round (interleaved), and the table gives each case's median over the rounds
 after a warm-up round.
 
+A second table splits the CPU time of one piece of n objects of the largest image, loss at the
+original size, into user and system time (getrusage) with the minor page faults: the system time
+of the kernel handing out fresh zeroed memory for large objects x H x W tensors, which grows
+faster than the objects.
+
 The last lines fit, per loss size, the step's CPU time as
     a x objects + b x objects x loss pixels + c x pieces
 by least squares (loss pixels: each object's pixels where its loss is computed: H x W with
@@ -22,6 +27,7 @@ the objects one piece is worth (c / a).
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -44,6 +50,7 @@ from segment_anything.utils.transforms import ResizeLongestSide  # noqa: E402
 
 SIZES = [(128, 128), (256, 256), (360, 360), (520, 696)]  # the nuclei set's image sizes and a smaller one
 CASES = [(1, 8), (1, 32), (4, 8)]  # (pieces, objects per piece)
+PIECE_SIZES = (8, 16, 24, 32)  # objects of one piece of the largest image, for the user / system split
 
 
 class _NoCache:
@@ -74,6 +81,14 @@ def items_for(pieces: int, objects: int, size, image_size: int, channels: int, r
                     "points": torch.zeros(objects, 0, 2), "point_labels": torch.zeros(objects, 0), "path": f"p{p}",
                     "index": p, "prompt": "box", "objects": torch.arange(objects), "first_chunk": True})
     return out
+
+
+def step_usage(items, sam, model, loop, optimizer):
+    """(user s, system s, minor page faults) of one step."""
+    u0 = resource.getrusage(resource.RUSAGE_SELF)
+    step_cpu(items, sam, model, loop, optimizer)
+    u1 = resource.getrusage(resource.RUSAGE_SELF)
+    return u1.ru_utime - u0.ru_utime, u1.ru_stime - u0.ru_stime, u1.ru_minflt - u0.ru_minflt
 
 
 def step_cpu(items, sam, model, loop, optimizer) -> float:
@@ -108,12 +123,20 @@ def main() -> None:
     items = {case: items_for(case[2], case[3], case[1], args.image_size, channels, rng) for case in cases}
     loops = {loss: PromptLoop(spec.loss) for loss, spec in specs.items()}  # the run's loss at each size
     times = {case: [] for case in cases}
+    split = {n: [] for n in PIECE_SIZES}
+    split_items = {n: items_for(1, n, SIZES[-1], args.image_size, channels, rng) for n in PIECE_SIZES}
+    split_loop = PromptLoop(TrainConfig(checkpoint="none", model_type="vit_t", image_size=args.image_size,
+                                        train_dir=".", loss_size="original").resolve().loss)
     load_before = os.getloadavg()[0]
     for round_ in range(args.rounds + 1):
         for case in cases:
             t = step_cpu(items[case], sam, model, loops[case[0]], optimizer)
             if round_:
                 times[case].append(t)
+        for n in PIECE_SIZES:
+            usage = step_usage(split_items[n], sam, model, split_loop, optimizer)
+            if round_:
+                split[n].append(usage)
     print(f"command: python bench/object_cost.py {' '.join(sys.argv[1:])}".rstrip())
     print(machine_line(1) + f"; 1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"vit_t at {args.image_size} px, random weights, mask decoder trains from cached embeddings; CPU time, "
@@ -128,6 +151,14 @@ def main() -> None:
         cost = object_cost(size, args.image_size, loss)
         print(f"| {loss} | {size[0]} x {size[1]} | {pieces} x {objects} | {loss_pixels(size, args.image_size, loss)} "
               f"| {ms:.1f} | {ms / (pieces * objects):.2f} | {cost} | {pieces * (objects * cost + piece_cost())} |")
+    print()
+    h, w = SIZES[-1]
+    print(f"| one piece of the {h} x {w} image, loss at the original size | user ms per object "
+          "| system ms per object | minor page faults per object |")
+    print("|---|---:|---:|---:|")
+    for n in PIECE_SIZES:
+        user, system, faults = (statistics.median(u[k] for u in split[n]) for k in range(3))
+        print(f"| {n} objects | {1e3 * user / n:.2f} | {1e3 * system / n:.2f} | {faults / n:.0f} |")
     print()
     for loss in args.loss_sizes:
         rows = [c for c in cases if c[0] == loss]

@@ -91,9 +91,11 @@ Piece = Tuple[int, int, int]  # (image index, first object, end object): a slice
 # object costs its decoding (prompt encoder, two-way transformer, upscaling: the same for every
 # object at one --image_size) plus a part that grows with the pixels where its loss is computed
 # (the logits brought to the image's size, the loss there, both backwards). One decoding is worth
-# the loss on DECODE_PIXELS x image_size^2 pixels; a piece (an image's objects in one step) adds
-# PIECE_COST objects' worth (its own prompt batch, loss loop and bookkeeping). Costs are integers
-# in 1/COST_UNIT of one decoding, so the cuts are computed exactly.
+# the loss on DECODE_PIXELS x image_size^2 pixels (fewer than user CPU time alone gives: many
+# objects of a large image in one step also cost system time for their fresh loss tensors, which
+# no per-object cost follows exactly; docs/distributed.md has the measurements); a piece (an
+# image's objects in one step) adds PIECE_COST objects' worth (its own prompt batch, loss loop and
+# bookkeeping). Costs are integers in 1/COST_UNIT of one decoding, so the cuts are computed exactly.
 COST_UNIT = 100
 DECODE_PIXELS = 2.0
 PIECE_COST = 0.5

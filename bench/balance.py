@@ -65,6 +65,7 @@ from segment_anything import sam_model_registry  # noqa: E402
 from segment_anything.training.config import TrainConfig  # noqa: E402
 from segment_anything.training.engine import make_loaders  # noqa: E402
 from segment_anything.training.tasks import build_task  # noqa: E402
+from segment_anything.training.launch import keep_freed_memory  # noqa: E402
 from segment_anything.utils.accumulate import global_count  # noqa: E402
 from segment_anything.utils.data import RunData, load_records  # noqa: E402
 from segment_anything.utils.data.dataset import collate  # noqa: E402
@@ -150,6 +151,8 @@ def timed_epoch(loader, sampler, epoch, model, sam, optimizer, task, cache):
 
 def worker(rank: int, args, port: int, out: str) -> None:
     torch.set_num_threads(1)
+    if args.malloc == "keep":
+        keep_freed_memory()  # as run.py's workers do
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     info = DistInfo(rank=rank, local_rank=rank, world_size=WORLD)
     cache_dir = tempfile.mkdtemp(prefix=f"balance{rank}.")
@@ -229,6 +232,9 @@ def main() -> None:
                         help="also rows cut by cost with these values of the cost model's decode_pixels "
                              "(samplers.DECODE_PIXELS: one decoding's worth in loss pixels over image_size^2)")
     parser.add_argument("--seed", type=int, default=21)
+    parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                        help="keep: glibc keeps freed memory, as run.py's workers (training/launch.keep_freed_memory); "
+                             "default: glibc's own settings")
     parser.add_argument("--json", help="also write every step's timings per rank to this file")
     args = parser.parse_args()
     if not DATA.is_dir():

@@ -131,6 +131,7 @@ def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_
         die_with_parent()  # a worker never outlives the launcher that started it
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     setup_logging(rank)
+    keep_freed_memory()
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored in a script's background job: stays so
         signal.signal(signal.SIGINT, interrupt_once)  # the training steps install their own (faults.stop_signals)
     # CPU processes share the cores with each other and with other programs.
@@ -164,6 +165,28 @@ def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_
         # abort at exit when they outlive it.
         gc.collect()
         destroy_distributed()
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from <malloc.h>
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for the next step instead of giving it back to the kernel.
+
+    A training step allocates and frees the same large tensors every time (the original-size
+    loss of many objects: tens of MB). By default glibc returns freed blocks at the top of its heap
+    (over 128 KB, adjusted upwards as blocks come and go, at most 64 MB) and serves blocks over its
+    mmap threshold from fresh pages, which the kernel must zero again at every step: system time
+    that grows with the objects in a step. Blocks up to 32 MB now come from the heap, and up to
+    2 GB of freed heap is kept. The process's resident size then stays near its peak, as with
+    PyTorch's CUDA caching allocator. Elsewhere than glibc, or if mallopt is missing: nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+    except (OSError, AttributeError):
+        pass
 
 
 def interrupt_once(signum, frame) -> None:

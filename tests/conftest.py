@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,16 +23,22 @@ if str(REPO) not in sys.path:
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+# Runs in tests (and their subprocesses) use a fresh embedding cache and manifest folder, never
+# ~/.cache. Set when this file is imported, before test modules copy os.environ into the
+# environments of the runs they start.
+_CACHE_BEFORE = os.environ.get("XDG_CACHE_HOME")
+PRIVATE_CACHE = Path(tempfile.mkdtemp(prefix="sam_test_cache_"))
+os.environ["XDG_CACHE_HOME"] = str(PRIVATE_CACHE)
+
+
 @pytest.fixture(autouse=True, scope="session")
-def private_embedding_cache(tmp_path_factory):
-    """Runs in tests (and their subprocesses) use a fresh embedding cache, never ~/.cache."""
-    before = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
-    yield
-    if before is None:
+def private_embedding_cache():
+    yield PRIVATE_CACHE
+    if _CACHE_BEFORE is None:
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
-        os.environ["XDG_CACHE_HOME"] = before
+        os.environ["XDG_CACHE_HOME"] = _CACHE_BEFORE
+    shutil.rmtree(PRIVATE_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,7 @@ from segment_anything import sam_model_registry  # noqa: E402
 from segment_anything.training.config import TrainConfig  # noqa: E402
 from segment_anything.training.engine import make_loaders  # noqa: E402
 from segment_anything.training.tasks import build_task  # noqa: E402
-from segment_anything.training.launch import keep_freed_memory  # noqa: E402
+from segment_anything.utils.process import keep_freed_memory  # noqa: E402
 from segment_anything.utils.accumulate import global_count  # noqa: E402
 from segment_anything.utils.data import RunData, load_records  # noqa: E402
 from segment_anything.utils.data.dataset import collate  # noqa: E402
@@ -233,7 +233,7 @@ def main() -> None:
                              "(samplers.DECODE_PIXELS: one decoding's worth in loss pixels over image_size^2)")
     parser.add_argument("--seed", type=int, default=21)
     parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
-                        help="keep: glibc keeps freed memory, as run.py's workers (training/launch.keep_freed_memory); "
+                        help="keep: glibc keeps freed memory, as run.py's workers (utils/process.keep_freed_memory); "
                              "default: glibc's own settings")
     parser.add_argument("--json", help="also write every step's timings per rank to this file")
     args = parser.parse_args()

@@ -5,11 +5,14 @@ import signal
 import sys
 from typing import Callable
 
+from ..utils.process import skip_collection_at_exit
+
 
 def cli(main: Callable[[], None]) -> None:
     """Run a tool's main(); input errors (bad flags, files, prompts, weights for another model),
     paths that cannot be read or written, and Ctrl-C end the program with one line instead of a
     traceback."""
+    skip_collection_at_exit()
     try:
         main()
     except (ValueError, FileNotFoundError) as err:

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from ..utils.distributed import destroy_distributed, init_distributed, launched_by_torchrun, pick_device
 from ..utils.log import get_logger, setup_logging
+from ..utils.process import keep_freed_memory, skip_collection_at_exit
 from .config import TrainConfig
 from .engine import fit
 from .preflight import PREFLIGHT_ERRORS, PreflightError, Prepared, preflight, share_preflight
@@ -132,6 +133,7 @@ def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     setup_logging(rank)
     keep_freed_memory()
+    skip_collection_at_exit()
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored in a script's background job: stays so
         signal.signal(signal.SIGINT, interrupt_once)  # the training steps install their own (faults.stop_signals)
     # CPU processes share the cores with each other and with other programs.
@@ -167,28 +169,6 @@ def worker(rank: int, cfg: TrainConfig, device_type: str, world_size: int, init_
         destroy_distributed()
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from <malloc.h>
-
-
-def keep_freed_memory() -> None:
-    """Ask glibc to keep freed memory for the next step instead of giving it back to the kernel.
-
-    A training step allocates and frees the same large tensors every time (the original-size
-    loss of many objects: tens of MB). By default glibc returns freed blocks at the top of its heap
-    (over 128 KB, adjusted upwards as blocks come and go, at most 64 MB) and serves blocks over its
-    mmap threshold from fresh pages, which the kernel must zero again at every step: system time
-    that grows with the objects in a step. Blocks up to 32 MB now come from the heap, and up to
-    2 GB of freed heap is kept. The process's resident size then stays near its peak, as with
-    PyTorch's CUDA caching allocator. Elsewhere than glibc, or if mallopt is missing: nothing.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
-    except (OSError, AttributeError):
-        pass
-
-
 def interrupt_once(signum, frame) -> None:
     """Ctrl-C outside the training steps: stop now. A worker gets the same SIGINT from its process
     group and from its launcher; the repeat must not interrupt the clean-up of the first."""
@@ -207,6 +187,7 @@ def interrupted_message(out_dir: Optional[Path]) -> str:
 def launch(cfg: TrainConfig) -> None:
     """Run cfg: under torchrun this process is one worker; else one worker here, or --world_size
     (default: the visible GPUs) spawned ones."""
+    skip_collection_at_exit()
     device_type = pick_device(cfg.device)
     if launched_by_torchrun():
         worker(int(os.environ["RANK"]), cfg, device_type, int(os.environ["WORLD_SIZE"]), None, None)

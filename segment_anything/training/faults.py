@@ -178,7 +178,7 @@ def stop_signals(guard: StepGuard):
 
 
 @contextmanager
-def faults_to_exit(info: DistInfo, guard: Optional[StepGuard] = None):
+def faults_to_exit(info: DistInfo, guard: StepGuard):
     """A planned stop or a lost rank ends this process with one clear log line and a non-zero code
     (the launcher's clean-up, leaving the process group, still runs)."""
     try:
@@ -193,7 +193,7 @@ def faults_to_exit(info: DistInfo, guard: Optional[StepGuard] = None):
     except RuntimeError as err:
         if not is_collective_failure(err):
             raise
-        if guard is not None and guard.signal_name:  # the same Ctrl-C stopped a rank still starting up
+        if guard.signal_name:  # the same Ctrl-C stopped a rank still starting up
             get_logger().warning(f"rank {info.rank}: stopped by {guard.signal_name}; another rank stopped before "
                                  "training started, so nothing new was saved")
             raise SystemExit(128 + int(getattr(signal, guard.signal_name))) from None

@@ -34,4 +34,5 @@ def skip_collection_at_exit() -> None:
     as the last exit handler moves them out of the collector's reach; memory goes back to the
     system with the process, and our writers close their files before exit, not in finalizers.
     """
-    atexit.register(gc.freeze)  # handlers run last-registered first: register early, run last
+    atexit.unregister(gc.freeze)  # once per process, however many callers (launcher, worker, tool)
+    atexit.register(gc.freeze)

@@ -25,7 +25,7 @@ from .stacks import Planes, is_tiff, read_tiff, tiff_plane
 
 EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 LOSSY = frozenset({".jpg", ".jpeg"})
-BINARY_SETS = ({0, 1}, {0, 255}, {0, 65535})  # the values a lossless binary mask may hold
+BINARY_TOPS = (1, 255, 65535)  # a lossless binary mask holds 0 and one of these
 EXIF_ORIENTATION = 0x0112
 
 IntensityRange = Optional[Tuple[float, float]]
@@ -180,11 +180,11 @@ def decode_planes(data: bytes, name: str) -> Planes:
     array = _decode(data, name, cv2.IMREAD_UNCHANGED)
     if array.ndim == 2:
         array = array[..., None]
-    if array.shape[2] in (3, 4) and array.dtype in (np.uint8, np.uint16, np.float32):
-        # BGR(A) -> RGB(A): OpenCV's swap, much faster than numpy's indexed copy
-        array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB if array.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
-    elif array.shape[2] in (3, 4):
-        array = array[..., [2, 1, 0, 3][:array.shape[2]]]
+    if array.shape[2] in (3, 4):  # BGR(A) -> RGB(A)
+        if array.dtype in (np.uint8, np.uint16, np.float32):  # OpenCV's swap: much faster than an indexed copy
+            array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB if array.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
+        else:
+            array = array[..., [2, 1, 0, 3][:array.shape[2]]]
     return Planes(array[None], alpha=array.shape[2] in (2, 4))
 
 
@@ -312,12 +312,12 @@ def _shown(values: np.ndarray, limit: int = 5) -> str:
 
 
 def is_binary(labels: np.ndarray) -> bool:
-    """True when the values are a subset of one of BINARY_SETS: every non-zero pixel equals the
-    largest value, which is 1, 255 or 65535 (two counting passes, no sort)."""
+    """True when the values are a subset of {0, t} for a t in BINARY_TOPS: every non-zero pixel
+    equals the largest value, which is one of them (two counting passes, no sort)."""
     top = labels.max() if labels.size else 0
     if top == 0:
         return bool(labels.size == 0 or labels.min() == 0)
-    return top in (1, 255, 65535) and np.count_nonzero(labels) == np.count_nonzero(labels == top)
+    return top in BINARY_TOPS and np.count_nonzero(labels) == np.count_nonzero(labels == top)
 
 
 def load_mask(path, threshold: int = 127, foreground_values: Optional[Iterable[int]] = None,

@@ -6,6 +6,7 @@ there are many, and the caller either raises one DataError listing every problem
 `skip_bad`, leaves the bad samples out and lists them in the summary and `<run>/skipped.txt`.
 """
 
+import contextlib
 import multiprocessing
 import os
 import sys
@@ -13,7 +14,9 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+
+import cv2
 
 SHOWN = 20  # problems printed in an error message; the rest are counted
 
@@ -56,8 +59,9 @@ def run_checks(candidates: Sequence[T], build: Callable[[T], R], workers: int = 
             todo.append(i)
         else:
             results[i] = hit
-    built = _build_all([candidates[i] for i in todo], build, workers)
-    for i, result in zip(todo, built):
+    # Stored as they come, while the checking processes work on the next ones.
+    for k, result in enumerate(_build_all([candidates[i] for i in todo], build, workers)):
+        i = todo[k]
         results[i] = result
         if manifest is not None and not isinstance(result, Problem):
             manifest.put(candidates[i], result)
@@ -68,7 +72,14 @@ def run_checks(candidates: Sequence[T], build: Callable[[T], R], workers: int = 
     return good, [r for r in results if isinstance(r, Problem)]
 
 
-_BUILD: Optional[Callable] = None  # the build function of a forked checking process
+# What a forked checking process checks: the build function and the candidates, inherited from
+# the parent at fork, so that a task is two numbers and not pickled candidates.
+_BUILD: Optional[Callable] = None
+_ITEMS: Sequence = ()
+
+
+def _check_range(bounds: Tuple[int, int]) -> List:
+    return [_check_one(candidate) for candidate in _ITEMS[bounds[0]:bounds[1]]]
 
 
 def _check_one(candidate, build=None):
@@ -84,36 +95,57 @@ def _check_one(candidate, build=None):
         return Problem("bad file", f"{_name(candidate)}: cannot use it ({type(err).__name__}: {err})")
 
 
-def _build_all(items: Sequence, build: Callable, workers: int) -> List:
-    """Results in order. Many items: forked processes (decoding holds the GIL for part of the
-    work, so threads do not scale), each decoding every file once, with a progress line; few
-    items, or no fork: threads."""
-    global _BUILD
+def _build_all(items: Sequence, build: Callable, workers: int) -> Iterator:
+    """Results in order, as they come. Many items: forked processes (decoding holds the GIL for
+    part of the work, so threads do not scale), each decoding every file once, with a progress
+    line; few items, or no fork: threads."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = workers or cores
     progress = Progress(len(items))
-    if len(items) >= PROCESS_MIN and workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-        _BUILD = build
-        try:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                results = []
-                for result in pool.imap(_check_one, items, chunksize=CHUNK):
-                    results.append(result)
-                    progress.step()
-        finally:
-            _BUILD = None
-    else:
-        with ThreadPoolExecutor(min(workers, 8)) as pool:
-            results = []
-            for result in pool.map(lambda c: _check_one(c, build), items):
-                results.append(result)
-                progress.step()
+    with opencv_single_threaded():
+        yield from _run(items, build, workers, progress)
     progress.done()
-    return results
 
 
 PROCESS_MIN = 200  # fewer samples: threads (a process pool costs more than it saves)
-CHUNK = 32
+TASKS_PER_WORKER = 16  # tasks of consecutive samples: few, as each costs the parent ~0.4 ms; enough
+CHUNK_MAX = 128  # that no process waits long for another's last one
+
+
+def _run(items: Sequence, build: Callable, workers: int, progress: "Progress") -> Iterator:
+    global _BUILD, _ITEMS
+    if len(items) >= PROCESS_MIN and workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        _BUILD, _ITEMS = build, items
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                chunk = max(1, min(CHUNK_MAX, len(items) // (workers * TASKS_PER_WORKER)))
+                bounds = [(i, min(i + chunk, len(items))) for i in range(0, len(items), chunk)]
+                for chunk in pool.imap(_check_range, bounds):
+                    progress.step(len(chunk))
+                    yield from chunk
+        finally:
+            _BUILD, _ITEMS = None, ()
+    else:
+        with ThreadPoolExecutor(min(workers, 8)) as pool:
+            for result in pool.map(lambda c: _check_one(c, build), items):
+                progress.step()
+                yield result
+
+
+@contextlib.contextmanager
+def opencv_single_threaded():
+    """OpenCV's own threads off while checking: every checking process or thread already has a
+    core, and OpenCV's idle threads spin after each parallel call (a colour conversion, the
+    connected components) on the cores the other checkers need. One thread each halved the
+    CPU time of checking a small image and its mask (bench/startup.py)."""
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
+
+
 
 
 class Progress:
@@ -128,8 +160,8 @@ class Progress:
         self.shown = False
         self.tty = sys.stderr.isatty()
 
-    def step(self) -> None:
-        self.count += 1
+    def step(self, count: int = 1) -> None:
+        self.count += count
         now = time.monotonic()
         if now - self.last >= self.PROGRESS_S:
             self.last = now

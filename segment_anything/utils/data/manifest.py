@@ -28,7 +28,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from .cache import default_cache_dir
 
-VERSION = 1
+VERSION = 2  # 2: pixel digests by SHA-256
 RACY_NS = 2_000_000_000  # files changed this recently are checked again next time
 Stamp = Tuple[str, int, int]  # path, size, mtime_ns
 

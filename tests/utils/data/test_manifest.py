@@ -80,3 +80,20 @@ def test_processes_give_the_threads_results(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg2"))
     processes = load_records(root, skip_bad=True)
     assert processes == threads and len(threads) == 11
+    monkeypatch.setattr(checks, "TASKS_PER_WORKER", 1)  # tasks of 6 samples: results still in order
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg3"))
+    assert load_records(root, skip_bad=True) == threads
+
+
+@pytest.mark.parametrize("process_min", [2, 1000])
+def test_opencv_runs_one_thread_while_checking_and_gets_its_threads_back(monkeypatch, process_min):
+    """Each checking process or thread has a core: OpenCV's own threads would spin on them."""
+    monkeypatch.setattr(checks, "PROCESS_MIN", process_min)  # 2: forked processes, 1000: threads
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(3)
+    try:
+        seen, problems = checks.run_checks(list(range(6)), lambda c: cv2.getNumThreads(), workers=2)
+        assert seen == [1] * 6 and not problems
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)

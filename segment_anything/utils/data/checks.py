@@ -120,9 +120,9 @@ def _run(items: Sequence, build: Callable, workers: int, progress: "Progress") -
             with multiprocessing.get_context("fork").Pool(workers) as pool:
                 chunk = max(1, min(CHUNK_MAX, len(items) // (workers * TASKS_PER_WORKER)))
                 bounds = [(i, min(i + chunk, len(items))) for i in range(0, len(items), chunk)]
-                for chunk in pool.imap(_check_range, bounds):
-                    progress.step(len(chunk))
-                    yield from chunk
+                for done in pool.imap(_check_range, bounds):
+                    progress.step(len(done))
+                    yield from done
         finally:
             _BUILD, _ITEMS = None, ()
     else:
@@ -137,7 +137,7 @@ def opencv_single_threaded():
     """OpenCV's own threads off while checking: every checking process or thread already has a
     core, and OpenCV's idle threads spin after each parallel call (a colour conversion, the
     connected components) on the cores the other checkers need. One thread each halved the
-    CPU time of checking a small image and its mask (bench/startup.py)."""
+    CPU time of checking a small image and its mask in one process (docs/distributed.md)."""
     before = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:

@@ -1,9 +1,11 @@
 """How every tool ends: one line on bad input or Ctrl-C, never a traceback."""
 
+import contextlib
 import errno
 import signal
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 from ..utils.process import skip_collection_at_exit
 
@@ -25,3 +27,20 @@ def cli(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:  # Ctrl-C: the exit code of SIGINT, no traceback
         print("interrupted (SIGINT)", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
+
+
+@contextlib.contextmanager
+def output_folder(path: Path) -> Iterator[Path]:
+    """Make a tool's output folder (and its parents); when the tool stops on bad input before it
+    wrote anything there, the folders it made go again, so a failed command leaves nothing."""
+    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()  # only an empty one
+            except OSError:
+                break
+        raise

@@ -45,7 +45,7 @@ from ..utils.image_spec import ImageSpec, add_arguments as add_image_arguments
 from ..utils.postprocess import clean_masks
 from ..utils.tiles import add_arguments as add_tile_arguments, check_arguments as check_tile_arguments
 from ._flags import alias
-from ._cli import cli
+from ._cli import cli, output_folder
 from ._model import add_model_args, image_spec_as_trained, load_model
 from ._semantic import load_semantic_model, predict_classes, write_semantic
 
@@ -266,10 +266,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     check_tile_arguments(args)
     jobs = plan(args, spec)
     sam = load_model(args, args.weights)
+    with output_folder(Path(args.output_dir)) as out_dir:
+        predict_all(args, spec, jobs, sam, out_dir)
+    print(f"wrote {args.output_dir}")
+
+
+def predict_all(args: argparse.Namespace, spec: ImageSpec, jobs, sam, out_dir: Path) -> None:
+    """Prompted or automatic masks for every image (and plane) of jobs, written into out_dir."""
     predictor = TiledPredictor(sam, args.tile, args.tile_overlap) if args.tile else SamPredictor(sam)
     generator = None
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     for path, prompts, plane, image in planes_of(jobs, spec, args.plane == "all"):
         stem, name = (path.stem, path.name) if plane is None else (f"{path.stem}_plane{plane}", f"{path.name} plane {plane}")
         if prompts is None:
@@ -289,7 +294,6 @@ def main(argv: Optional[List[str]] = None) -> None:
             predictor.set_image(image)
             write_prompted(out_dir, stem, image, prompts, predict_prompts(predictor, prompts, args.multimask, args.min_region_area))
             print(f"{name}: {len(prompts)} object(s)")
-    print(f"wrote {out_dir}")
 
 
 def main_semantic(args: argparse.Namespace) -> None:
@@ -297,15 +301,14 @@ def main_semantic(args: argparse.Namespace) -> None:
         raise ValueError("--task semantic takes no prompts (--box, --point, --prompts)")
     images = list_images(Path(args.image))
     sam, classes = load_semantic_model(args)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     spec = image_spec_as_trained(args, args.weights)
-    for path in images:
-        image = load_image(path, spec)
-        labels = predict_classes(sam, image)
-        write_semantic(out_dir, path.stem, image, labels, len(classes))
-        found = ", ".join(f"{classes[c]} {n}" for c, n in zip(*np.unique(labels, return_counts=True)))
-        print(f"{path.name}: pixels per class: {found}")
+    with output_folder(Path(args.output_dir)) as out_dir:
+        for path in images:
+            image = load_image(path, spec)
+            labels = predict_classes(sam, image)
+            write_semantic(out_dir, path.stem, image, labels, len(classes))
+            found = ", ".join(f"{classes[c]} {n}" for c, n in zip(*np.unique(labels, return_counts=True)))
+            print(f"{path.name}: pixels per class: {found}")
     print(f"wrote {out_dir}")
 
 

@@ -18,6 +18,9 @@ def main(argv=None) -> None:
     parser.add_argument("--kind", default="folder", choices=KINDS, help="data format to write")
     parser.add_argument("--objects", type=int, default=1, help="objects per image")
     args = parser.parse_args(argv)
+    for flag in ("n", "objects"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     path = make_synthetic_dataset(args.root, n=args.n, seed=args.seed, kind=args.kind, objects=args.objects)
     print(f"synthetic dataset: {path} ({args.n} images, {args.kind}, {args.objects} object(s) each)")
 

@@ -70,3 +70,23 @@ def test_every_flag_a_data_hint_names_is_one_the_tool_has(tmp_path):
         prepare.main(["--data_dir", str(root), "--output_dir", str(tmp_path / "p")])
     named = set(re.findall(r"--\w+", str(err.value.code)))
     assert "--skip_bad" in named and named <= options(prepare.parser()), named
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n", "0"], "--n must be at least 1, got 0"),
+    (["--n", "2", "--objects", "-1"], "--objects must be at least 1, got -1"),
+])
+def test_synthetic_data_names_the_flag_out_of_range(tmp_path, capsys, argv, message):
+    from segment_anything.tools import synthetic_data
+
+    with pytest.raises(SystemExit):
+        synthetic_data.main([str(tmp_path / "set"), *argv])
+    assert message in capsys.readouterr().err and not (tmp_path / "set").exists()
+
+
+def test_tools_name_image_size_when_it_is_not_a_multiple_of_16(tmp_path):
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="^--image_size must be a positive multiple of 16, got 100$"):
+        predict.main(["--model_type", "vit_t", "--checkpoint", "none", "--image_size", "100", "--image", str(image),
+                      "--output_dir", str(tmp_path / "out")])

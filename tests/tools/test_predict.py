@@ -134,3 +134,19 @@ def test_a_box_outside_the_image_is_refused_and_one_partly_outside_clipped(weigh
     run(weights, "--image", images / SMALL, "--box", "-20,30,150,400", "--output", tmp_path)
     assert "clipped to 0,30,150,259" in capsys.readouterr().out
     assert read(tmp_path / f"{SMALL.rsplit('.', 1)[0]}_mask_0.png").shape == (259, 194)
+
+
+def test_a_bad_image_leaves_no_output_folder_behind_and_keeps_what_was_written(weights, tmp_path):
+    """Without prompts, images are read one by one as masks are made: a bad one stops the command
+    with one line; the folders it made for nothing go again, what it wrote for earlier images stays."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "b.png").write_bytes(b"not an image")
+    out = tmp_path / "new" / "out"
+    with pytest.raises(ValueError, match="b.png: cannot read image"):
+        run(weights, "--image", folder / "b.png", "--points_per_side", "2", "--output", out)
+    assert not (tmp_path / "new").exists()
+    cv2.imwrite(str(folder / "a.png"), np.full((40, 48, 3), 90, np.uint8))
+    with pytest.raises(ValueError, match="b.png: cannot read image"):
+        run(weights, "--image", folder, "--points_per_side", "2", "--output", out)
+    assert (out / "a_overlay.png").is_file()

@@ -108,3 +108,14 @@ def test_without_the_onnx_extra_one_line_names_it(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r'needs onnx: install the onnx extra, pip install -e "\.\[onnx\]"'):
         export_onnx.main(["--model_type", "vit_t", "--checkpoint", "none", "--output", str(tmp_path / "d.onnx")])
     assert not (tmp_path / "d.onnx").exists()
+
+
+@pytest.mark.parametrize("opset, message", [
+    (7, r"^--opset 7: the decoder's attention exports from opset 14 on$"),  # before the model loads
+    (999, r"^--opset 999: torch .*'s ONNX exporter does not write it \(.*999\)$"),  # torch's own limit
+])
+def test_an_opset_the_export_cannot_use_is_one_line_naming_the_flag(tmp_path, opset, message):
+    with pytest.raises(ValueError, match=message):
+        export_onnx.main(["--model_type", "vit_t", "--checkpoint", "none", "--image_size", "256", "--opset", str(opset),
+                          "--output", str(tmp_path / "d.onnx")])
+    assert not (tmp_path / "d.onnx").exists()

@@ -90,3 +90,16 @@ def test_tools_name_image_size_when_it_is_not_a_multiple_of_16(tmp_path):
     with pytest.raises(ValueError, match="^--image_size must be a positive multiple of 16, got 100$"):
         predict.main(["--model_type", "vit_t", "--checkpoint", "none", "--image_size", "100", "--image", str(image),
                       "--output_dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--min_area", "-5"], "--min_area must be >= 0, got -5"),
+    (["--mask_threshold", "300"], r"--mask_threshold must be in \[0, 254\], got 300"),
+])
+def test_prepare_refuses_the_data_values_run_py_refuses(tmp_path, argv, message):
+    from segment_anything.tools.synthetic_data import make_synthetic_dataset
+
+    root = make_synthetic_dataset(tmp_path / "data", n=2, size_range=(40, 60))
+    with pytest.raises(SystemExit, match="^error: " + message):
+        prepare.main(["--data_dir", str(root), "--output_dir", str(tmp_path / "out"), *argv])
+    assert not (tmp_path / "out").exists()

@@ -45,6 +45,10 @@ class DataOptions:
                    foreground_values: Optional[str] = None, channels: Optional[str] = "",
                    intensity_range: Optional[str] = "auto", plane: Optional[int] = None) -> "DataOptions":
         """From the values of the data flags (DATA_FLAGS) as given on a command line."""
+        if min_area < 0:
+            raise ValueError(f"--min_area must be >= 0, got {min_area}")
+        if not 0 <= mask_threshold < 255:
+            raise ValueError(f"--mask_threshold must be in [0, 254], got {mask_threshold}")
         names = tuple(_split(foreground_values))
         numeric = all(v.lstrip("-").isdigit() for v in names)
         labels, categories = _split(labels), _split(categories)

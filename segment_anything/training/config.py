@@ -372,6 +372,8 @@ class TrainConfig:
             errors.append(f"--port must be a TCP port, got {self.port}")
         if self.patience < 0:
             errors.append(f"--patience must be >= 0, got {self.patience}")
+        if not self.cache_max_gb >= 0:
+            errors.append(f"--cache_max_gb must be >= 0 (0: no bound), got {self.cache_max_gb:g}")
         return errors
 
     def _packing_errors(self) -> List[str]:

@@ -45,6 +45,7 @@ from ..utils.distributed import launched_by_torchrun, torchrun_restarts
 from ..utils.log import get_logger
 from ..utils.save_weight import UnsafeFileError, load_data_only, strip_prefixes
 from ..utils.trainable import trained_state_dict
+from ..utils.weights import inspect_weights
 from ..utils.data.samplers import ResumableSampler
 
 RESUME_FORMAT = "sam-resume-v3"
@@ -132,8 +133,9 @@ def load_state(path: Path) -> Dict:
         state = load_data_only(path)
     except UnsafeFileError as err:
         raise ResumeError(f"--resume: {err}") from None
-    except Exception as err:  # truncated zip, not a torch file: torch's wording varies
-        raise ResumeError(f"--resume: cannot read {path} ({type(err).__name__}: {err}); it may be truncated") from err
+    except Exception:  # truncated zip, not a torch file: torch's wording varies (and suggests unsafe loading)
+        raise ResumeError(f"--resume: {path} is {inspect_weights(path).describe()}; expected a last.pth "
+                          "written by run.py") from None
     if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ResumeError(f"--resume: {path} is not a resume file of this version (format {found!r}, "

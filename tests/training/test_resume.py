@@ -177,6 +177,11 @@ def test_truncated_or_foreign_resume_files_are_named(tmp_path):
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
     with pytest.raises(ResumeError, match="cut.pth.*truncated"):
         load_state(tmp_path / "cut.pth")
+    (tmp_path / "notes.txt").write_text("x\n")
+    with pytest.raises(ResumeError) as err:  # one line, and not torch's advice to load it unsafely
+        load_state(tmp_path / "notes.txt")
+    assert str(err.value) == (f"--resume: {tmp_path / 'notes.txt'} is not a PyTorch checkpoint (neither torch.save's "
+                              "zip format nor a pickle; it starts with b'x\\n'); expected a last.pth written by run.py")
     torch.save({"model": {}}, tmp_path / "best.pth")
     with pytest.raises(ResumeError, match="best.pth is not a resume file"):
         load_state(tmp_path / "best.pth")

@@ -370,6 +370,7 @@ def test_dist_flag_rejects_other_words(word, capsys):
     (["--world_size", "0"], "--world_size must be >= 1"),
     (["--port", "70000"], "--port must be a TCP port"),
     (["--patience", "-1"], "--patience must be >= 0"),
+    (["--cache_max_gb", "-1"], "--cache_max_gb must be >= 0 (0: no bound), got -1"),
     (["--model_type", "vit_x"], "invalid choice: 'vit_x'"),
     (["--batch_size", "two"], "invalid int value: 'two'"),
     (["--amp", "fp8"], "invalid choice: 'fp8'"),

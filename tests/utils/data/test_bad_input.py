@@ -286,3 +286,22 @@ def test_explicit_format_on_another_layout_names_the_layout(tmp_path, given, lay
     text = fails(train_dir=str(tmp_path / "set"), data_format=given)
     assert f"looks like the {layout} layout" in text and f"--data_format {layout}" in text, text
     assert "\n" not in text  # one line, not a list of every sub-folder as a bad sample
+
+
+def test_malformed_coco_entries_are_named_problems_not_crashes(tmp_path):
+    poly = [[2, 2, 12, 2, 12, 12]]
+    anns = [{"id": 7, "image_id": k, "category_id": 1, "iscrowd": 0, "segmentation": poly} for k in (0, 1)] + ["x"]
+    ann, imgs = coco_dir(tmp_path, images=3, annotations=anns)
+    data = json.loads(Path(ann).read_text())
+    del data["images"][2]["height"]
+    data["images"].append({"id": "nine", "file_name": "9.png", "height": 20, "width": 30})
+    Path(ann).write_text(json.dumps(data))
+    text = fails(train_json=ann, train_images=imgs)
+    assert f"{ann}: images[2] has no 'height' (a COCO image entry has id, file_name, height and width)" in text
+    assert f"{ann}: images[3] id, height and width must be whole numbers" in text
+    assert f"{ann}: annotations[2] is not an object" in text
+    run, listed = skipped(train_json=ann, train_images=imgs)
+    assert len(run.train) + len(run.val) == 2 and "images[3]" in listed
+    data["categories"] = [{"name": "thing"}]
+    Path(ann).write_text(json.dumps(data))
+    assert fails(train_json=ann, train_images=imgs) == f"{ann}: 'categories' is not a list of {{\"id\": ..., \"name\": ...}} entries"

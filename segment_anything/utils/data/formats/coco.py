@@ -114,24 +114,53 @@ def _read(path: Path) -> dict:
     return data
 
 
+IMAGE_KEYS = ("id", "file_name", "height", "width")
+
+
+def _categories(data: dict, json_path: Path) -> dict:
+    """{category id: name}; DataError for a 'categories' that is not a list of {id, name}."""
+    categories = data.get("categories", [])
+    if not isinstance(categories, list) or not all(isinstance(c, dict) and {"id", "name"} <= c.keys() for c in categories):
+        raise DataError(f"{json_path}: 'categories' is not a list of {{\"id\": ..., \"name\": ...}} entries")
+    return {c["id"]: str(c["name"]) for c in categories}
+
+
 def scan(json_path, images, opts: DataOptions) -> Scan:
     json_path, images = Path(json_path), Path(images)
     if not images.is_dir():
         raise DataError(f"{images}: image folder does not exist")
     data = _read(json_path)
-    names = {c["id"]: c["name"] for c in data.get("categories", [])}
+    names = _categories(data, json_path)
     unknown = sorted(set(opts.categories) - set(names.values()))
     if unknown:
         raise DataError(f"--categories {','.join(unknown)}: not in {json_path} (it has {', '.join(sorted(names.values()))})")
-    by_image = {int(im["id"]): [] for im in data["images"]}
     problems: List[Problem] = []
-    for ann in data.get("annotations", []):
-        if ann.get("image_id") not in by_image:
+    listed = []  # (image id, file name, (H, W)) of the usable image entries
+    for i, im in enumerate(data["images"]):
+        missing = [k for k in IMAGE_KEYS if k not in im] if isinstance(im, dict) else list(IMAGE_KEYS)
+        try:
+            if missing:
+                raise ValueError(f"has no {', '.join(map(repr, missing))}")
+            listed.append((int(im["id"]), str(im["file_name"]), (int(im["height"]), int(im["width"]))))
+        except (TypeError, ValueError) as err:
+            why = err if missing else "id, height and width must be whole numbers"
+            problems.append(Problem("bad entry", f"{json_path}: images[{i}] {why} (a COCO image entry has "
+                                                 "id, file_name, height and width)"))
+    by_image = {image_id: [] for image_id, _, _ in listed}
+    annotations = data.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise DataError(f"{json_path}: 'annotations' is not a list")
+    for i, ann in enumerate(annotations):
+        if not isinstance(ann, dict):
+            problems.append(Problem("bad entry", f"{json_path}: annotations[{i}] is not an object"))
+            continue
+        image_id = ann.get("image_id")
+        if not isinstance(image_id, int) or image_id not in by_image:
             problems.append(Problem("missing image", f"{json_path}: annotation {ann.get('id')} refers to image id "
-                                                     f"{ann.get('image_id')}, which is not in 'images'"))
+                                                     f"{image_id}, which is not in 'images'"))
         else:
-            by_image[ann["image_id"]].append(ann)
-    entries = [Entry(images / im["file_name"], int(im["id"]), (int(im["height"]), int(im["width"])),
-                     tuple(by_image[int(im["id"])]), str(json_path)) for im in data["images"]]
+            by_image[image_id].append(ann)
+    entries = [Entry(images / name, image_id, size, tuple(by_image[image_id]), str(json_path))
+               for image_id, name, size in listed]
     return Scan("coco", str(json_path), entries, lambda e: build(e, opts, names), problems,
                 lambda e: (str(e.path), ()), lambda e, o: build(e, o, names))

@@ -264,6 +264,10 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     spec = image_spec_as_trained(args, args.weights)
     check_tile_arguments(args)
+    if args.points_per_side < 1:
+        raise ValueError(f"--points_per_side must be >= 1, got {args.points_per_side}")
+    if args.min_region_area < 0:
+        raise ValueError(f"--min_region_area must be >= 0, got {args.min_region_area}")
     jobs = plan(args, spec)
     sam = load_model(args, args.weights)
     with output_folder(Path(args.output_dir)) as out_dir:

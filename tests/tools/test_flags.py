@@ -103,3 +103,19 @@ def test_prepare_refuses_the_data_values_run_py_refuses(tmp_path, argv, message)
     with pytest.raises(SystemExit, match="^error: " + message):
         prepare.main(["--data_dir", str(root), "--output_dir", str(tmp_path / "out"), *argv])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tool, argv, message", [
+    ("predict", ["--points_per_side", "0"], "--points_per_side must be >= 1, got 0"),
+    ("predict", ["--min_region_area", "-1"], "--min_region_area must be >= 0, got -1"),
+    ("evaluate", ["--amg_points_per_side", "0", "--weights", "w.pth", "--data_dir", "d"], "--amg_points_per_side must be >= 1, got 0"),
+    ("evaluate", ["--min_region_area", "-1", "--weights", "w.pth", "--data_dir", "d"], "--min_region_area must be >= 0, got -1"),
+])
+def test_mask_generation_values_out_of_range_are_one_line(tmp_path, tool, argv, message):
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), np.zeros((32, 32, 3), np.uint8))
+    main = {"predict": predict.main, "evaluate": evaluate.main}[tool]
+    common = ["--model_type", "vit_t", "--checkpoint", "none", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        main(common + (["--image", str(image)] if tool == "predict" else []) + argv)
+    assert not (tmp_path / "out").exists()

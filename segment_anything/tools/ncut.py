@@ -37,6 +37,7 @@ from ._model import build_base, check_base, image_spec_as_trained
 PINS = "ncut-pytorch==3.2.0 fpsample==0.3.3"
 INSTALL = f"pip install --no-deps {PINS}  (or: pip install --no-deps -r requirements-ncut.txt)"
 N_COLOURS = 3  # eigenvectors drawn as R, G, B
+MIN_CELL = 32  # --cell: a smaller picture shows nothing
 
 
 def import_ncut():
@@ -68,6 +69,10 @@ def check_args(args: argparse.Namespace) -> Tuple[np.ndarray, List[int], List[in
     """Everything that can be wrong with the input, before any model is built:
     returns (image (H, W, 3) uint8, block indices, input sizes)."""
     layers, sizes = int_list(args.layers, "--layers"), int_list(args.image_sizes, "--image_sizes")
+    if args.n_eig < N_COLOURS + 1:
+        raise ValueError(f"--n_eig must be at least {N_COLOURS + 1} (the colours use the leading {N_COLOURS}), got {args.n_eig}")
+    if args.cell < MIN_CELL:
+        raise ValueError(f"--cell must be at least {MIN_CELL} pixels, got {args.cell}")
     depth = num_blocks(args.model_type)
     bad = [i for i in layers if not 0 <= i < depth]
     if bad:
@@ -183,8 +188,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="fine-tuned partial weights (best.pth): adds a fine-tuned column per size")
     p.add_argument("--image_sizes", default="1024,256", help="encoder input sizes, comma-separated multiples of 16")
     p.add_argument("--layers", default="2,5,8,11", help="block indices, comma-separated (vit_t: its 12 blocks across stages)")
-    p.add_argument("--n_eig", type=int, default=10, help="NCut eigenvectors computed (the colours use the leading three)")
-    p.add_argument("--cell", type=int, default=256, help="longest side of one picture in the grid, pixels")
+    p.add_argument("--n_eig", type=int, default=10, help="NCut eigenvectors computed, at least 4 (the colours use the leading three)")
+    p.add_argument("--cell", type=int, default=256, help="longest side of one picture in the grid, pixels (at least 32)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the random model with --checkpoint none")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default="ncut.png", help="the PNG to write")

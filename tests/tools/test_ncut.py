@@ -132,6 +132,10 @@ def test_bad_input_is_reported_before_any_model_is_built(tmp_path, monkeypatch):
         ncut.main(["--image", str(image), "--image_sizes", "256,100", "--output", str(tmp_path / "x.png")])
     with pytest.raises(FileNotFoundError, match="--weights .*nope.pth not found"):
         ncut.main(["--image", str(image), "--weights", str(tmp_path / "nope.pth"), "--output", str(tmp_path / "x.png")])
+    with pytest.raises(ValueError, match=r"^--n_eig must be at least 4 \(the colours use the leading 3\), got 0$"):
+        ncut.main(["--image", str(image), "--n_eig", "0", "--output", str(tmp_path / "x.png")])
+    with pytest.raises(ValueError, match="^--cell must be at least 32 pixels, got 0$"):
+        ncut.main(["--image", str(image), "--cell", "0", "--output", str(tmp_path / "x.png")])
     assert not (tmp_path / "x.png").exists()
 
 

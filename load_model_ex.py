@@ -71,6 +71,15 @@ try:
     image = image_io.load_image(args.image, read_as)
 except ValueError as err:
     raise SystemExit(f"error: --image {err}")
+h, w = image.shape[:2]
+box = args.box or [0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h]
+if not (box[0] <= box[2] and box[1] <= box[3] and box[0] < w and box[1] < h and box[2] > 0 and box[3] > 0):
+    raise SystemExit(f"error: --box {' '.join(f'{v:g}' for v in box)}: a box must have x0 <= x1 and y0 <= y1 and overlap the {w}x{h} image")
+for flag, path in (("--output", args.output), ("--logits", args.logits)):
+    if path and not Path(path).absolute().parent.is_dir():
+        raise SystemExit(f"error: {flag} {path}: its folder does not exist")
+if not cv2.haveImageWriter(args.output):
+    raise SystemExit(f"error: --output {args.output}: OpenCV cannot write an image with that name's extension (use .png)")
 print("\n".join(spec.notes), end="\n" if spec.notes else "")
 if random_start:
     seed = random_weights.DEFAULT_SEED if spec.seed is None else spec.seed
@@ -81,12 +90,10 @@ save_weight.load_partial_weight(sam, args.weights, expected_model_type=spec.mode
 predictor = segment_anything.SamPredictor(sam.to(args.device))
 
 predictor.set_image(image)  # RGB, as SAM expects
-h, w = image.shape[:2]
-logits, iou, _ = predictor.predict(box=np.array(args.box or [0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h]),
-                                   multimask_output=False, return_logits=True)
+logits, iou, _ = predictor.predict(box=np.array(box), multimask_output=False, return_logits=True)
 if args.logits:
     np.save(args.logits, logits[0].astype(np.float32))
 if not cv2.imwrite(args.output, (logits[0] > predictor.model.mask_threshold).astype(np.uint8) * 255):
-    raise SystemExit(f"cannot write {args.output}")
+    raise SystemExit(f"error: --output {args.output}: cannot write it")
 mixing = " with FFT token mixing" if "attention" in spec.build else ""
 print(f"{spec.model_type} at {spec.image_size} px{mixing}: predicted IoU {iou[0]:.3f}; mask written to {args.output}")

@@ -83,6 +83,19 @@ def test_a_file_that_is_no_checkpoint_is_named(files, tmp_path):
     assert f"--weights {tmp_path / 'best.pth'} is not a PyTorch checkpoint" in result.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--output", "mask.txt"], "error: --output mask.txt: OpenCV cannot write an image with that name's extension (use .png)"),
+    (["--output", "gone/mask.png"], "error: --output gone/mask.png: its folder does not exist"),
+    (["--logits", "gone/x.npy"], "error: --logits gone/x.npy: its folder does not exist"),
+    (["--box", "100", "60", "120", "70"], "error: --box 100 60 120 70: a box must have x0 <= x1 and y0 <= y1 and overlap the 80x48 image"),
+    (["--box", "30", "5", "10", "20"], "error: --box 30 5 10 20: a box must have x0 <= x1 and y0 <= y1 and overlap the 80x48 image"),
+])
+def test_an_output_or_box_that_cannot_be_used_is_one_line_before_the_model(files, args, message):
+    root, _ = files
+    result = example(root, "--weights", root / "best.pth", *args)
+    assert result.returncode == 1 and result.stderr.strip() == message, result.stderr
+
+
 def test_checkpoint_none_and_a_missing_checkpoint(files, tmp_path):
     """'none' is the seeded random model every other tool accepts; a missing file is one line."""
     root, _ = files

@@ -12,10 +12,25 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import main as torchrun_main
+from torch.distributed.run import get_args_parser, main as torchrun_main
+
+NPROC_WORDS = ("auto", "cpu", "gpu", "xpu")  # what torchrun takes besides a count
+
+
+def check(argv) -> None:
+    """The process count and restarts, in one line each, before torchrun starts anything (torchrun
+    itself ends a bad one with a traceback, one of them without a message)."""
+    args = get_args_parser().parse_args(argv)
+    nproc = str(args.nproc_per_node)
+    if not (nproc in NPROC_WORDS or (nproc.isdigit() and int(nproc) >= 1)):
+        sys.exit(f"error: --nproc_per_node (NPROC in launch/*.sh) must be a whole number >= 1 or one of "
+                 f"{', '.join(NPROC_WORDS)}, got {nproc!r}")
+    if args.max_restarts < 0:
+        sys.exit(f"error: --max_restarts (MAX_RESTARTS in launch/*.sh) must be >= 0, got {args.max_restarts}")
 
 
 def main(argv=None) -> None:
+    check(sys.argv[1:] if argv is None else argv)
     try:
         torchrun_main(argv)
     except SignalException as err:

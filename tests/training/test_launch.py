@@ -384,3 +384,18 @@ def test_under_torchrun_restarts_a_run_must_be_one_that_restarted_workers_can_co
     assert "set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in stderr.getvalue()
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # no restarts: nothing to check
     assert TrainConfig.from_args(["--train_dir", "data"]).resume is None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nproc_per_node", "0"], "--nproc_per_node (NPROC in launch/*.sh) must be a whole number >= 1 or one of auto, "
+                                "cpu, gpu, xpu, got '0'"),
+    (["--nproc_per_node", "two"], "got 'two'"),
+    (["--max_restarts", "-1"], "--max_restarts (MAX_RESTARTS in launch/*.sh) must be >= 0, got -1"),
+])
+def test_torchrun_wrapper_names_a_bad_process_count_or_restart_count(flags, message):
+    """torchrun ends these with a traceback (one of them an AssertionError without a message)."""
+    from segment_anything.tools import torchrun
+
+    with pytest.raises(SystemExit) as exit:
+        torchrun.main(["--standalone", *flags, "run.py", "--epoch", "1"])
+    assert str(exit.value).startswith("error: ") and message in str(exit.value)

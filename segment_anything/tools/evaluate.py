@@ -335,6 +335,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         raise ValueError(f"--amg_points_per_side must be >= 1, got {args.amg_points_per_side}")
     if args.min_region_area < 0:
         raise ValueError(f"--min_region_area must be >= 0, got {args.min_region_area}")
+    if args.compare_count < 0:
+        raise ValueError(f"--compare_count must be >= 0, got {args.compare_count}")
     protocols = Protocols(args.noc, parse_percents(args.box_noise), args.prompt_following)
     if args.tile and protocols.metrics():  # score_model runs them on whole images only
         print("note: --tile: the literature protocols (--noc, --box_noise, --prompt_following) are off")

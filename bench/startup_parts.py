@@ -1,7 +1,7 @@
 """Where a first start's time goes: its phases, and the check's cost per sample against decoding.
 
     python bench/startup_parts.py --root DIR                     # the 100,000-image set
-    python bench/startup_parts.py --root DIR --size 4000 --side 1024
+    python bench/startup_parts.py --root DIR --size 4000 --side 1024 --samples 200
 
 The sets are bench/startup.py's (made there, or here on first use, in the same folder).
 
@@ -12,7 +12,7 @@ every sample (the forked checking processes; the manifest records are stored as 
 writing the manifest, the seeded split with the duplicate-content comparison, and the worker
 (the model, the loaders and the first step).
 
-Per sample: the first 2,000 samples checked in this process as a checking process checks them
+Per sample: the first 2,000 samples (--samples) checked in this process as a checking process checks them
 (OpenCV on one thread), part by part, against cv2.imread of the image and the mask file.
 """
 
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._machine import machine_line  # noqa: E402
-from bench.startup import SIDE, make_set  # noqa: E402
+from bench.startup import SIDE, make_set, warm_page_cache  # noqa: E402
 
 # Runs run.py's main in this process with timers around its phases; prints one JSON line of
 # {phase: seconds} when the first step ends (the test hook's os._exit).
@@ -137,11 +137,13 @@ def main() -> None:
     parser.add_argument("--root", required=True, help="bench/startup.py's folder of synthetic sets")
     parser.add_argument("--size", type=int, default=100_000, help="images in the set")
     parser.add_argument("--side", type=int, default=SIDE, help="largest image side in pixels, as in bench/startup.py")
+    parser.add_argument("--samples", type=int, default=2000, help="samples timed part by part (best of 3 passes)")
     args = parser.parse_args()
     folder = make_set(Path(args.root), args.size, args.side)
     cores = len(os.sched_getaffinity(0))
+    warm_page_cache(folder)  # as bench/startup.py: decoding is measured, not the disk
     marks = phases(folder)
-    costs = per_sample(folder)
+    costs = per_sample(folder, args.samples)
     load = os.getloadavg()
     print(f"command: python bench/{Path(__file__).name} " + " ".join(sys.argv[1:]))
     print(machine_line(cores) + f" | load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (shared machine)")

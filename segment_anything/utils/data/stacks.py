@@ -9,8 +9,11 @@ JPEG compression need the optional imagecodecs package) goes through OpenCV's mu
 its pages are planes, without axis labels.
 """
 
+import contextlib
 import io
+import logging
 import math
+import threading
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -75,7 +78,38 @@ def is_tiff(data: bytes) -> bool:
     return data[:4] in TIFF_MAGIC
 
 
+_QUIET = {"lock": threading.Lock(), "readers": 0, "levels": None}
+
+
+@contextlib.contextmanager
+def readers_quiet():
+    """tifffile's warnings and OpenCV's TIFF errors off stderr while a file is read: a damaged
+    file is reported once, by the BadSample naming it (with the readers' reasons). The levels
+    are process-wide: the first of the checking threads to enter sets them, the last to leave
+    puts them back."""
+    log = logging.getLogger("tifffile")
+    with _QUIET["lock"]:
+        if _QUIET["readers"] == 0:
+            _QUIET["levels"] = log.level, cv2.utils.logging.getLogLevel()
+            log.setLevel(logging.CRITICAL)
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+        _QUIET["readers"] += 1
+    try:
+        yield
+    finally:
+        with _QUIET["lock"]:
+            _QUIET["readers"] -= 1
+            if _QUIET["readers"] == 0:
+                log.setLevel(_QUIET["levels"][0])
+                cv2.utils.logging.setLogLevel(_QUIET["levels"][1])
+
+
 def read_tiff(data: bytes, name: str) -> Planes:
+    with readers_quiet():
+        return _read_tiff(data, name)
+
+
+def _read_tiff(data: bytes, name: str) -> Planes:
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             series = tif.series[0]
@@ -105,7 +139,7 @@ def tiff_plane(source, plane: int) -> Optional[Tuple[np.ndarray, str, bool, int]
     if isinstance(source, bytes) and not is_tiff(source):
         return None
     try:
-        with tifffile.TiffFile(io.BytesIO(source) if isinstance(source, bytes) else source) as tif:
+        with readers_quiet(), tifffile.TiffFile(io.BytesIO(source) if isinstance(source, bytes) else source) as tif:
             series = tif.series[0]
             axes, shape, page_axes = series.axes, tuple(series.shape), series.keyframe.axes
             outer, outer_shape = axes[:len(axes) - len(page_axes)], shape[:len(axes) - len(page_axes)]

@@ -5,6 +5,7 @@ masks and the split are checked against what was written."""
 import csv
 import io
 import json
+import logging
 
 import cv2
 import numpy as np
@@ -207,3 +208,18 @@ def test_a_plane_read_alone_is_the_plane_the_whole_file_gives(tmp_path):
         np.testing.assert_array_equal(alone, load_image(tmp_path / "s.tif", spec))
         np.testing.assert_array_equal(label, read_label(tmp_path / "l.tif", 1))
     assert alone.shape == (16, 12, 3)  # the orientation tag applied
+
+
+def test_a_damaged_tiff_is_one_named_problem_without_the_readers_own_messages(tmp_path, capfd):
+    """tifffile logs a warning and OpenCV prints its TIFF errors while they fail on the file;
+    only the problem naming it is shown."""
+    from segment_anything.utils.data.checks import BadSample
+    from segment_anything.utils.data.image_io import load_image
+
+    path = tmp_path / "damaged.tif"
+    path.write_bytes(b"II*\x00garbage after the header")
+    with pytest.raises(BadSample, match="damaged.tif: cannot read TIFF"):
+        load_image(path)
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+    assert logging.getLogger("tifffile").level == logging.NOTSET  # put back

@@ -73,6 +73,25 @@ def test_instance_map_values_and_foreground_values(tmp_path):
         detect(tmp_path / "img")
 
 
+def test_objects_masks_with_foreground_values(tmp_path):
+    """A mask file per object that marks its object with 128 (and a border with 40): not binary,
+    refused alone; --foreground_values 128 picks the object in every file."""
+    (tmp_path / "s" / "images").mkdir(parents=True)
+    (tmp_path / "s" / "masks").mkdir()
+    cv2.imwrite(str(tmp_path / "s" / "images" / "s.png"), np.full((30, 40, 3), 90, np.uint8))
+    for k, (y, x) in enumerate([(2, 2), (12, 20)]):
+        mask = np.zeros((30, 40), np.uint8)
+        mask[y - 1:y + 7, x - 1:x + 7] = 40
+        mask[y:y + 6, x:x + 6] = 128
+        cv2.imwrite(str(tmp_path / "s" / "masks" / f"{k}.png"), mask)
+    with pytest.raises(DataError, match="not binary"):
+        load_records(tmp_path, "objects")
+    (record,) = load_records(tmp_path, "objects", DataOptions("objects", foreground_values=(128,)))
+    masks = record.load_masks()
+    assert masks.shape == (2, 30, 40) and masks.sum((1, 2)).tolist() == [36, 36]
+    assert masks[1, 12:18, 20:26].all()
+
+
 # ----------------------------------------------------------------------------- labelme
 
 

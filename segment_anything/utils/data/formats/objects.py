@@ -26,13 +26,15 @@ class ObjectsRecord(Record):
     objects: Tuple[str, ...] = ()  # one mask file per object
     threshold: int = 127
     image_spec: ImageSpec = ImageSpec()
+    foreground_values: Tuple[int, ...] = ()  # --foreground_values: the mask values that are the object
 
     def load_image(self) -> np.ndarray:
         return load_image(self.image, self.image_spec)
 
     def load_masks(self, indices: Optional[Sequence[int]] = None) -> np.ndarray:
         chosen = pick(indices, len(self.objects))
-        return stack_masks([load_mask(self.objects[i], self.threshold, plane=self.image_spec.plane) for i in chosen], self.size)
+        return stack_masks([load_mask(self.objects[i], self.threshold, self.foreground_values, self.image_spec.plane)
+                            for i in chosen], self.size)
 
 
 def _files(folder: Optional[Path]):
@@ -60,14 +62,14 @@ def build(sample: Sample, opts: DataOptions):
     image = load_image(sample.image, opts.image_spec)
     masks = []
     for path in sample.masks:
-        mask = load_mask(path, opts.mask_threshold, plane=opts.image_spec.plane)
+        mask = load_mask(path, opts.mask_threshold, opts.foreground_values, opts.image_spec.plane)
         if mask.shape != image.shape[:2]:
             raise size_mismatch(str(sample.image), image, str(path), mask.shape)
         masks.append(mask)
     if not masks:
         raise BadSample("no objects", f"{sample.folder}: no mask files in masks/")
     record = ObjectsRecord(str(sample.image), image.shape[:2], str(sample.folder), ("object",) * len(masks),
-                           tuple(str(p) for p in sample.masks), opts.mask_threshold, opts.image_spec)
+                           tuple(str(p) for p in sample.masks), opts.mask_threshold, opts.image_spec, opts.foreground_values)
     return finish(record, image, stack_masks(masks, image.shape[:2]), opts)
 
 

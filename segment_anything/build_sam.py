@@ -2,7 +2,7 @@
 
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,13 @@ OFFICIAL_WEIGHTS = {
 }
 
 PathLike = Union[str, Path]
+
+
+def image_size_errors(image_size: int) -> List[str]:
+    """The --image_size flag's problem, if any (run.py and every tool say it alike)."""
+    if image_size < PATCH_SIZE or image_size % PATCH_SIZE:
+        return [f"--image_size must be a positive multiple of {PATCH_SIZE}, got {image_size}"]
+    return []
 
 
 def _vit_encoder(embed_dim: int, depth: int, num_heads: int, global_attn_indexes, image_size: int) -> nn.Module:

@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..build_sam import MODEL_TYPES, PATCH_SIZE, sam_model_registry
+from ..build_sam import MODEL_TYPES, image_size_errors, sam_model_registry
 from ..modeling import Sam
 from ..utils.data.prepare import DEFAULT_SEED
 from ..utils.image_spec import ImageSpec, from_arguments, with_recorded
@@ -65,8 +65,9 @@ def image_spec_as_trained(args: argparse.Namespace, weights: Optional[str]) -> I
 def check_base(checkpoint: str, model_type: str, image_size: int) -> None:
     """--checkpoint: 'none', or the full official state dict of model_type (run.py's preflight check);
     --image_size: a positive multiple of the patch size."""
-    if image_size <= 0 or image_size % PATCH_SIZE:
-        raise ValueError(f"--image_size must be a positive multiple of {PATCH_SIZE}, got {image_size}")
+    problems = image_size_errors(image_size)
+    if problems:
+        raise ValueError(problems[0])
     if checkpoint.lower() != "none":
         check_checkpoint(checkpoint, model_type, image_size)
 

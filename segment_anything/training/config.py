@@ -13,12 +13,12 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-from ..build_sam import MODEL_TYPES, OFFICIAL_FILES, fft_blocks_for
+from ..build_sam import MODEL_TYPES, OFFICIAL_FILES, fft_blocks_for, image_size_errors
 from ..modeling.lora import parse_targets
 from ..utils.data.augment import parse_augment
 from ..utils.data.cache import INPUT_FLAGS, CacheSpec
 from ..utils.data.dataset import DatasetSpec
-from ..utils.data.formats import DATA_FLAGS, DATA_FORMATS, INSTANCE_MODES, DataOptions
+from ..utils.data.formats import DATA_FLAGS, DATA_FORMATS, INSTANCE_MODES, DataOptions, option_errors
 from ..utils.data.prepare import DEFAULT_SEED, DataSources
 from ..utils.data.prompts import PromptConfig
 from ..utils.image_spec import CHANNELS_HELP, PLANE_HELP, RANGE_HELP, ImageSpec, plane_flag
@@ -348,18 +348,14 @@ class TrainConfig:
         errors += self._packing_errors()
         if self.model_type not in MODEL_TYPES:
             errors.append(f"--model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
-        if self.image_size < 16 or self.image_size % 16:
-            errors.append(f"--image_size must be a positive multiple of 16, got {self.image_size}")
+        errors += image_size_errors(self.image_size)
         if self.epoch < 1:
             errors.append(f"--epoch must be >= 1, got {self.epoch}")
         if not self.lr > 0:
             errors.append(f"--lr must be > 0, got {self.lr}")
         if not 0 < self.val_fraction < 1:
             errors.append(f"--val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not 0 <= self.mask_threshold < 255:
-            errors.append(f"--mask_threshold must be in [0, 254], got {self.mask_threshold}")
-        if self.min_area < 0:
-            errors.append(f"--min_area must be >= 0, got {self.min_area}")
+        errors += option_errors(self.min_area, self.mask_threshold)
         try:
             ImageSpec.from_flags(self.channels, self.intensity_range, self.plane)
         except ValueError as err:

@@ -146,8 +146,6 @@ def opencv_single_threaded():
         cv2.setNumThreads(before)
 
 
-
-
 class Progress:
     """'checking data: 12,000/100,000 (2,310/s, 34 s left)' on stderr every PROGRESS_S seconds
     (in place on a terminal), for checks that take long enough to wonder about."""

@@ -45,10 +45,9 @@ class DataOptions:
                    foreground_values: Optional[str] = None, channels: Optional[str] = "",
                    intensity_range: Optional[str] = "auto", plane: Optional[int] = None) -> "DataOptions":
         """From the values of the data flags (DATA_FLAGS) as given on a command line."""
-        if min_area < 0:
-            raise ValueError(f"--min_area must be >= 0, got {min_area}")
-        if not 0 <= mask_threshold < 255:
-            raise ValueError(f"--mask_threshold must be in [0, 254], got {mask_threshold}")
+        problems = option_errors(min_area, mask_threshold)
+        if problems:
+            raise ValueError(problems[0])
         names = tuple(_split(foreground_values))
         numeric = all(v.lstrip("-").isdigit() for v in names)
         labels, categories = _split(labels), _split(categories)
@@ -57,6 +56,17 @@ class DataOptions:
         spec = ImageSpec.from_flags(channels, intensity_range, plane)
         return cls(data_format, instance_mode, min_area, mask_threshold, tuple(labels),
                    tuple(categories), tuple(int(v) for v in names) if numeric else (), spec)
+
+
+def option_errors(min_area: int, mask_threshold: int) -> List[str]:
+    """The numeric data flags' problems (run.py lists them with its other flag errors; the tools
+    stop at the first)."""
+    errors = []
+    if min_area < 0:
+        errors.append(f"--min_area must be >= 0, got {min_area}")
+    if not 0 <= mask_threshold < 255:
+        errors.append(f"--mask_threshold must be in [0, 254], got {mask_threshold}")
+    return errors
 
 
 # The flags DataOptions.from_flags reads: every data tool and run.py has them under these names.

@@ -138,12 +138,13 @@ def scan(json_path, images, opts: DataOptions) -> Scan:
     listed = []  # (image id, file name, (H, W)) of the usable image entries
     for i, im in enumerate(data["images"]):
         missing = [k for k in IMAGE_KEYS if k not in im] if isinstance(im, dict) else list(IMAGE_KEYS)
-        try:
-            if missing:
-                raise ValueError(f"has no {', '.join(map(repr, missing))}")
-            listed.append((int(im["id"]), str(im["file_name"]), (int(im["height"]), int(im["width"]))))
-        except (TypeError, ValueError) as err:
-            why = err if missing else "id, height and width must be whole numbers"
+        why = f"has no {', '.join(map(repr, missing))}" if missing else None
+        if not missing:
+            try:
+                listed.append((int(im["id"]), str(im["file_name"]), (int(im["height"]), int(im["width"]))))
+            except (TypeError, ValueError):
+                why = "id, height and width must be whole numbers"
+        if why:
             problems.append(Problem("bad entry", f"{json_path}: images[{i}] {why} (a COCO image entry has "
                                                  "id, file_name, height and width)"))
     by_image = {image_id: [] for image_id, _, _ in listed}

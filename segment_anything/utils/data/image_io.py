@@ -10,6 +10,7 @@ an `ImageSpec` (channels.py) picks the plane and the channels and scales deeper 
 
 import contextlib
 import io
+import os
 import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Tuple, Union
@@ -36,9 +37,10 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in EXTENSIONS
 
 
-def read_bytes(path: Path) -> bytes:
+def read_bytes(path) -> bytes:
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:  # a str or a Path (pathlib's own read costs more per file)
+            data = f.read()
     except FileNotFoundError:
         raise BadSample("missing file", f"{path}: file does not exist") from None
     except OSError as err:
@@ -131,7 +133,7 @@ def kept_decoded():
         _KEPT.files = None
 
 
-def _file(path: Path) -> list:
+def _file(path) -> list:
     """[bytes, Planes or None (not decoded yet)] of a file, kept while kept_decoded() is active."""
     files = getattr(_KEPT, "files", None)
     entry = files.get(str(path)) if files is not None else None
@@ -142,7 +144,7 @@ def _file(path: Path) -> list:
     return entry
 
 
-def _one_plane(path: Path, plane: Optional[int]):
+def _one_plane(path, plane: Optional[int]):
     """tiff_plane's (H, W, C), name, alpha, orientation: one plane of a TIFF stack read from its
     headers and its own pages (a training item of a large stack), or None: not a TIFF, no plane
     asked, or kept_decoded() keeps the whole file for all its planes. Any problem with the file
@@ -157,7 +159,7 @@ def _one_plane(path: Path, plane: Optional[int]):
     return tiff_plane(str(path), plane) if is_tiff(head) else None
 
 
-def _planes(path: Path, data: bytes) -> Planes:
+def _planes(path, data: bytes) -> Planes:
     """The file's bytes decoded; kept with them while kept_decoded() is active."""
     files = getattr(_KEPT, "files", None)
     entry = files.get(str(path)) if files is not None else None
@@ -168,7 +170,7 @@ def _planes(path: Path, data: bytes) -> Planes:
     return entry[1]
 
 
-def _read_decoded(path: Path) -> Tuple[bytes, Planes]:
+def _read_decoded(path) -> Tuple[bytes, Planes]:
     data = _file(path)[0]
     return data, _planes(path, data)
 
@@ -219,7 +221,7 @@ def decode_image(data: bytes, name: str, spec: SpecLike = None) -> np.ndarray:
 
 def load_image(path, spec: SpecLike = None) -> np.ndarray:
     """Read an image file as uint8 (H, W, 3) RGB (see the module docstring)."""
-    path, spec = Path(path), as_spec(spec)
+    spec = as_spec(spec)
     one = _one_plane(path, spec.plane)
     if one is not None:
         array, where, alpha, orientation = one
@@ -260,7 +262,7 @@ def load_image_planes(path, spec: SpecLike = None, every: bool = False) -> Itera
         yield k, where, apply_orientation(to_rgb(array, one, where, planes.alpha), orientation)
 
 
-def _palette_indices(data: bytes, path: Path) -> Optional[np.ndarray]:
+def _palette_indices(data: bytes, path) -> Optional[np.ndarray]:
     """The index plane of a palette ("P") image, None for any other image (or non-image)."""
     if data.startswith(PNG_SIGNATURE) and len(data) > 25 and data[12:16] == b"IHDR" and data[25] != 3:
         return None  # a PNG's colour type (IHDR byte 9) says "not palette" without opening it
@@ -282,7 +284,6 @@ def read_label(path, plane: Optional[int] = None) -> np.ndarray:
     """A mask or label image as integers (H, W): palette PNGs give their indices, colour masks
     are converted to grey, 16-bit values are kept. No EXIF rotation (masks are written as stored).
     A label stack (TIFF) gives its `plane`; a single mask serves every plane of its image's stack."""
-    path = Path(path)
     one = _one_plane(path, plane)
     if one is not None:
         return _grey(one[0])  # a palette TIFF: tifffile gives its indices, as Pillow does below
@@ -329,11 +330,10 @@ def load_mask(path, threshold: int = 127, foreground_values: Optional[Iterable[i
     the file is a label map or an anti-aliased drawing, and guessing would train on wrong targets.
     JPEG masks carry compression noise and are thresholded: value > threshold -> 1.
     """
-    path = Path(path)
     labels = read_label(path, plane)
     if foreground_values:
         return np.isin(labels, list(foreground_values)).astype(np.uint8)
-    if path.suffix.lower() in LOSSY:
+    if os.path.splitext(path)[1].lower() in LOSSY:
         return (labels > threshold).astype(np.uint8)
     if is_binary(labels):
         return (labels != 0).view(np.uint8)

@@ -38,8 +38,12 @@ def manifest_dir() -> Path:
 
 
 def _files(obj) -> Iterable[str]:
-    """Path-like values among a candidate's or a record's fields (one level into tuples)."""
-    values = [getattr(obj, f) for f in getattr(obj, "__dataclass_fields__", ())] if hasattr(obj, "__dataclass_fields__") else [obj]
+    """Path-like values among a candidate's or a record's fields (one level into tuples); a
+    record's category names are not files."""
+    if not hasattr(obj, "__dataclass_fields__"):
+        values = [obj]
+    else:
+        values = [getattr(obj, f) for f in obj.__dataclass_fields__ if f != "categories"]
     for value in values:
         for item in (value if isinstance(value, (tuple, list)) else (value,)):
             if isinstance(item, (str, Path)) and item and len(str(item)) < 4096:

@@ -110,9 +110,10 @@ def finish(record: Record, image: np.ndarray, masks: Optional[np.ndarray], opts:
     drops = Counter() if drops is None else drops
     if areas is None:
         areas = masks.reshape(len(masks), -1).sum(1) if len(masks) else np.zeros(0)
+    areas = np.asarray(areas).tolist()  # a few numbers: Python's own are faster to compare than numpy's
     keep = [i for i, a in enumerate(areas) if a > 0 and a >= opts.min_area]
-    drops["empty"] += int((areas == 0).sum())
-    drops["smaller than --min_area"] += int(((areas > 0) & (areas < opts.min_area)).sum())
+    drops["empty"] += areas.count(0)
+    drops["smaller than --min_area"] += sum(1 for a in areas if 0 < a < opts.min_area)
     if not keep:
         why = ", ".join(f"{n} {k}" for k, n in drops.items() if n) or "none annotated"
         where = record.image if record.source == record.image else f"{record.image} ({record.source})"

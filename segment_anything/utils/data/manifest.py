@@ -45,7 +45,13 @@ def _files(obj) -> Iterable[str]:
     else:
         values = [getattr(obj, f) for f in obj.__dataclass_fields__ if f != "categories"]
     for value in values:
-        for item in (value if isinstance(value, (tuple, list)) else (value,)):
+        if isinstance(value, (str, Path)):
+            items = (value,)
+        elif isinstance(value, (tuple, list)) and value and isinstance(value[0], (str, Path)):
+            items = value  # a tuple of numbers (a size, object labels) is passed over at its first item
+        else:
+            continue
+        for item in items:
             if isinstance(item, (str, Path)) and item and len(str(item)) < 4096:
                 yield str(item)
 

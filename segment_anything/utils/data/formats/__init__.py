@@ -10,7 +10,7 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -83,7 +83,7 @@ class Built:
     """A checked record, what was dropped from it, and a hash of its decoded pixels."""
 
     record: Record
-    drops: Counter
+    drops: Dict[str, int]  # why -> objects dropped (a plain dict: quicker to pass between processes and store)
     digest: str
 
 
@@ -124,7 +124,7 @@ def finish(record: Record, image: np.ndarray, masks: Optional[np.ndarray], opts:
     # The pixels, not copied. SHA-256 has instructions on current x86 and ARM cores: twice
     # BLAKE2b's rate on the checking path of a 2-core AMD EPYC.
     digest = hashlib.sha256(np.ascontiguousarray(image).data).hexdigest()[:32]
-    return Built(record, +drops, digest)
+    return Built(record, dict(+drops), digest)
 
 
 def size_mismatch(image_name: str, image: np.ndarray, mask_name: str, mask_hw: Tuple[int, int]) -> BadSample:

@@ -3,6 +3,7 @@
     python bench/startup.py --root /path/to/startup-data            # sizes 1000,10000,100000
     python bench/startup.py --root DIR --sizes 1000,10000
     python bench/startup.py --root DIR --sizes 1000 --side 1024   # larger images (768-1024 px)
+    python bench/startup.py --root DIR --sizes 100000 --rounds 3  # three first starts, median shown
 
 Each set is generated once into ROOT (small synthetic images, 3 objects each: 1,000 distinct
 pairs, copied under new names for the larger sets; --side S makes them 3S/4 to S pixels a side) and reused by later runs. Per set, run.py
@@ -11,8 +12,12 @@ fresh manifest folder: the first start checks every file, the second finds them 
 Each start ends right after its first training step (the test hook SAM_TEST_FAULT=exit:0:0), so
 its wall time is the time to the first step; peak RSS is the largest process's. Every file is
 read once before the starts (the page cache holds the set, as it holds the baseline's files). The baseline
-is the time to decode every image and mask once in one process, divided by the cores; the index
-memory is what the checked records of a set hold (tracemalloc), per image and per object.
+is the time to decode every image and mask once in one process, divided by the cores, measured
+before and after every first start (interleaved: the speed of a shared machine drifts over minutes),
+and each first start is set against the mean of the two measured around it; with --rounds R the
+first start runs R times (each with a fresh manifest folder) and the table shows the median round
+and the range of the ratios. The index memory is what the checked records of a set hold
+(tracemalloc), per image and per object.
 """
 
 import argparse
@@ -120,31 +125,42 @@ def main() -> None:
     parser.add_argument("--root", required=True, help="folder for the synthetic sets (made once, reused)")
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--side", type=int, default=SIDE, help="largest image side in pixels (sides from 3/4 of it)")
+    parser.add_argument("--rounds", type=int, default=1, help="first starts per set, each between two baseline measurements")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     cores = len(os.sched_getaffinity(0))
     rows = []
     for n in map(int, args.sizes.split(",")):
         folder = make_set(Path(args.root), n, args.side)
         warm_page_cache(folder)
         with tempfile.TemporaryDirectory(prefix="bench_startup.") as tmp:
-            xdg = Path(tmp) / "xdg"
-            first = start(folder, xdg, Path(tmp) / "first")
+            decodes, firsts = [decode_all_seconds(folder) / cores], []
+            for r in range(args.rounds):
+                xdg = Path(tmp) / f"xdg{r}"
+                firsts.append(start(folder, xdg, Path(tmp) / f"first{r}"))
+                decodes.append(decode_all_seconds(folder) / cores)
             second = start(folder, xdg, Path(tmp) / "second")
             per_image, per_object = index_memory(folder, xdg)
-        decode = decode_all_seconds(folder) / cores
-        rows.append((n, first, second, decode, per_image, per_object))
+        # Each first start against the baseline measured just before and just after it.
+        ratios = [first[0] * 2 / (decodes[r] + decodes[r + 1]) for r, first in enumerate(firsts)]
+        mid = sorted(range(len(firsts)), key=lambda r: ratios[r])[len(firsts) // 2]
+        rows.append((n, firsts[mid], second, (decodes[mid] + decodes[mid + 1]) / 2, ratios[mid], min(ratios),
+                     max(ratios), per_image, per_object))
         print(f"# {n} done", file=sys.stderr, flush=True)
     load = os.getloadavg()
     print(f"command: python bench/{Path(__file__).name} " + " ".join(sys.argv[1:]))
     print(machine_line(cores) + f" | load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (shared machine)")
     print(f"synthetic {args.side * 3 // 4}-{args.side} px images, {OBJECTS} objects each, seeded 80/20 split; run.py vit_t at 64 px, random "
           "weights, no embedding cache; time: process start to the end of the first training step\n")
+    rounds = f"; median of {args.rounds} first starts (the ratio's range in parentheses)" if args.rounds > 1 else ""
     print("| images | first start s (CPU s) | peak RSS MB | second start s (CPU s) | peak RSS MB "
-          "| decode every file once / cores s | first / that | index bytes per image | per object |")
+          f"| decode every file once / cores s | first / that{rounds} | index bytes per image | per object |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, (t1, c1, m1), (t2, c2, m2), decode, per_image, per_object in rows:
+    for n, (t1, c1, m1), (t2, c2, m2), decode, ratio, low, high, per_image, per_object in rows:
+        spread = f" ({low:.2f}-{high:.2f})" if args.rounds > 1 else ""
         print(f"| {n:,} | {t1:.1f} ({c1:.1f}) | {m1:,.0f} | {t2:.1f} ({c2:.1f}) | {m2:,.0f} | {decode:.1f} | "
-              f"{t1 / decode:.2f} | {per_image:,.0f} | {per_object:,.0f} |")
+              f"{ratio:.2f}{spread} | {per_image:,.0f} | {per_object:,.0f} |")
 
 
 if __name__ == "__main__":

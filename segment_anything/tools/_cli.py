@@ -29,6 +29,15 @@ def cli(main: Callable[[], None]) -> None:
         raise SystemExit(128 + signal.SIGINT) from None
 
 
+def at_least(args, **minimums: int) -> None:
+    """ValueError naming the first of the flags (attribute=minimum) whose value is below its
+    minimum: the tools' one rule for counts and sizes."""
+    for flag, low in minimums.items():
+        value = getattr(args, flag)
+        if value < low:
+            raise ValueError(f"--{flag} must be >= {low}, got {value}")
+
+
 @contextlib.contextmanager
 def output_folder(path: Path) -> Iterator[Path]:
     """Make a tool's output folder (and its parents); when the tool stops on bad input before it

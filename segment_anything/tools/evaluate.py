@@ -43,7 +43,7 @@ from ..utils.postprocess import clean_masks
 from ..training.config import str2bool
 from . import _protocols
 from ._flags import add_data_options, add_data_set, alias
-from ._cli import cli
+from ._cli import at_least, cli
 from ._model import add_model_args, check_base, image_spec_as_trained, load_model, weights_metadata
 from ._stats import bootstrap_mean, format_ci
 
@@ -329,14 +329,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = parser.parse_args(argv)
     clicks = parse_clicks(args.clicks)
     check_tile_arguments(args)
-    if args.noc < 0:
-        raise ValueError(f"--noc must be >= 0 (0 = no click curves), got {args.noc}")
-    if args.amg_points_per_side < 1:
-        raise ValueError(f"--amg_points_per_side must be >= 1, got {args.amg_points_per_side}")
-    if args.min_region_area < 0:
-        raise ValueError(f"--min_region_area must be >= 0, got {args.min_region_area}")
-    if args.compare_count < 0:
-        raise ValueError(f"--compare_count must be >= 0, got {args.compare_count}")
+    at_least(args, noc=0, amg_points_per_side=1, min_region_area=0, compare_count=0)
     protocols = Protocols(args.noc, parse_percents(args.box_noise), args.prompt_following)
     if args.tile and protocols.metrics():  # score_model runs them on whole images only
         print("note: --tile: the literature protocols (--noc, --box_noise, --prompt_following) are off")

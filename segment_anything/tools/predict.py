@@ -45,7 +45,7 @@ from ..utils.image_spec import ImageSpec, add_arguments as add_image_arguments
 from ..utils.postprocess import clean_masks
 from ..utils.tiles import add_arguments as add_tile_arguments, check_arguments as check_tile_arguments
 from ._flags import alias
-from ._cli import cli, output_folder
+from ._cli import at_least, cli, output_folder
 from ._model import add_model_args, image_spec_as_trained, load_model
 from ._semantic import load_semantic_model, predict_classes, write_semantic
 
@@ -264,10 +264,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     spec = image_spec_as_trained(args, args.weights)
     check_tile_arguments(args)
-    if args.points_per_side < 1:
-        raise ValueError(f"--points_per_side must be >= 1, got {args.points_per_side}")
-    if args.min_region_area < 0:
-        raise ValueError(f"--min_region_area must be >= 0, got {args.min_region_area}")
+    at_least(args, points_per_side=1, min_region_area=0)
     jobs = plan(args, spec)
     sam = load_model(args, args.weights)
     with output_folder(Path(args.output_dir)) as out_dir:

@@ -111,6 +111,7 @@ def test_prepare_refuses_the_data_values_run_py_refuses(tmp_path, argv, message)
     ("evaluate", ["--amg_points_per_side", "0", "--weights", "w.pth", "--data_dir", "d"], "--amg_points_per_side must be >= 1, got 0"),
     ("evaluate", ["--min_region_area", "-1", "--weights", "w.pth", "--data_dir", "d"], "--min_region_area must be >= 0, got -1"),
     ("evaluate", ["--compare_count", "-1", "--weights", "w.pth", "--data_dir", "d"], "--compare_count must be >= 0, got -1"),
+    ("evaluate", ["--noc", "-1", "--weights", "w.pth", "--data_dir", "d"], "--noc must be >= 0, got -1"),
 ])
 def test_mask_generation_values_out_of_range_are_one_line(tmp_path, tool, argv, message):
     image = tmp_path / "a.png"

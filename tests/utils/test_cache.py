@@ -105,6 +105,30 @@ def test_a_corrupt_entry_is_a_logged_miss_and_is_rewritten(tmp_path, damage, cap
     assert torch.equal(cache.lookup(key), x.half())
 
 
+def test_an_entry_of_the_earlier_format_is_a_quiet_miss_and_is_rewritten(tmp_path, caplog):
+    """Entries written with the BLAKE2b digest (format 01) are recomputed once: a miss, not a
+    damaged file, and nothing logged."""
+    import hashlib
+
+    from segment_anything.utils.data.cache import HEADER
+
+    cache = EmbeddingCache(tmp_path, "fp16")
+    key, x = "ab" * 20, torch.randn(16, 4, 4)
+    payload = x.half().reshape(-1).view(torch.uint8).numpy().tobytes()
+    old = HEADER.pack(b"SAMEMB01", b"float16", 16, 4, 4, len(payload), hashlib.blake2b(payload, digest_size=32).digest())
+    cache.path(key).parent.mkdir(parents=True)
+    cache.path(key).write_bytes(old + payload)
+    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
+        logging.getLogger(LOGGER_NAME).propagate = True
+        try:
+            assert cache.lookup(key) is None
+        finally:
+            logging.getLogger(LOGGER_NAME).propagate = False
+    assert cache.stats.misses == 1 and cache.stats.corrupt == 0 and not caplog.text
+    cache.store(key, x)
+    assert torch.equal(cache.lookup(key), x.half()) and cache.stats.hits == 1
+
+
 # ------------------------------------------------------------------ keys: staleness
 
 

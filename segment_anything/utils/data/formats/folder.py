@@ -115,11 +115,14 @@ def build(pair: Pair, opts: DataOptions):
     mask = load_mask(pair.mask_file, opts.mask_threshold, opts.foreground_values, opts.image_spec.plane)
     if image.shape[:2] != mask.shape:
         raise size_mismatch(str(pair.image_file), image, str(pair.mask_file), mask.shape)
-    labels = components(mask)
-    n = int(labels.max())
+    count, labels = cv2.connectedComponents(mask, connectivity=8, ltype=cv2.CV_32S)  # as components()
+    n = count - 1  # the background is label 0
     record = FolderRecord(str(pair.image_file), image.shape[:2], str(pair.mask_file), ("object",) * n, str(pair.mask_file),
                           tuple(range(1, n + 1)), opts.mask_threshold, opts.foreground_values, opts.image_spec)
-    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]  # one pass, not n full-size masks
+    if opts.min_area > 1:
+        areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]  # one pass, not n full-size masks
+    else:  # a component has at least one pixel: nothing to drop, no pass to count them
+        areas = np.ones(n, np.int64)
     return finish(record, image, None, opts, areas=areas)
 
 

@@ -1,6 +1,7 @@
 """Shared test helpers: repository paths, the in-process oracle, seeded random models."""
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -29,6 +30,20 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 _CACHE_BEFORE = os.environ.get("XDG_CACHE_HOME")
 PRIVATE_CACHE = Path(tempfile.mkdtemp(prefix="sam_test_cache_"))
 os.environ["XDG_CACHE_HOME"] = str(PRIVATE_CACHE)
+
+
+@pytest.fixture
+def logged(caplog):
+    """caplog with the project's log records at INFO and above (its logger does not propagate
+    to the root logger, where caplog listens, outside this fixture)."""
+    from segment_anything.utils.log import LOGGER_NAME
+
+    logging.getLogger(LOGGER_NAME).propagate = True
+    try:
+        with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
+            yield caplog
+    finally:
+        logging.getLogger(LOGGER_NAME).propagate = False
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -5,7 +5,6 @@ three small synthetic images.
 """
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -23,7 +22,6 @@ from segment_anything.utils.data import MaskDataset, load_records
 from segment_anything.utils.data.cache import EmbeddingCache, open_cache
 from segment_anything.utils.interactive import InteractiveStep
 from segment_anything.utils.losses import DEFAULT_LOSS_SPEC
-from segment_anything.utils.log import LOGGER_NAME
 from segment_anything.utils.random_weights import randomize_
 from segment_anything.utils.trainable import TrainPlan, configure
 from segment_anything.utils.trainer import SamTrainStep, evaluate, train_one_epoch
@@ -81,7 +79,7 @@ def test_other_dtypes_round_trip_exactly(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
-def test_a_corrupt_entry_is_a_logged_miss_and_is_rewritten(tmp_path, damage, caplog):
+def test_a_corrupt_entry_is_a_logged_miss_and_is_rewritten(tmp_path, damage, logged):
     cache = EmbeddingCache(tmp_path, "fp16")
     key, x = "ef" * 20, torch.randn(16, 4, 4)
     cache.store(key, x)
@@ -93,19 +91,14 @@ def test_a_corrupt_entry_is_a_logged_miss_and_is_rewritten(tmp_path, damage, cap
     else:
         data = b""
     cache.path(key).write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
-        logging.getLogger(LOGGER_NAME).propagate = True
-        try:
-            assert cache.lookup(key) is None
-        finally:
-            logging.getLogger(LOGGER_NAME).propagate = False
+    assert cache.lookup(key) is None
     assert cache.stats.corrupt == 1 and cache.stats.misses == 1
-    assert "corrupt" in caplog.text and str(cache.path(key)) in caplog.text
+    assert "corrupt" in logged.text and str(cache.path(key)) in logged.text
     cache.store(key, x)
     assert torch.equal(cache.lookup(key), x.half())
 
 
-def test_an_entry_of_the_earlier_format_is_a_quiet_miss_and_is_rewritten(tmp_path, caplog):
+def test_an_entry_of_the_earlier_format_is_a_quiet_miss_and_is_rewritten(tmp_path, logged):
     """Entries written with the BLAKE2b digest (format 01) are recomputed once: a miss, not a
     damaged file, and nothing logged."""
     import hashlib
@@ -118,13 +111,8 @@ def test_an_entry_of_the_earlier_format_is_a_quiet_miss_and_is_rewritten(tmp_pat
     old = HEADER.pack(b"SAMEMB01", b"float16", 16, 4, 4, len(payload), hashlib.blake2b(payload, digest_size=32).digest())
     cache.path(key).parent.mkdir(parents=True)
     cache.path(key).write_bytes(old + payload)
-    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
-        logging.getLogger(LOGGER_NAME).propagate = True
-        try:
-            assert cache.lookup(key) is None
-        finally:
-            logging.getLogger(LOGGER_NAME).propagate = False
-    assert cache.stats.misses == 1 and cache.stats.corrupt == 0 and not caplog.text
+    assert cache.lookup(key) is None
+    assert cache.stats.misses == 1 and cache.stats.corrupt == 0 and not logged.text
     cache.store(key, x)
     assert torch.equal(cache.lookup(key), x.half()) and cache.stats.hits == 1
 
@@ -162,22 +150,17 @@ def test_every_key_part_changes_the_key(tmp_path, pairs):
     assert len(set(changed.values())) == len(changed)
 
 
-def test_cache_is_off_with_a_reason(tmp_path, caplog):
+def test_cache_is_off_with_a_reason(tmp_path, logged):
     sam = new_sam(0)
-    logging.getLogger(LOGGER_NAME).propagate = True
-    try:
-        with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
-            assert open_cache(config(tmp_path, no_cache=True).resolve().cache, sam, None) is None
-            sam.image_encoder.requires_grad_(True)
-            assert open_cache(config(tmp_path).resolve().cache, sam, None) is None
-            sam.image_encoder.requires_grad_(False)
-            cfg = config(tmp_path)
-            object.__setattr__(cfg, "augment", "flip")  # the data issue's flag
-            assert open_cache(cfg.resolve().cache, sam, None) is None
-            assert open_cache(config(tmp_path).resolve().cache, sam, None) is not None
-    finally:
-        logging.getLogger(LOGGER_NAME).propagate = False
-    text = caplog.text
+    assert open_cache(config(tmp_path, no_cache=True).resolve().cache, sam, None) is None
+    sam.image_encoder.requires_grad_(True)
+    assert open_cache(config(tmp_path).resolve().cache, sam, None) is None
+    sam.image_encoder.requires_grad_(False)
+    cfg = config(tmp_path)
+    object.__setattr__(cfg, "augment", "flip")  # the data issue's flag
+    assert open_cache(cfg.resolve().cache, sam, None) is None
+    assert open_cache(config(tmp_path).resolve().cache, sam, None) is not None
+    text = logged.text
     assert "--no_cache" in text and "image encoder is trained" in text and "--augment flip" in text
     assert f"embedding cache: {tmp_path / 'cache'} (0 entries" in text
 

@@ -15,7 +15,6 @@ import torch
 
 from conftest import REPO
 from segment_anything.utils.data.cache import HEADER, EmbeddingCache, entry_bytes, open_cache
-from segment_anything.utils.log import LOGGER_NAME
 from test_cache import config, decoder, max_diff, new_sam, pairs, reference, train  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,16 +29,6 @@ def key(i: int) -> str:
 
 def on_disk(cache: EmbeddingCache) -> set:
     return {path.rsplit("/", 1)[1][:2] for _, _, path in cache.entries()}
-
-
-@pytest.fixture
-def logged(caplog):
-    logging.getLogger(LOGGER_NAME).propagate = True
-    try:
-        with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
-            yield caplog
-    finally:
-        logging.getLogger(LOGGER_NAME).propagate = False
 
 
 def test_the_bound_holds_and_the_least_recently_used_entries_go_first(tmp_path):

@@ -149,13 +149,11 @@ class EmbeddingCache:
             self.stats.misses += 1
             return None
         tensor = _decode(data)
-        if tensor is None and data[:8] in OLDER:  # overwritten by the store that follows
-            self.stats.misses += 1
-            return None
         if tensor is None:
-            self.stats.corrupt += 1
             self.stats.misses += 1
-            get_logger().warning(f"embedding cache: {path} is truncated or corrupt; recomputing it")
+            if data[:8] not in OLDER:  # an entry of an earlier format is rewritten quietly by the next store
+                self.stats.corrupt += 1
+                get_logger().warning(f"embedding cache: {path} is truncated or corrupt; recomputing it")
             return None
         self.stats.hits += 1
         _touch(path)

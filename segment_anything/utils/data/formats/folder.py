@@ -88,9 +88,11 @@ def find_pairs(root) -> Tuple[List[Pair], List[Problem]]:
     return pairs, problems
 
 
-def components(mask: np.ndarray) -> np.ndarray:
-    """int32 (H, W) labels of the 8-connected components of a {0, 1} mask (0 = background)."""
-    return cv2.connectedComponents(mask, connectivity=8, ltype=cv2.CV_32S)[1]
+def components(mask: np.ndarray) -> Tuple[int, np.ndarray]:
+    """(count, int32 (H, W) labels) of the 8-connected components of a {0, 1} mask: labels 1..count
+    are the components, 0 the background."""
+    found, labels = cv2.connectedComponents(mask, connectivity=8, ltype=cv2.CV_32S)
+    return found - 1, labels
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ class FolderRecord(Record):
 
     def load_masks(self, indices: Optional[Sequence[int]] = None) -> np.ndarray:
         chosen = pick(indices, len(self.objects))
-        labels = components(load_mask(self.mask, self.threshold, self.foreground_values, self.image_spec.plane))
+        labels = components(load_mask(self.mask, self.threshold, self.foreground_values, self.image_spec.plane))[1]
         return stack_masks([labels == self.objects[i] for i in chosen], self.size)
 
 
@@ -115,8 +117,7 @@ def build(pair: Pair, opts: DataOptions):
     mask = load_mask(pair.mask_file, opts.mask_threshold, opts.foreground_values, opts.image_spec.plane)
     if image.shape[:2] != mask.shape:
         raise size_mismatch(str(pair.image_file), image, str(pair.mask_file), mask.shape)
-    count, labels = cv2.connectedComponents(mask, connectivity=8, ltype=cv2.CV_32S)  # as components()
-    n = count - 1  # the background is label 0
+    n, labels = components(mask)
     record = FolderRecord(str(pair.image_file), image.shape[:2], str(pair.mask_file), ("object",) * n, str(pair.mask_file),
                           tuple(range(1, n + 1)), opts.mask_threshold, opts.foreground_values, opts.image_spec)
     if opts.min_area > 1:
